@@ -1,0 +1,447 @@
+r"""Trains a generative recommender; evaluates on validation during training and on test at the end.
+
+The library function `train(*, ...)` takes plain keyword arguments. Gin appears only in
+`__main__` (t5x style):
+
+  python -m oxyjax.train --gin_file=gin_configs/experiments/beauty.gin \
+      --gin_bindings='train.batch_size = 512' --gin.MODEL_DIR=\"/tmp/run\"
+
+`--gin_file` repeats (later wins); `--gin_bindings` repeats; `--gin.NAME=VALUE` is shorthand
+for the binding `NAME = VALUE`. Without flags the quickstart config runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import flax.linen as nn
+
+from oxyjax import checkpoints
+from oxyjax import metrics as metrics_lib
+from oxyjax import partitioning
+from oxyjax.data import pipeline
+from oxyjax.models.encoder_decoder import ModelConfig
+from oxyjax.models.rec_model import RecModel
+from oxyjax.sid import build as sid_build
+from oxyjax.sid.trie import PrefixTrie
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ====================================================================== configs
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW with linear warm-up then cosine (or linear / constant) decay."""
+
+  learning_rate: float = 1e-3
+  warmup_steps: int = 500
+  decay: str = "cosine"  # cosine | linear | constant
+  end_learning_rate_ratio: float = 0.05
+  weight_decay: float = 0.01
+  b1: float = 0.9
+  b2: float = 0.98
+  eps: float = 1e-8
+  grad_clip_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SIDConfig:
+  """How the semantic-ID table is obtained: loaded from `path`, or built and cached."""
+
+  path: str | None = None
+  num_levels: int = 3
+  codebook_size: int = 256
+  embedding: str = "auto"  # auto | text | collaborative
+  seed: int = 0
+  cache_dir: str | None = None  # default: <repo>/.cache/sid/<dataset>
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, Any]:
+  warmup = max(0, min(cfg.warmup_steps, total_steps - 1))
+  end = cfg.learning_rate * cfg.end_learning_rate_ratio
+  if cfg.decay == "cosine":
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, max(total_steps, warmup + 1), end)
+  elif cfg.decay == "linear":
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.learning_rate, max(warmup, 1)),
+         optax.linear_schedule(cfg.learning_rate, end, max(total_steps - warmup, 1))], [warmup])
+  elif cfg.decay == "constant":
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.learning_rate, max(warmup, 1)), optax.constant_schedule(cfg.learning_rate)],
+        [warmup])
+  else:
+    raise ValueError(f"unknown decay {cfg.decay!r}; expected cosine | linear | constant")
+  # No weight decay on norms, biases and 1-d parameters.
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+  tx = optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip_norm) if cfg.grad_clip_norm else optax.identity(),
+      optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask),
+  )
+  return tx, schedule
+
+
+def load_sid_table(dataset: str, cfg: SIDConfig):
+  """Loads the SID table from cfg.path, or builds it (and caches it) for the dataset."""
+  from oxyjax.sid.table import SIDTable
+
+  if cfg.path:
+    return SIDTable.load(cfg.path)
+  out_dir = cfg.cache_dir or os.path.join(
+      REPO_ROOT, ".cache", "sid", f"{dataset}_{cfg.embedding}_{cfg.num_levels}x{cfg.codebook_size}_s{cfg.seed}")
+  table_path = os.path.join(out_dir, "sid_table")
+  if os.path.exists(table_path + ".npz"):
+    return SIDTable.load(table_path)
+  return sid_build.build_sid_table(dataset, num_levels=cfg.num_levels, codebook_size=cfg.codebook_size,
+                                   embedding=cfg.embedding, seed=cfg.seed, out_dir=out_dir)
+
+
+# ====================================================================== steps
+def make_train_step(model: RecModel, tx: optax.GradientTransformation, grad_accum_steps: int):
+  """(state, batch, rng) -> (state, metrics). Microbatches are interleaved rows (row i goes to
+  microbatch i % A) so that each device's shard of the batch is split locally."""
+
+  def train_step(state, batch, rng):
+    params = state["params"]
+    step_rng = jax.random.fold_in(rng, state["step"])
+    a = grad_accum_steps
+    value_fn = lambda p, b, r: model.loss_fn(p, b, r)  # noqa: E731
+
+    def micro(i, mb):
+      r = jax.random.fold_in(step_rng, i)
+      (loss_sum, aux), grads = jax.value_and_grad(value_fn, has_aux=True)(params, mb, r)
+      return grads, loss_sum, aux["denominator"], aux["correct"]
+
+    if a == 1:
+      grads, loss_sum, denom, correct = micro(0, batch)
+    else:
+      mbs = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // a, a) + x.shape[1:]), 0, 1), batch)
+
+      def body(carry, xs):
+        i, mb = xs
+        g, l, d, c = micro(i, mb)
+        acc_g, acc_l, acc_d, acc_c = carry
+        return (jax.tree.map(jnp.add, acc_g, g), acc_l + l, acc_d + d, acc_c + c), None
+
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      (grads, loss_sum, denom, correct), _ = jax.lax.scan(
+          body, (zeros, 0.0, 0.0, 0.0), (jnp.arange(a), mbs))
+    denom = jnp.maximum(denom, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    metrics = {"loss": loss_sum / denom, "token_accuracy": correct / denom, "grad_norm": optax.global_norm(grads)}
+    return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+  return train_step
+
+
+# ====================================================================== evaluation
+class Evaluator:
+  """Runs constrained beam search over a split and computes full-catalogue metrics."""
+
+  def __init__(self, model: RecModel, partitioner: partitioning.Partitioner, trie: PrefixTrie, *,
+               beam_size: int, batch_size: int, ks: Sequence[int] = (1, 5, 10, 20)):
+    self.model, self.partitioner, self.trie = model, partitioner, trie
+    self.beam_size, self.ks = beam_size, tuple(k for k in ks if k <= beam_size)
+    dp = partitioner.data_parallel_size
+    self.batch_size = max(dp, int(math.ceil(batch_size / dp)) * dp)
+    self._predict = jax.jit(functools.partial(model.predict, beam_size=beam_size))
+
+  def __call__(self, params, arrays: pipeline.ExampleArrays, max_examples: int | None = None) -> dict[str, float]:
+    if max_examples is not None and len(arrays) > max_examples:
+      arrays = arrays.take(np.arange(max_examples))
+    acc = metrics_lib.MetricsAccumulator(ks=self.ks)
+    for examples, mask in pipeline.eval_batches(arrays, self.batch_size):
+      batch = self.model.convert_features(examples, weights=mask.astype(np.float32))
+      with self.partitioner.mesh, self.partitioner.rules_context():
+        out = self._predict(params, self.partitioner.shard_batch(batch), self.trie)
+      items = np.asarray(jax.device_get(out.items))
+      acc.update(items, batch["target_items"], mask=mask)
+    return acc.result()
+
+
+# ====================================================================== logging
+class ProgressLogger:
+  """Console progress line (steps/s, examples/s, loss, ETA) and TensorBoard scalars."""
+
+  def __init__(self, model_dir: str | None, total_steps: int, batch_size: int, enabled: bool = True):
+    self.total, self.batch_size, self.enabled = total_steps, batch_size, enabled
+    self.writer = None
+    if model_dir and enabled:
+      try:
+        from tensorboardX import SummaryWriter
+        self.writer = SummaryWriter(os.path.join(model_dir, "tensorboard"))
+      except ImportError:  # pragma: no cover
+        self.writer = None
+    self._t0, self._step0 = time.time(), None
+
+  def scalars(self, step: int, values: dict[str, float], prefix: str = ""):
+    if self.writer:
+      for k, v in values.items():
+        self.writer.add_scalar(prefix + k, float(v), step)
+      self.writer.flush()
+
+  def progress(self, step: int, values: dict[str, float]):
+    now = time.time()
+    if self._step0 is None:
+      self._step0, self._t0 = step, now
+      rate = float("nan")
+    else:
+      rate = (step - self._step0) / max(now - self._t0, 1e-9)
+    eta = (self.total - step) / rate if rate == rate and rate > 0 else float("nan")
+    eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "--:--:--"
+    vals = " | ".join(f"{k} {v:.4f}" for k, v in values.items())
+    if self.enabled:
+      print(f"step {step}/{self.total} | {vals} | {rate:.2f} steps/s | {rate * self.batch_size:.0f} ex/s | "
+            f"ETA {eta_s}", flush=True)
+    self.scalars(step, {**values, "steps_per_second": rate if rate == rate else 0.0}, "train/")
+
+  def close(self):
+    if self.writer:
+      self.writer.close()
+
+
+# ====================================================================== train
+@dataclasses.dataclass
+class TrainResult:
+  state: Any
+  final_step: int
+  validation: dict[str, float] | None
+  test: dict[str, float] | None
+  best_step: int | None
+  train_seconds: float
+  history: list[dict[str, float]]
+
+
+def train(
+    *,
+    dataset: str,
+    model_config: ModelConfig = ModelConfig(),
+    optimizer: OptimizerConfig = OptimizerConfig(),
+    sid: SIDConfig = SIDConfig(),
+    mesh_shape: dict[str, int] | None = None,
+    model_dir: str | None = None,
+    batch_size: int = 256,
+    num_train_steps: int | None = None,
+    num_epochs: float | None = 10.0,
+    grad_accum_steps: int = 1,
+    seed: int = 0,
+    label_smoothing: float = 0.0,
+    data_source: str = "seqio",
+    eval_every_steps: int = 0,
+    eval_max_examples: int | None = 2000,
+    eval_batch_size: int = 256,
+    eval_beam_size: int = 20,
+    final_eval_splits: Sequence[str] = ("validation", "test"),
+    checkpoint_every_steps: int = 1000,
+    keep_checkpoints: int = 3,
+    async_checkpointing: bool = True,
+    init_checkpoint: str | None = None,
+    log_every_steps: int = 50,
+    stop_after_steps: int | None = None,
+    verbose: bool = True,
+) -> TrainResult:
+  """Trains `model_config` on `dataset` ('beauty', 'sports', 'industrial', 'office').
+
+  The global batch of `batch_size` examples is split into `grad_accum_steps` microbatches.
+  Training length is `num_train_steps`, else `num_epochs` over the training split.
+  With `model_dir`, checkpoints (state + data position) are saved every
+  `checkpoint_every_steps` and at the end, and a rerun resumes from the latest one.
+  `eval_every_steps` > 0 evaluates on (up to `eval_max_examples` of) validation and keeps the
+  best weights by validation recall@10; the final test evaluation uses those weights.
+  `stop_after_steps` stops early (after a checkpoint) as if the job were killed: for tests.
+  """
+  t_start = time.time()
+  log = print if verbose else (lambda *a, **k: None)
+  if batch_size % grad_accum_steps:
+    raise ValueError(f"batch_size {batch_size} is not divisible by grad_accum_steps {grad_accum_steps}")
+  part = partitioning.Partitioner(mesh_shape)
+  log(f"[oxyjax] devices: {jax.device_count()} x {jax.devices()[0].platform}; {part}")
+  if batch_size % part.data_parallel_size:
+    raise ValueError(f"batch_size {batch_size} must be divisible by the data-parallel size {part.data_parallel_size}")
+  if (batch_size // grad_accum_steps) % part.data_parallel_size:
+    raise ValueError("each microbatch must be divisible by the data-parallel size")
+
+  # ---- data, SIDs, model
+  table = load_sid_table(dataset, sid)
+  model = RecModel(model_config, table.codes, label_smoothing=label_smoothing)
+  cfg = model.config
+  train_arrays = pipeline.load_split(dataset, "train", cfg.max_history, source=data_source)
+  num_items = table.codes.shape[0] - 1
+  trie = PrefixTrie.from_codes(table.codes[1:], np.arange(1, num_items + 1, dtype=np.int32))
+  steps_per_epoch = max(1, len(train_arrays) // batch_size)
+  total_steps = int(num_train_steps or math.ceil(num_epochs * steps_per_epoch))
+  log(f"[oxyjax] {dataset}: {len(train_arrays)} training examples, {num_items} items, SID levels "
+      f"{cfg.sid_vocab_sizes}; {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs) of batch {batch_size}")
+  it = pipeline.BatchIterator(train_arrays, batch_size, seed=seed, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+
+  # ---- state: abstract shapes -> shardings -> sharded init
+  tx, schedule = make_optimizer(optimizer, total_steps)
+  dummy = model.dummy_batch(part.data_parallel_size)
+
+  def init_state(rng):
+    params = model.init(rng, dummy)
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+  init_rng, train_rng = jax.random.split(jax.random.key(seed))
+  with part.mesh, part.rules_context():
+    boxed = jax.eval_shape(init_state, init_rng)
+    shardings = part.params_shardings(boxed)
+    abstract = nn.unbox(boxed)
+    state_sharded = checkpoints.abstract_with_shardings(abstract, shardings)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
+  log(f"[oxyjax] model: {n_params / 1e6:.2f}M parameters, {cfg}")
+
+  ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), keep=keep_checkpoints,
+                                  save_every_steps=checkpoint_every_steps,
+                                  async_save=async_checkpointing) if model_dir else None
+  best_dir = os.path.join(model_dir, "best") if model_dir else None
+  history: list[dict[str, float]] = []
+  best = {"score": -1.0, "step": None}
+  if ckpt is not None and ckpt.latest_step() is not None:
+    step0 = ckpt.latest_step()
+    state, data_state = ckpt.restore(step0, state_sharded)
+    it.restore(data_state["iterator"])
+    best = data_state.get("best", best)
+    history = data_state.get("history", [])
+    log(f"[oxyjax] resumed from {ckpt.directory} step {step0}")
+  else:
+    with part.mesh, part.rules_context():
+      state = jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=shardings)(init_rng)
+    if init_checkpoint:
+      params, meta = checkpoints.load_params(init_checkpoint, state_sharded["params"])
+      state = {**state, "params": params}
+      log(f"[oxyjax] loaded weights from {init_checkpoint} ({meta})")
+
+  train_step = jax.jit(
+      make_train_step(model, tx, grad_accum_steps),
+      in_shardings=(shardings, {k: part.data_sharding(np.ndim(v)) for k, v in dummy.items()}, part.replicated()),
+      out_shardings=(shardings, part.replicated()),
+      donate_argnums=(0,),
+  )
+  evaluator = Evaluator(model, part, trie, beam_size=eval_beam_size, batch_size=eval_batch_size)
+  valid_arrays = None
+  logger = ProgressLogger(model_dir if jax.process_index() == 0 else None, total_steps, batch_size,
+                          enabled=verbose and jax.process_index() == 0)
+
+  def data_state():
+    return {"iterator": it.state(), "best": best, "history": history}
+
+  step = int(jax.device_get(state["step"]))
+  train_t0, examples_seen = time.time(), 0
+  window = []
+  while step < total_steps:
+    host_batch = model.convert_features(next(it))
+    with part.mesh, part.rules_context():
+      state, m = train_step(state, part.shard_batch(host_batch), train_rng)
+    step += 1
+    examples_seen += batch_size
+    window.append(m)
+    if step % log_every_steps == 0 or step == total_steps:
+      vals = {k: float(np.mean([float(x[k]) for x in window])) for k in window[0]}
+      vals["learning_rate"] = float(schedule(step))
+      logger.progress(step, vals)
+      window = []
+    if eval_every_steps and (step % eval_every_steps == 0 or step == total_steps):
+      if valid_arrays is None:
+        valid_arrays = pipeline.load_split(dataset, "validation", cfg.max_history, source=data_source)
+      res = evaluator(state["params"], valid_arrays, eval_max_examples)
+      history.append({"step": step, **res})
+      logger.scalars(step, res, "validation/")
+      log(f"[oxyjax] step {step} validation (first {eval_max_examples}): "
+          + ", ".join(f"{k} {v:.4f}" for k, v in sorted(res.items())))
+      score = res.get("recall@10", res.get(f"recall@{max(evaluator.ks)}", 0.0))
+      if score > best["score"] and best_dir:
+        best = {"score": float(score), "step": step}
+        checkpoints.save_params(best_dir, state["params"], {"step": step, "recall@10": float(score)})
+    if ckpt is not None:
+      ckpt.save(step, state, data_state(), force=(step == total_steps))
+    if stop_after_steps is not None and step >= stop_after_steps:
+      if ckpt is not None:
+        ckpt.save(step, state, data_state(), force=True)
+        ckpt.wait()
+      log(f"[oxyjax] stopping early at step {step} (stop_after_steps)")
+      logger.close()
+      return TrainResult(state, step, None, None, best["step"], time.time() - t_start, history)
+  train_seconds = time.time() - train_t0
+  if ckpt is not None:
+    ckpt.wait()
+  log(f"[oxyjax] trained to step {step} in {train_seconds:.1f}s "
+      f"({examples_seen / max(train_seconds, 1e-9):.0f} examples/s this run)")
+
+  # ---- final evaluation on the best-on-validation weights
+  params = state["params"]
+  if best["step"] is not None and best_dir:
+    params, _ = checkpoints.load_params(best_dir, state_sharded["params"])
+    log(f"[oxyjax] final evaluation uses the best validation checkpoint (step {best['step']})")
+  results: dict[str, dict[str, float]] = {}
+  for split in final_eval_splits:
+    arrays = pipeline.load_split(dataset, split, cfg.max_history, source=data_source)
+    results[split] = evaluator(params, arrays, None)
+    log(f"[oxyjax] {dataset} {split} ({len(arrays)} examples, beam {eval_beam_size}): "
+        + ", ".join(f"{k} {v:.4f}" for k, v in sorted(results[split].items())))
+  if model_dir and jax.process_index() == 0 and results:
+    metrics_lib.write_metrics({f"{dataset}/{s}": r for s, r in results.items()}, os.path.join(model_dir, "metrics"))
+    with open(os.path.join(model_dir, "run_summary.json"), "w") as f:
+      json.dump({"dataset": dataset, "steps": step, "train_seconds": train_seconds, "best_step": best["step"],
+                 "parameters": n_params, "results": results, "validation_history": history}, f, indent=1)
+  logger.close()
+  if ckpt is not None:
+    ckpt.close()
+  return TrainResult(state, step, results.get("validation"), results.get("test"), best["step"],
+                     time.time() - t_start, history)
+
+
+# ====================================================================== gin edge
+def _rewrite_gin_shorthand(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Turns `--gin.NAME=VALUE` into gin bindings; returns (remaining argv, bindings)."""
+  rest, bindings = [], []
+  for arg in argv:
+    if arg.startswith("--gin.") and "=" in arg:
+      name, value = arg[len("--gin."):].split("=", 1)
+      bindings.append(f"{name} = {value}")
+    else:
+      rest.append(arg)
+  return rest, bindings
+
+
+DEFAULT_GIN_FILE = os.path.join(REPO_ROOT, "gin_configs", "runs", "quickstart.gin")
+
+
+def main(argv: Sequence[str] | None = None):
+  import gin
+  from absl import flags
+
+  argv = list(sys.argv if argv is None else argv)
+  argv, shorthand = _rewrite_gin_shorthand(argv)
+  flags.DEFINE_multi_string("gin_file", None, "Gin config files; later files override earlier ones.")
+  flags.DEFINE_multi_string("gin_bindings", [], "Individual gin bindings, applied after the files.")
+  flags.DEFINE_multi_string("gin_search_paths", [REPO_ROOT, os.path.join(REPO_ROOT, "gin_configs")],
+                            "Paths searched for gin files and includes.")
+  fl = flags.FLAGS
+  fl(argv)
+  for p in fl.gin_search_paths:
+    gin.add_config_file_search_path(p)
+  files = fl.gin_file or [DEFAULT_GIN_FILE]
+  gin.parse_config_files_and_bindings(files, list(fl.gin_bindings) + shorthand)
+  print("[oxyjax] gin config:\n" + gin.config_str(), flush=True)
+  return gin.get_configurable(train)()
+
+
+if __name__ == "__main__":
+  # Re-import under the package name so gin files can refer to `oxyjax.train.train`.
+  from oxyjax import train as _train_module
+
+  _train_module.main()
