@@ -75,9 +75,26 @@ class Partitioner:
     return nn.logical_to_mesh_sharding(logical_specs, self.mesh, self.rules)
 
   def params_shardings(self, boxed_abstract_tree):
-    """NamedShardings for a pytree whose leaves may be nn.LogicallyPartitioned boxes."""
+    """NamedShardings for a pytree whose leaves may be nn.LogicallyPartitioned boxes.
+
+    A dimension whose size is not divisible by its mesh axes (a 1-row scenario table, an
+    odd-sized codebook) is replicated along that dimension instead of failing.
+    """
     specs = nn.get_partition_spec(boxed_abstract_tree)
-    return self.logical_to_sharding(specs)
+    shardings = self.logical_to_sharding(specs)
+    shapes = nn.unbox(boxed_abstract_tree)
+    return jax.tree.map(lambda sh, a: self._fit(sh, a.shape), shardings, shapes,
+                        is_leaf=lambda x: isinstance(x, NamedSharding))
+
+  def _fit(self, sharding: NamedSharding, shape) -> NamedSharding:
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    for i, axes in enumerate(spec):
+      if axes is None:
+        continue
+      names = (axes,) if isinstance(axes, str) else tuple(axes)
+      if shape[i] % math.prod(self.mesh_sizes[a] for a in names):
+        spec[i] = None
+    return NamedSharding(self.mesh, P(*spec))
 
   @property
   def batch_axes(self):

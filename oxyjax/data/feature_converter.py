@@ -16,12 +16,12 @@ MODEL_FEATURES = ("history_items", "history_codes", "history_mask", "scenario", 
                   "target_items", "weights")
 
 
-def convert(examples: Mapping[str, np.ndarray], sid_codes: np.ndarray,
+def convert(examples, sid_codes: np.ndarray,
             weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
   """Converts a batch of examples to model features.
 
   Args:
-    examples: mapping with 'history' [B, S] (0 = padding), 'target' [B], 'scenario' [B].
+    examples: an ExampleArrays, or a mapping with 'history' [B, S] (0 = padding), 'target' [B], 'scenario' [B].
     sid_codes: [num_items + 1, L] int32 SID table (row 0 unused).
     weights: optional [B] example weights (e.g. 0 for padding rows of an eval batch).
 
@@ -29,6 +29,8 @@ def convert(examples: Mapping[str, np.ndarray], sid_codes: np.ndarray,
     history_items [B,S] int32, history_codes [B,S,L] int32, history_mask [B,S] bool,
     scenario [B] int32, target_codes [B,L] int32, target_items [B] int32, weights [B] float32.
   """
+  if hasattr(examples, "as_dict"):  # an ExampleArrays
+    examples = examples.as_dict()
   history = np.asarray(examples["history"], np.int32)
   target = np.asarray(examples["target"], np.int32)
   if history.size and (history.max() >= sid_codes.shape[0] or history.min() < 0):

@@ -1,0 +1,99 @@
+r"""Constrained beam-search latency: p50 / p99 per batch at beam 20 and 256.
+
+Default: the peer's TIGER shape (BENCHMARKS.md; 4 + 4 layers, width 384) over the Amazon
+Beauty SID trie (12,101 items), histories from the test split. The whole search (encoder,
+cached decoder steps, trie constraint, top-k) is one jitted call; compile time is excluded
+and reported separately.
+
+  python benchmarks/decode_latency.py
+  python benchmarks/decode_latency.py --cases=1x20,32x20,1x256,32x256 --reps=20
+  python benchmarks/decode_latency.py --checkpoint=runs/beauty/best   # trained weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import numpy as np
+import flax.linen as nn
+
+from oxyjax import train as train_lib
+from oxyjax.data import pipeline
+from oxyjax.models.rec_model import RecModel
+from oxyjax.sid.trie import PrefixTrie
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_throughput import model_config_from_gin  # noqa: E402
+
+# Peer figures (BENCHMARKS.md): (batch, beam) -> seconds per batch (p50 where given).
+PEER = {(1, 20): (0.071, 0.108), (32, 20): (3.6, None), (1, 256): (1.6, None), (32, 256): (77.7, None)}
+TARGET = {(1, 256): 10.0, (32, 256): 25.0}
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--dataset", default="beauty")
+  ap.add_argument("--model_gin", default=None)
+  ap.add_argument("--cases", default="1x20,32x20,1x256,32x256", help="comma-separated BATCHxBEAM")
+  ap.add_argument("--reps", type=int, default=20)
+  ap.add_argument("--checkpoint", default=None, help="a params checkpoint dir (e.g. <model_dir>/best)")
+  ap.add_argument("--out", default=None)
+  args = ap.parse_args()
+
+  cfg = model_config_from_gin(args.model_gin)
+  table = train_lib.load_sid_table(args.dataset, train_lib.SIDConfig())
+  model = RecModel(cfg, table.codes)
+  n = table.codes.shape[0] - 1
+  trie = PrefixTrie.from_codes(table.codes[1:], np.arange(1, n + 1, dtype=np.int32))
+  params = nn.unbox(model.init(jax.random.key(0), model.dummy_batch(1)))
+  if args.checkpoint:
+    from oxyjax import checkpoints
+    params, _ = checkpoints.load_params(args.checkpoint, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
+  test = pipeline.load_split(args.dataset, "test", cfg.max_history, source="readers")
+  results = []
+  print(f"\n## Constrained beam search latency ({jax.device_count()} x {jax.devices()[0].device_kind}, "
+        f"{args.dataset}: {n} items, SID levels {model.config.sid_vocab_sizes})\n")
+  print("| batch x beam | p50 (s) | p99 (s) | compile (s) | items/s | peer p50 (s) | speed-up vs peer | target |")
+  print("|---|---|---|---|---|---|---|---|")
+  for case in args.cases.split(","):
+    b, w = (int(x) for x in case.split("x"))
+    predict = jax.jit(functools.partial(model.predict, beam_size=w))
+    rng = np.random.default_rng(0)
+    idx = rng.choice(len(test), size=(args.reps + 1, b), replace=True)
+    batches = [model.convert_features(test.take(i)) for i in idx]
+    t = time.perf_counter()
+    out = predict(params, batches[0], trie)
+    jax.block_until_ready(out.items)
+    compile_s = time.perf_counter() - t
+    times = []
+    for bt in batches[1:]:
+      t = time.perf_counter()
+      out = predict(params, bt, trie)
+      jax.block_until_ready(out.items)
+      times.append(time.perf_counter() - t)
+    items = np.asarray(out.items)
+    assert all(len(set(r[r > 0])) == (r > 0).sum() for r in items), "duplicate items in a beam"
+    p50, p99 = float(np.median(times)), float(np.percentile(times, 99))
+    peer = PEER.get((b, w), (None, None))[0]
+    speed = peer / p50 if peer else None
+    tgt = TARGET.get((b, w))
+    print(f"| {b} x {w} | {p50:.4f} | {p99:.4f} | {compile_s:.1f} | {b / p50:.1f} | {peer if peer else '-'} | "
+          f"{f'{speed:.1f}x' if speed else '-'} | {f'>= {tgt:.0f}x' if tgt else '-'} |")
+    results.append({"batch": b, "beam": w, "p50_s": p50, "p99_s": p99, "compile_s": compile_s,
+                    "peer_p50_s": peer, "speedup": speed, "reps": args.reps})
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,155 @@
+r"""Training throughput: examples/s, encoder tokens/s (real and counting padding), peak memory, MFU.
+
+Default: the peer's TIGER configuration (BENCHMARKS.md): 4 + 4 layers, width 384, 6 heads,
+FFN 1024, 3 x 256 codes (+ collision level), history 20, batch 256, Amazon Beauty, fp32.
+
+  python benchmarks/train_throughput.py                         # peer config, prints the table
+  python benchmarks/train_throughput.py --model_gin=gin_configs/models/small.gin --steps=50
+
+MFU = model FLOPs per step (from XLA's cost analysis of the compiled step) / step time /
+peak FLOP/s. On CPU the peak is measured in this run (a jitted 2048^2 fp32 matmul, as in
+BENCHMARKS.md); on GPU it is the device's dense bf16/fp32 peak (table below or --peak_tflops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+
+from oxyjax import partitioning
+from oxyjax import train as train_lib
+from oxyjax.data import pipeline
+from oxyjax.models.encoder_decoder import ModelConfig
+from oxyjax.models.rec_model import RecModel
+
+PEER = {"examples_per_s": 42.5, "step_s": 6.01, "enc_tokens_real": 897, "enc_tokens_padded": 2594, "peak_gb": 5.6}
+GPU_PEAK_TFLOPS = {"H100": {"float32": 67.0, "bfloat16": 989.0}, "H200": {"float32": 67.0, "bfloat16": 989.0},
+                   "A100": {"float32": 19.5, "bfloat16": 312.0}}
+
+PEER_MODEL = dict(emb_dim=384, num_heads=6, head_dim=64, mlp_dim=1024, num_encoder_layers=4, num_decoder_layers=4,
+                  dropout_rate=0.1, max_history=20)
+
+
+def cpu_peak_flops(n: int = 2048, reps: int = 10) -> float:
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n**3 / float(np.median(times))
+
+
+def model_config_from_gin(path: str | None) -> ModelConfig:
+  if not path:
+    return ModelConfig(**PEER_MODEL)
+  import gin
+  from oxyjax.models import encoder_decoder
+  gin.parse_config_files_and_bindings([path], [])
+  return gin.get_configurable(encoder_decoder.ModelConfig)()
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--dataset", default="beauty")
+  ap.add_argument("--model_gin", default=None, help="a gin_configs/models/*.gin file (default: the peer's shape)")
+  ap.add_argument("--batch_size", type=int, default=256)
+  ap.add_argument("--steps", type=int, default=30, help="timed steps (after 3 warm-up steps)")
+  ap.add_argument("--dtype", default="float32")
+  ap.add_argument("--peak_tflops", type=float, default=None, help="override the device peak for MFU")
+  ap.add_argument("--out", default=None, help="write the results as JSON here")
+  args = ap.parse_args()
+
+  cfg = model_config_from_gin(args.model_gin)
+  import dataclasses
+  cfg = dataclasses.replace(cfg, dtype=args.dtype)
+  table = train_lib.load_sid_table(args.dataset, train_lib.SIDConfig())
+  model = RecModel(cfg, table.codes)
+  arrays = pipeline.load_split(args.dataset, "train", cfg.max_history, source="readers")
+  it = pipeline.BatchIterator(arrays, args.batch_size, seed=0)
+  part = partitioning.Partitioner({"data": -1})
+  tx, _ = train_lib.make_optimizer(train_lib.OptimizerConfig(), 10_000)
+
+  def init_state(rng):
+    params = model.init(rng, model.dummy_batch(part.data_parallel_size))
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+  dummy = model.dummy_batch(args.batch_size)
+  with part.mesh, part.rules_context():
+    boxed = jax.eval_shape(init_state, jax.random.key(0))
+    shardings = part.params_shardings(boxed)
+    state = jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=shardings)(jax.random.key(0))
+    step_fn = jax.jit(train_lib.make_train_step(model, tx, 1),
+                      in_shardings=(shardings, {k: part.data_sharding(v.ndim) for k, v in dummy.items()},
+                                    part.replicated()),
+                      out_shardings=(shardings, part.replicated()), donate_argnums=(0,))
+    compiled = step_fn.lower(state, part.shard_batch(dummy), jax.random.key(1)).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops_per_step = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+
+  times, real_tokens = [], []
+  for i in range(args.steps + 3):
+    ex = next(it)
+    batch = model.convert_features(ex)
+    t = time.perf_counter()
+    with part.mesh, part.rules_context():
+      state, m = step_fn(state, part.shard_batch(batch), jax.random.key(1))
+      jax.block_until_ready(m["loss"])
+    if i >= 3:
+      times.append(time.perf_counter() - t)
+      real_tokens.append(int(batch["history_mask"].sum()))
+  step_s = float(np.median(times))
+  dev = jax.devices()[0]
+  if args.peak_tflops:
+    peak = args.peak_tflops * 1e12
+  elif dev.platform == "cpu":
+    peak = cpu_peak_flops()
+  else:
+    kind = next((k for k in GPU_PEAK_TFLOPS if k in dev.device_kind), None)
+    peak = GPU_PEAK_TFLOPS[kind][args.dtype] * 1e12 * jax.device_count() if kind else float("nan")
+  peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # ru_maxrss is KiB on Linux
+  res = {
+      "device": f"{jax.device_count()} x {dev.device_kind}", "dataset": args.dataset, "batch_size": args.batch_size,
+      "parameters_M": n_params / 1e6, "dtype": args.dtype, "step_s_median": step_s,
+      "examples_per_s": args.batch_size / step_s,
+      "enc_tokens_per_s_real": float(np.median(real_tokens)) / step_s,
+      "enc_tokens_per_s_padded": args.batch_size * cfg.max_history / step_s,
+      "padding_fraction": 1 - float(np.mean(real_tokens)) / (args.batch_size * cfg.max_history),
+      "model_flops_per_step": flops_per_step, "peak_flops": peak, "mfu": flops_per_step / step_s / peak,
+      "peak_rss_gb": peak_gb, "steps_timed": args.steps,
+  }
+  print(f"\n## Training throughput ({res['device']}, {args.dataset}, batch {args.batch_size}, "
+        f"{res['parameters_M']:.1f}M params, {args.dtype})\n")
+  print("| metric | oxyjax | peer (BENCHMARKS.md) | ratio |")
+  print("|---|---|---|---|")
+  rows = [("training step, median (s)", step_s, PEER["step_s"], PEER["step_s"] / step_s),
+          ("examples/s", res["examples_per_s"], PEER["examples_per_s"], res["examples_per_s"] / PEER["examples_per_s"]),
+          ("encoder tokens/s, real", res["enc_tokens_per_s_real"], PEER["enc_tokens_real"],
+           res["enc_tokens_per_s_real"] / PEER["enc_tokens_real"]),
+          ("peak memory (GB, process RSS)", peak_gb, PEER["peak_gb"], peak_gb / PEER["peak_gb"])]
+  for name, ours, peer, ratio in rows:
+    print(f"| {name} | {ours:.3f} | {peer} | {ratio:.2f}x |")
+  print(f"| MFU (XLA flops / step time / peak {peak / 1e9:.0f} GFLOP/s) | {res['mfu'] * 100:.1f}% | - | - |")
+  print(f"| encoder padding fraction | {res['padding_fraction'] * 100:.0f}% | 65% | - |")
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,648 @@
+"""Readers for the raw recommendation data in ``<repo>/data`` (pure Python / NumPy, no TF).
+
+Two raw formats:
+
+* **amazon2014** (``Beauty.txt``, ``Sports_and_Outdoors.txt``): one line per user,
+  ``user_id item_id item_id ...`` in time order.  Leave-one-out per user
+  (see :func:`read_amazon2014`).
+* **amazon2018** (``items.json``, ``valid.csv``, ``test.csv`` per category, MiniOneRec
+  release): one row per *example* (a user can have several rows: successive windows of
+  their timeline).  Training examples are rebuilt from the validation histories
+  (see :func:`read_amazon2018`).
+
+Every dataset maps raw item ids to dense indices ``1..num_items`` (``0`` is padding) and
+raw user ids to dense indices ``1..num_users`` (``0`` is unused, so a zero-padded row
+is never a real user).  Each split is a list of ``Example(user, history, target)`` with
+``history`` a tuple of item indices, oldest first.
+
+All problems with the input raise :class:`DataError` whose message names the file, the
+line (1-based) where there is one, and the problem.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import dataclasses
+import hashlib
+import html
+import json
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any, Iterable, NamedTuple, Optional, Sequence
+
+__all__ = [
+    "DataError",
+    "Example",
+    "ItemMeta",
+    "SequenceDataset",
+    "DatasetSpec",
+    "DATASETS",
+    "SPLITS",
+    "READER_VERSION",
+    "default_data_dir",
+    "resolve_dataset_name",
+    "dataset_files",
+    "dataset_fingerprint",
+    "read_amazon2014",
+    "read_amazon2018",
+    "load_dataset",
+    "clear_cache",
+]
+
+# Bump when the reader's output for the same files changes (it keys the TFDS cache).
+READER_VERSION = "1.0.0"
+
+SPLITS = ("train", "validation", "test")
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class DataError(ValueError):
+    """Bad or missing input data.  ``str(err)`` is ``'<file>[:<line>]: <problem>'``."""
+
+    def __init__(self, path: os.PathLike | str, problem: str, line: Optional[int] = None):
+        self.path = str(path)
+        self.line = line
+        self.problem = problem
+        where = self.path if line is None else f"{self.path}:{line}"
+        super().__init__(f"{where}: {problem}")
+
+
+class Example(NamedTuple):
+    """One next-item example: ``history`` (item indices, oldest first) -> ``target``."""
+
+    user: int
+    history: tuple[int, ...]
+    target: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemMeta:
+    """Text metadata of one item (amazon2018)."""
+
+    title: str = ""
+    brand: str = ""
+    description: str = ""
+    categories: str = ""
+
+
+@dataclasses.dataclass
+class SequenceDataset:
+    """A parsed dataset: dense id maps, optional item text and the three splits."""
+
+    name: str
+    num_items: int
+    num_users: int
+    raw_item_ids: list[str]  # index -> raw id; index 0 is padding ("")
+    item_index: dict[str, int]  # raw id -> index in 1..num_items
+    raw_user_ids: list[str]  # index -> raw id; index 0 unused ("")
+    user_index: dict[str, int]
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+    item_meta: Optional[list[Optional[ItemMeta]]] = None  # index -> meta (None at 0); None for 2014
+    source_files: tuple[str, ...] = ()
+
+    def split(self, name: str) -> list[Example]:
+        if name not in SPLITS:
+            raise KeyError(f"unknown split {name!r}; expected one of {SPLITS}")
+        return getattr(self, name)
+
+    def item_text(self, i: int, max_description_chars: int = 512) -> str:
+        """Text of item ``i`` for a text encoder: title, brand, categories, description."""
+        if self.item_meta is None:
+            raise ValueError(f"dataset {self.name!r} has no item text")
+        if not 1 <= i <= self.num_items:
+            raise IndexError(f"item index {i} out of range 1..{self.num_items}")
+        meta = self.item_meta[i]
+        return format_item_text(meta, max_description_chars) if meta else ""
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "users": self.num_users,
+            "items": self.num_items,
+            "train": len(self.train),
+            "validation": len(self.validation),
+            "test": len(self.test),
+        }
+
+
+def format_item_text(meta: ItemMeta, max_description_chars: int = 512) -> str:
+    def sentence(label: str, text: str) -> str:
+        return f"{label}: {text}" + ("" if text[-1] in ".!?" else ".")
+
+    parts = []
+    if meta.title:
+        parts.append(sentence("Title", meta.title))
+    if meta.brand:
+        parts.append(sentence("Brand", meta.brand))
+    if meta.categories:
+        parts.append(sentence("Categories", meta.categories))
+    if meta.description and max_description_chars > 0:
+        d = meta.description
+        if len(d) > max_description_chars:
+            d = d[:max_description_chars].rsplit(" ", 1)[0] + " ..."
+        parts.append(f"Description: {d}")
+    return " ".join(parts)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    format: str  # "amazon2014" | "amazon2018"
+    path: str  # relative to the data dir: a file (2014) or a directory (2018)
+    description: str
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "beauty": DatasetSpec("beauty", "amazon2014", "amazon2014/Beauty.txt",
+                          "Amazon 2014 Beauty, 5-core, leave-one-out (no item text)"),
+    "sports": DatasetSpec("sports", "amazon2014", "amazon2014/Sports_and_Outdoors.txt",
+                          "Amazon 2014 Sports and Outdoors, 5-core, leave-one-out (no item text)"),
+    "industrial": DatasetSpec("industrial", "amazon2018", "amazon2018/Industrial_and_Scientific",
+                              "Amazon 2018 Industrial and Scientific (MiniOneRec split), with item text"),
+    "office": DatasetSpec("office", "amazon2018", "amazon2018/Office_Products",
+                          "Amazon 2018 Office Products (MiniOneRec split), with item text"),
+}
+
+_AMAZON2018_FILES = ("items.json", "valid.csv", "test.csv")
+
+
+def default_data_dir() -> Path:
+    """``$OXYJAX_DATA_DIR`` if set, else ``<repo>/data`` (relative to this package)."""
+    env = os.environ.get("OXYJAX_DATA_DIR")
+    return Path(env) if env else _REPO_ROOT / "data"
+
+
+def resolve_dataset_name(name: str) -> str:
+    """``'beauty'``, ``'oxyjax_beauty'`` -> ``'beauty'``."""
+    key = name.lower()
+    if key.startswith("oxyjax_"):
+        key = key[len("oxyjax_"):]
+    if key not in DATASETS:
+        raise KeyError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
+    return key
+
+
+def dataset_files(name: str, data_dir: os.PathLike | str | None = None) -> list[Path]:
+    """The raw files a dataset is read from."""
+    spec = DATASETS[resolve_dataset_name(name)]
+    base = Path(data_dir) if data_dir is not None else default_data_dir()
+    p = base / spec.path
+    if spec.format == "amazon2014":
+        return [p]
+    return [p / f for f in _AMAZON2018_FILES]
+
+
+def dataset_fingerprint(name: str, data_dir: os.PathLike | str | None = None) -> str:
+    """Hash of the reader version and the raw files' contents (keys prepared caches)."""
+    h = hashlib.sha256(f"{resolve_dataset_name(name)}|{READER_VERSION}".encode())
+    for p in dataset_files(name, data_dir):
+        try:
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        except FileNotFoundError:
+            raise DataError(p, "file not found") from None
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- helpers
+
+_INT_RE = re.compile(r"^[0-9]+$")
+
+
+def _open_text(path: Path):
+    try:
+        return open(path, encoding="utf-8", newline="")
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except IsADirectoryError:
+        raise DataError(path, "is a directory, expected a file") from None
+
+
+def _dense_index(raw_ids: Iterable[str]) -> tuple[list[str], dict[str, int]]:
+    """Dense 1-based index; numeric ids sorted numerically, else first-seen order."""
+    uniq = list(dict.fromkeys(raw_ids))
+    if all(_INT_RE.match(x) for x in uniq):
+        uniq.sort(key=int)
+    raw = [""] + uniq
+    return raw, {r: i for i, r in enumerate(raw) if i}
+
+
+def _first_seen_index(raw_ids: Iterable[str]) -> tuple[list[str], dict[str, int]]:
+    raw = [""] + list(dict.fromkeys(raw_ids))
+    return raw, {r: i for i, r in enumerate(raw) if i}
+
+
+# --------------------------------------------------------------------------- amazon2014
+
+
+def read_amazon2014(path: os.PathLike | str, name: Optional[str] = None) -> SequenceDataset:
+    """Read a ``user_id item item ...`` file with leave-one-out splits.
+
+    For a user with items ``s[0..n-1]`` (``n >= 3``):
+
+    * test:        ``s[:-1] -> s[-1]``
+    * validation:  ``s[:-2] -> s[-2]``
+    * train:       ``s[:i] -> s[i]`` for ``i = 1 .. n-3`` (every prefix of the training
+      part ``s[:-2]``; a user with exactly 3 items has no training example).
+
+    Blank lines are skipped.  Raises :class:`DataError` for a missing file, a non-integer
+    token, a line with a user id but no items, a user with fewer than 3 items, and a
+    duplicate user id.
+    """
+    path = Path(path)
+    rows: list[tuple[str, list[str]]] = []
+    seen_users: dict[str, int] = {}
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            toks = line.split()
+            if not toks:
+                continue
+            user, items = toks[0], toks[1:]
+            if not _INT_RE.match(user):
+                raise DataError(path, f"user id {user!r} is not an integer", lineno)
+            if not items:
+                raise DataError(path, f"malformed line: user {user} has no items", lineno)
+            for tok in items:
+                if not _INT_RE.match(tok):
+                    raise DataError(path, f"item id {tok!r} is not an integer", lineno)
+            if len(items) < 3:
+                raise DataError(
+                    path,
+                    f"user {user} has {len(items)} item(s); leave-one-out needs at least 3",
+                    lineno,
+                )
+            if user in seen_users:
+                raise DataError(
+                    path, f"duplicate user id {user} (first on line {seen_users[user]})", lineno
+                )
+            seen_users[user] = lineno
+            # canonical form of the ids ("007" == "7")
+            rows.append((str(int(user)), [str(int(t)) for t in items]))
+    if not rows:
+        raise DataError(path, "no users in file")
+
+    raw_items, item_index = _dense_index(t for _, items in rows for t in items)
+    raw_users, user_index = _first_seen_index(u for u, _ in rows)
+    train: list[Example] = []
+    valid: list[Example] = []
+    test: list[Example] = []
+    for u, items in rows:
+        uid = user_index[u]
+        s = tuple(item_index[t] for t in items)
+        n = len(s)
+        for i in range(1, n - 2):
+            train.append(Example(uid, s[:i], s[i]))
+        valid.append(Example(uid, s[: n - 2], s[n - 2]))
+        test.append(Example(uid, s[: n - 1], s[n - 1]))
+    return SequenceDataset(
+        name=name or path.stem,
+        num_items=len(raw_items) - 1,
+        num_users=len(raw_users) - 1,
+        raw_item_ids=raw_items,
+        item_index=item_index,
+        raw_user_ids=raw_users,
+        user_index=user_index,
+        train=train,
+        validation=valid,
+        test=test,
+        item_meta=None,
+        source_files=(str(path),),
+    )
+
+
+# --------------------------------------------------------------------------- amazon2018
+
+_REQUIRED_COLUMNS = ("user_id", "history_item_id", "item_id")
+_TAG_RE = re.compile(r"<[^>]{0,200}>")
+_WS_RE = re.compile(r"\s+")
+
+
+def _clean_text(s: str) -> str:
+    s = html.unescape(_TAG_RE.sub(" ", s))
+    return _WS_RE.sub(" ", s).strip()
+
+
+def _parse_description(raw: Any) -> str:
+    """Descriptions are stored as the string of a Python list of paragraphs."""
+    if isinstance(raw, list):
+        parts = raw
+    elif isinstance(raw, str):
+        s = raw.strip()
+        parts = [s]
+        if s.startswith("[") and s.endswith("]"):
+            try:
+                v = ast.literal_eval(s)
+                if isinstance(v, (list, tuple)):
+                    parts = [str(x) for x in v]
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                pass
+    else:
+        parts = [] if raw is None else [str(raw)]
+    return _clean_text(" ".join(str(p) for p in parts))
+
+
+def _parse_categories(raw: Any) -> str:
+    if isinstance(raw, list):
+        flat = []
+        for c in raw:
+            flat.extend(c if isinstance(c, list) else [c])
+        return " > ".join(_clean_text(str(c)) for c in flat if str(c).strip())
+    return _clean_text(str(raw)) if raw else ""
+
+
+def _read_items_json(path: Path) -> dict[str, ItemMeta]:
+    with _open_text(path) as f:
+        text = f.read()
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"invalid JSON: {e.msg} (column {e.colno})", e.lineno) from None
+    if not isinstance(obj, dict):
+        raise DataError(path, f"expected a JSON object of items, got {type(obj).__name__}")
+    out: dict[str, ItemMeta] = {}
+    for raw_id, v in obj.items():
+        if not isinstance(v, dict):
+            raise DataError(path, f"item {raw_id!r}: expected an object, got {type(v).__name__}")
+        key = str(int(raw_id)) if _INT_RE.match(raw_id) else raw_id
+        out[key] = ItemMeta(
+            title=_clean_text(str(v.get("title") or "")),
+            brand=_clean_text(str(v.get("brand") or "")),
+            description=_parse_description(v.get("description")),
+            categories=_parse_categories(v.get("categories")),
+        )
+    if not out:
+        raise DataError(path, "no items")
+    return out
+
+
+def _item_key(x: Any) -> str:
+    if isinstance(x, bool):
+        raise TypeError
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, str):
+        x = x.strip()
+        return str(int(x)) if _INT_RE.match(x) else x
+    raise TypeError
+
+
+def _read_rows_csv(path: Path, known: dict[str, Any]) -> list[tuple[str, tuple[str, ...], str, int]]:
+    """Rows ``(user, history raw ids, target raw id, line)`` of a MiniOneRec csv."""
+    rows = []
+    with _open_text(path) as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise DataError(path, "empty file (no header)", 1) from None
+        except csv.Error as e:
+            raise DataError(path, f"malformed csv header: {e}", 1) from None
+        missing = [c for c in _REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise DataError(path, f"missing column(s) {missing} in header {header}", 1)
+        col = {c: header.index(c) for c in _REQUIRED_COLUMNS}
+        width = len(header)
+        while True:
+            line = reader.line_num + 1  # first physical line of the next record
+            try:
+                rec = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                raise DataError(path, f"malformed csv row: {e}", line) from None
+            if not rec or (len(rec) == 1 and not rec[0].strip()):
+                continue
+            if len(rec) != width:
+                raise DataError(
+                    path, f"malformed csv row: {len(rec)} fields, header has {width}", line
+                )
+            user = rec[col["user_id"]].strip()
+            if not user:
+                raise DataError(path, "empty user_id", line)
+            hist_s = rec[col["history_item_id"]]
+            try:
+                hist = ast.literal_eval(hist_s.strip())
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                raise DataError(
+                    path, f"history_item_id {hist_s[:60]!r} is not a Python list literal", line
+                ) from None
+            if not isinstance(hist, (list, tuple)):
+                raise DataError(
+                    path, f"history_item_id {hist_s[:60]!r} is not a list", line
+                )
+            if not hist:
+                raise DataError(path, "empty history (history_item_id is [])", line)
+            try:
+                hist_keys = tuple(_item_key(x) for x in hist)
+            except TypeError:
+                raise DataError(
+                    path, f"history_item_id {hist_s[:60]!r} contains a non-integer item id", line
+                ) from None
+            tgt_s = rec[col["item_id"]].strip()
+            if not tgt_s:
+                raise DataError(path, "empty item_id (no target)", line)
+            tgt = _item_key(tgt_s)
+            for k in hist_keys + (tgt,):
+                if k not in known:
+                    raise DataError(path, f"unknown item id {k!r} (not in items.json)", line)
+            rows.append((user, hist_keys, tgt, line))
+    return rows
+
+
+def _build_amazon2018_train(
+    valid: Sequence[tuple[int, tuple[int, ...], int]],
+    test: Sequence[tuple[int, tuple[int, ...], int]],
+) -> list[Example]:
+    """Training examples from validation histories, keeping held-out targets out.
+
+    See :func:`read_amazon2018` for the rule.
+    """
+    # Per user, stitch the validation rows (file order) into timeline segments.  A row
+    # (h, t) continues a segment when h agrees with the segment's end (h is the
+    # <=10-item window right before t); t is then appended as a held-out position.
+    # Otherwise it opens a new segment h + [t].  Positions coming from a history are
+    # trainable; positions coming from a target are held out.
+    segments: dict[int, list[tuple[list[int], list[bool]]]] = {}
+    for u, h, t in valid:
+        segs = segments.setdefault(u, [])
+        placed = False
+        for items, trainable in reversed(segs):
+            k = min(len(h), len(items))
+            if tuple(items[len(items) - k:]) == h[len(h) - k:]:
+                if len(h) > len(items):  # the row reveals older history
+                    extra = list(h[: len(h) - len(items)])
+                    items[:0] = extra
+                    trainable[:0] = [True] * len(extra)
+                items.append(t)
+                trainable.append(False)
+                placed = True
+                break
+        if not placed:
+            segs.append((list(h) + [t], [True] * len(h) + [False]))
+
+    held_out = {(u, h, t) for u, h, t in valid}
+    held_out.update((u, h, t) for u, h, t in test)
+    out: list[Example] = []
+    seen: set[tuple[int, tuple[int, ...], int]] = set()
+    for u, segs in segments.items():
+        for items, trainable in segs:
+            for j in range(1, len(items)):
+                if not trainable[j]:
+                    continue
+                ex = (u, tuple(items[:j]), items[j])
+                if ex in held_out or ex in seen:
+                    continue
+                seen.add(ex)
+                out.append(Example(*ex))
+    return out
+
+
+def read_amazon2018(directory: os.PathLike | str, name: Optional[str] = None) -> SequenceDataset:
+    """Read a MiniOneRec amazon2018 category directory (``items.json``, ``valid.csv``, ``test.csv``).
+
+    * The item catalogue is ``items.json`` (numeric ids are indexed in numeric order:
+      raw id ``"k"`` -> index ``k + 1`` when ids are ``0..N-1``).
+    * validation = the rows of ``valid.csv``; test = the rows of ``test.csv``.  A user can
+      have several rows: successive windows of their timeline, where each row's
+      ``history_item_id`` is the <=10 items before its ``item_id``.  The ``*_sid`` and
+      title columns are ignored.
+    * train (the release does not include its training split) is rebuilt from the
+      validation histories.  Per user, the ``valid.csv`` rows are stitched into their
+      timeline: a row ``h -> t`` whose history agrees with the end of the timeline built
+      so far continues it (``t`` is appended), otherwise it starts a new segment.
+      Every position that came from a *history* is a training target with everything
+      before it in its segment as history; a position that is a validation *target* is
+      never a training target (a later row's history contains the earlier row's target
+      -- that target stays held out, also when the later window has slid past the
+      earlier window's first items).  In addition, an example equal to a validation or
+      test row ``(user, history, target)`` is dropped, and identical
+      ``(user, history, target)`` examples are kept once.
+
+      Consequence: the training set is the <=10-item tail of each user's history before
+      their first validation target (each user's first ``valid.csv`` window), i.e.
+      ``len(h1) - 1`` examples per validation user; users seen only in ``test.csv`` give
+      no training example.
+
+    Raises :class:`DataError` for a missing file, a malformed csv row or missing column,
+    an unparsable history list, an item id not in ``items.json``, and an empty history.
+    """
+    directory = Path(directory)
+    items_path = directory / "items.json"
+    valid_path = directory / "valid.csv"
+    test_path = directory / "test.csv"
+    meta_by_raw = _read_items_json(items_path)
+    valid_rows = _read_rows_csv(valid_path, meta_by_raw)
+    test_rows = _read_rows_csv(test_path, meta_by_raw)
+
+    raw_items, item_index = _dense_index(meta_by_raw.keys())
+    raw_users, user_index = _first_seen_index(
+        [r[0] for r in valid_rows] + [r[0] for r in test_rows]
+    )
+
+    def conv(rows):
+        return [
+            Example(user_index[u], tuple(item_index[x] for x in h), item_index[t])
+            for u, h, t, _ in rows
+        ]
+
+    valid = conv(valid_rows)
+    test = conv(test_rows)
+    train = _build_amazon2018_train(valid, test)
+    item_meta: list[Optional[ItemMeta]] = [None] + [meta_by_raw[r] for r in raw_items[1:]]
+    return SequenceDataset(
+        name=name or directory.name,
+        num_items=len(raw_items) - 1,
+        num_users=len(raw_users) - 1,
+        raw_item_ids=raw_items,
+        item_index=item_index,
+        raw_user_ids=raw_users,
+        user_index=user_index,
+        train=train,
+        validation=valid,
+        test=test,
+        item_meta=item_meta,
+        source_files=(str(items_path), str(valid_path), str(test_path)),
+    )
+
+
+# --------------------------------------------------------------------------- load_dataset
+
+_CACHE: dict[tuple[str, str], tuple[tuple, SequenceDataset]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _file_stamp(paths: Sequence[Path]) -> tuple:
+    out = []
+    for p in paths:
+        try:
+            st = p.stat()
+            out.append((str(p), st.st_size, st.st_mtime_ns))
+        except FileNotFoundError:
+            out.append((str(p), None, None))
+    return tuple(out)
+
+
+def load_dataset(name: str, data_dir: os.PathLike | str | None = None) -> SequenceDataset:
+    """Load ``beauty`` | ``sports`` | ``industrial`` | ``office`` (``oxyjax_`` prefix ok).
+
+    ``data_dir`` defaults to ``$OXYJAX_DATA_DIR`` or ``<repo>/data``.  Results are cached
+    in-process (keyed by name, directory and the files' size/mtime); treat the returned
+    object as read-only.
+    """
+    key_name = resolve_dataset_name(name)
+    spec = DATASETS[key_name]
+    base = Path(data_dir) if data_dir is not None else default_data_dir()
+    base = base.resolve()
+    files = dataset_files(key_name, base)
+    stamp = _file_stamp(files)
+    key = (key_name, str(base))
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+    if spec.format == "amazon2014":
+        ds = read_amazon2014(files[0], name=key_name)
+    elif spec.format == "amazon2018":
+        ds = read_amazon2018(base / spec.path, name=key_name)
+    else:  # pragma: no cover
+        raise ValueError(f"unknown format {spec.format!r}")
+    with _CACHE_LOCK:
+        _CACHE[key] = (stamp, ds)
+    return ds
+
+
+def clear_cache() -> None:
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+# (users, items, interactions) from the table of the data README (amazon2014).
+README_COUNTS = {"beauty": (22_363, 12_101, 198_502), "sports": (35_598, 18_357, 296_337)}
+
+
+if __name__ == "__main__":  # python -m oxyjax.data.readers : print and check statistics
+    import sys
+    import time
+
+    ok = True
+    for n in DATASETS:
+        t0 = time.perf_counter()
+        d = load_dataset(n)
+        line = f"{n}: {d.stats()}"
+        if n in README_COUNTS:
+            got = (d.num_users, d.num_items, sum(len(e.history) + 1 for e in d.test))
+            good = got == README_COUNTS[n]
+            ok &= good
+            line += f" users/items/interactions={got} {'OK' if good else 'MISMATCH'} vs README"
+        print(line, f"({time.perf_counter() - t0:.2f}s)")
+    sys.exit(0 if ok else 1)

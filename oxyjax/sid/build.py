@@ -1,0 +1,240 @@
+"""Builds a dataset's SID table: item embeddings -> residual k-means -> collision level.
+
+    python -m oxyjax.sid.build --dataset beauty --out_dir .cache/sid/beauty
+
+writes ``<out_dir>/sid_table.npz`` + ``sid_table.json`` (the ``SIDTable``), ``sid_report.md``
+and ``sid_report.json`` (quality report and wall times), and prints the report. Text
+embeddings are cached in ``<out_dir>/item_embeddings.npy`` (+ ``.json`` with the fingerprint
+of the texts and encoder; a stale cache is recomputed, never reused).
+
+Embedding source (``embedding=``):
+  * ``text``: all-MiniLM-L6-v2 over the reader's item text (title, brand, categories,
+    description) -- ``embeddings.SentenceEncoder``.
+  * ``collaborative``: co-occurrence -> PPMI -> SVD over the TRAINING sequences only --
+    ``embeddings.collaborative_embeddings``. The per-user training sequence is rebuilt from
+    the train split as the user's longest training history followed by its target; the
+    validation and test targets are never seen.
+  * ``auto``: ``text`` when the dataset has item text, else ``collaborative``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from oxyjax.sid import embeddings as emb_lib
+from oxyjax.sid import rq_kmeans
+from oxyjax.sid.table import SIDTable, format_report, quality_report
+
+logger = logging.getLogger(__name__)
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+EMBEDDINGS = ("auto", "text", "collaborative")
+
+
+def default_out_dir(dataset_name: str) -> Path:
+  return _REPO_ROOT / ".cache" / "sid" / dataset_name
+
+
+def training_sequences(train: Sequence[Any]) -> list[list[int]]:
+  """One sequence per user from the train split: the longest training history + its target.
+
+  ``train`` holds ``(user, history, target)`` examples (every prefix of a user's training
+  part, as the readers emit them), so this recovers each user's training timeline. Users are
+  returned in order of first appearance.
+  """
+  best: dict[int, tuple[int, ...]] = {}
+  for user, history, target in train:
+    seq = tuple(history) + (int(target),)
+    if len(seq) > len(best.get(user, ())):
+      best[user] = seq
+  return [list(s) for s in best.values()]
+
+
+def _has_text(ds) -> bool:
+  meta = getattr(ds, "item_meta", None)
+  return meta is not None and any(m is not None for m in meta[1:])
+
+
+def _brand(meta) -> str | None:
+  if meta is None:
+    return None
+  b = meta.get("brand") if isinstance(meta, dict) else getattr(meta, "brand", None)
+  b = (b or "").strip()
+  return b or None
+
+
+def _item_texts(ds) -> list[str]:
+  return [ds.item_text(i) for i in range(1, ds.num_items + 1)]
+
+
+def _text_embeddings(ds, cache_dir: Path | None, batch_size: int) -> tuple[np.ndarray, dict[str, Any]]:
+  """Text embeddings ``[num_items + 1, 384]`` (row 0 zeros), cached in ``cache_dir``."""
+  texts = _item_texts(ds)
+  text_hash = hashlib.sha256("\x1e".join(texts).encode()).hexdigest()
+  info = {"source": "text", "model": "sentence-transformers/all-MiniLM-L6-v2", "max_length": 256,
+          "pooling": "mean+l2", "texts_sha256": text_hash, "num_items": ds.num_items,
+          "num_empty_texts": sum(1 for t in texts if not t)}
+  if cache_dir is not None:
+    npy, meta_path = cache_dir / "item_embeddings.npy", cache_dir / "item_embeddings.json"
+    if npy.exists() and meta_path.exists():
+      try:
+        cached_info = json.loads(meta_path.read_text())
+        arr = np.load(npy)
+        if cached_info == info and arr.shape == (ds.num_items + 1, emb_lib.EMBEDDING_DIM):
+          logger.info("text embeddings: using cache %s", npy)
+          return arr.astype(np.float32), dict(info, cached=True)
+        logger.info("text embeddings: cache %s is stale, recomputing", npy)
+      except (OSError, ValueError) as e:
+        logger.warning("text embeddings: unreadable cache %s (%s), recomputing", npy, e)
+  encoder = emb_lib.SentenceEncoder(max_length=info["max_length"])
+  x = np.zeros((ds.num_items + 1, encoder.dim), np.float32)
+  x[1:] = encoder.encode(texts, batch_size=batch_size)
+  if cache_dir is not None:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".item_embeddings.{os.getpid()}.npy"
+    np.save(tmp, x)
+    os.replace(tmp, npy)
+    meta_path.write_text(json.dumps(info, indent=2) + "\n")
+  return x, dict(info, cached=False)
+
+
+def build_sid_table(dataset_name: str, **kwargs) -> SIDTable:
+  """Builds (and, with ``out_dir``, writes) the SID table of a dataset; see ``build_with_report``."""
+  return build_with_report(dataset_name, **kwargs)[0]
+
+
+def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: int | Sequence[int] = 256,
+                      embedding: str = "auto", seed: int = 0, out_dir: str | os.PathLike | None = None,
+                      num_iters: int = 50, collaborative_dim: int = 128, collaborative_window: int = 5,
+                      text_batch_size: int = 32, dataset: Any = None,
+                      data_dir: str | os.PathLike | None = None) -> tuple[SIDTable, dict[str, Any]]:
+  """Builds (and, with ``out_dir``, writes) the SID table of a dataset and its quality report.
+
+  Args:
+    dataset_name: ``beauty`` | ``sports`` | ``industrial`` | ``office``.
+    num_levels: residual k-means levels ``L`` (the table has ``L + 1`` with the collision level).
+    codebook_size: codes per k-means level (int or per-level tuple).
+    embedding: ``auto`` | ``text`` | ``collaborative`` (see the module docstring).
+    seed: seed of k-means and of the collaborative SVD.
+    out_dir: where to write the table, the report and the embedding cache; ``None`` writes nothing.
+    num_iters: max Lloyd iterations per level.
+    collaborative_dim, collaborative_window: collaborative-embedding size and window.
+    text_batch_size: sentences per encoder batch.
+    dataset: an already loaded dataset object (default: ``oxyjax.data.readers.load_dataset``).
+    data_dir: raw data directory for ``load_dataset``.
+
+  Returns:
+    ``(table, report)``: the ``SIDTable`` (codes ``[num_items + 1, L + 1]``) and the
+    ``quality_report`` dict extended with the embedding info and wall times.
+  """
+  if embedding not in EMBEDDINGS:
+    raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+  t_start = time.perf_counter()
+  fingerprint = None
+  if dataset is None:
+    from oxyjax.data.readers import dataset_fingerprint, load_dataset
+    dataset = load_dataset(dataset_name, data_dir)
+    fingerprint = dataset_fingerprint(dataset_name, data_dir)
+  out = Path(out_dir) if out_dir is not None else None
+  has_text = _has_text(dataset)
+  source = ("text" if has_text else "collaborative") if embedding == "auto" else embedding
+  if source == "text" and not has_text:
+    raise ValueError(f"dataset {dataset_name!r} has no item text; use embedding='collaborative'")
+
+  t0 = time.perf_counter()
+  if source == "text":
+    x, emb_info = _text_embeddings(dataset, out, text_batch_size)
+  else:
+    seqs = training_sequences(dataset.train)
+    x = emb_lib.collaborative_embeddings(seqs, dataset.num_items, dim=collaborative_dim,
+                                         window=collaborative_window, seed=seed)
+    emb_info = {"source": "collaborative", "method": "co-occurrence (1/distance) -> symmetric PPMI (alpha=0.75) -> "
+                "top positive eigenpairs, V*sqrt(lambda), L2-normalised", "dim": int(x.shape[1]),
+                "window": collaborative_window, "num_train_sequences": len(seqs),
+                "num_items_without_interactions": int(
+                    dataset.num_items - len({i for s in seqs for i in s}))}
+  t_embed = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  model = rq_kmeans.fit(x[1:], num_levels=num_levels, codebook_size=codebook_size,
+                        num_iters=num_iters, seed=seed)
+  codes = rq_kmeans.encode(model, x[1:])
+  t_kmeans = time.perf_counter() - t0
+
+  meta = {
+      "method": "rq-kmeans+collision-level",
+      "dataset": dataset_name,
+      "dataset_fingerprint": fingerprint,
+      "num_items": int(dataset.num_items),
+      "embedding": {k: v for k, v in emb_info.items() if k != "cached"},
+      "num_levels": num_levels,
+      "kmeans_codebook_sizes": list(model.codebook_sizes),
+      "num_iters": num_iters,
+      "seed": seed,
+      "kmeans_iters_run": list(model.num_iters_run),
+      "kmeans_inertia": [round(v, 6) for v in model.inertia],
+      "kmeans_reseeded": list(model.num_reseeded),
+  }
+  table = SIDTable.from_kmeans_codes(codes, model.codebook_sizes, meta)
+  labels = None
+  if has_text:
+    labels = [None] + [_brand(m) for m in dataset.item_meta[1:]]
+  report = quality_report(table, labels)
+  report["label"] = "brand" if labels is not None else None
+  report["wall_time_s"] = {"embedding": round(t_embed, 2), "embedding_cached": bool(emb_info.get("cached")),
+                           "rq_kmeans": round(t_kmeans, 2),
+                           "total": round(time.perf_counter() - t_start, 2)}
+  report["embedding"] = meta["embedding"]
+  if out is not None:
+    out.mkdir(parents=True, exist_ok=True)
+    table.save(out / "sid_table")
+    (out / "sid_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "sid_report.md").write_text(report_markdown(dataset_name, report))
+  logger.info("%s: SID table built in %.1fs", dataset_name, time.perf_counter() - t_start)
+  return table, report
+
+
+def report_markdown(dataset_name: str, report: dict[str, Any]) -> str:
+  e = report["embedding"]
+  w = report["wall_time_s"]
+  head = (f"- embedding: {e['source']}" + (f" ({e.get('model')})" if e["source"] == "text" else
+                                            f" ({e.get('method')}, dim {e.get('dim')})"))
+  times = (f"- wall time: embedding {w['embedding']}s{' (cached)' if w['embedding_cached'] else ''}, "
+           f"rq-kmeans {w['rq_kmeans']}s, total {w['total']}s")
+  label = f"- purity label: {report['label']}" if report.get("label") else "- purity label: none"
+  return format_report(report, title=f"SIDs: {dataset_name}") + "\n" + "\n".join([head, label, times]) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  p = argparse.ArgumentParser(description="Build a dataset's semantic-ID table.")
+  p.add_argument("--dataset", required=True, help="beauty | sports | industrial | office")
+  p.add_argument("--out_dir", default=None, help="default: <repo>/.cache/sid/<dataset>")
+  p.add_argument("--num_levels", type=int, default=3)
+  p.add_argument("--codebook_size", type=int, default=256)
+  p.add_argument("--embedding", choices=EMBEDDINGS, default="auto")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--num_iters", type=int, default=50)
+  p.add_argument("--collaborative_dim", type=int, default=128)
+  p.add_argument("--data_dir", default=None)
+  args = p.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  out_dir = args.out_dir or default_out_dir(args.dataset)
+  _, report = build_with_report(
+      args.dataset, num_levels=args.num_levels, codebook_size=args.codebook_size,
+      embedding=args.embedding, seed=args.seed, out_dir=out_dir, num_iters=args.num_iters,
+      collaborative_dim=args.collaborative_dim, data_dir=args.data_dir)
+  print(report_markdown(args.dataset, report))
+  print(f"wrote {Path(out_dir) / 'sid_table.npz'}, .json, sid_report.md, sid_report.json")
+
+
+if __name__ == "__main__":
+  main()

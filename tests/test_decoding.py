@@ -1,0 +1,268 @@
+"""Tests for oxyjax.decoding.beam_search against the brute-force reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from oxyjax.decoding import BeamSearchOutput, beam_search, exhaustive_topk, reorder_cache
+from oxyjax.sid.trie import PrefixTrie
+
+HASH_MOD = 997
+
+
+def random_trie(rng, n, vocab_sizes, skew=False):
+  """A trie of n distinct paths; with skew, level-0 codes follow a steep power law."""
+  vocab_sizes = tuple(int(v) for v in vocab_sizes)
+  space = int(np.prod(vocab_sizes))
+  n = min(n, space)
+  if skew:
+    p = 1.0 / np.arange(1, space + 1) ** 1.5
+    flat = rng.choice(space, size=n, replace=False, p=p / p.sum())
+  else:
+    flat = rng.choice(space, size=n, replace=False)
+  codes = np.stack(np.unravel_index(flat, vocab_sizes), axis=1)
+  items = rng.permutation(5 * n)[:n] + 1
+  return PrefixTrie.from_codes(codes, items, vocab_sizes), codes, items
+
+
+class IndependentLogits:
+  """Logits depend on batch row and level only (not on the prefix, no cache)."""
+
+  def __init__(self, rng, batch, vocab_sizes):
+    self.tables = [rng.normal(size=(batch, v)).astype(np.float32) * 2 for v in vocab_sizes]
+
+  def step(self, level, prev_codes, cache):
+    b, w = prev_codes.shape
+    t = jnp.asarray(self.tables[level])
+    return jnp.broadcast_to(t[:, None, :], (b, w, t.shape[-1])), cache
+
+  def init_cache(self, batch, num_levels):
+    return ()
+
+  def reference(self, row):
+    return lambda level, prefixes: np.broadcast_to(
+        self.tables[level][row], (prefixes.shape[0], self.tables[level].shape[1]))
+
+
+class PrefixHashLogits:
+  """Logits are a table row chosen by a hash of (batch row, prefix); the prefix is kept
+  in the cache, so a wrong cache reorder gives wrong logits (and wrong scores)."""
+
+  def __init__(self, rng, batch, vocab_sizes):
+    self.tables = [rng.normal(size=(HASH_MOD, v)).astype(np.float32) * 2 for v in vocab_sizes]
+
+  @staticmethod
+  def _hash(row, prefix_cols):
+    h = row * 131 + 7
+    for j, c in enumerate(prefix_cols):
+      h = (h * 31 + (c + 1) * (j + 3)) % HASH_MOD
+    return h
+
+  def init_cache(self, batch, num_levels):
+    return {"path": jnp.zeros((batch, 1, num_levels), jnp.int32),
+            "row": jnp.arange(batch, dtype=jnp.int32)[:, None],
+            "steps": jnp.zeros((batch, 1), jnp.int32)}
+
+  def step(self, level, prev_codes, cache):
+    path = cache["path"]
+    if level > 0:
+      path = path.at[:, :, level - 1].set(prev_codes)
+    row = jnp.broadcast_to(cache["row"], prev_codes.shape)
+    h = self._hash(row, [path[:, :, j] for j in range(level)])
+    logits = jnp.asarray(self.tables[level])[h]
+    return logits, {"path": path, "row": cache["row"], "steps": cache["steps"] + 1}
+
+  def reference(self, row):
+    def fn(level, prefixes):
+      h = self._hash(np.full(prefixes.shape[0], row, np.int64),
+                     [prefixes[:, j].astype(np.int64) for j in range(level)])
+      return self.tables[level][h]
+    return fn
+
+
+def run_search(step_cls, trie, rng, batch, beam, return_cache=False):
+  fn = step_cls(rng, batch, trie.vocab_sizes)
+  search = jax.jit(lambda t, c: beam_search(fn.step, c, t, batch_size=batch, beam_size=beam,
+                                            return_cache=return_cache))
+  out = jax.tree_util.tree_map(np.asarray, search(trie, fn.init_cache(batch, trie.num_levels)))
+  return fn, out
+
+
+def check_valid(out, trie, batch, beam):
+  """Every live beam is a distinct valid path with its own leaf item; empty beams are
+  marked; scores are sorted."""
+  L = trie.num_levels
+  assert out.items.shape == (batch, beam) and out.items.dtype == np.int32
+  assert out.codes.shape == (batch, beam, L) and out.codes.dtype == np.int32
+  assert out.scores.shape == (batch, beam) and out.scores.dtype == np.float32
+  n_items = trie.num_items
+  for b in range(batch):
+    live = out.scores[b] > -np.inf
+    assert (np.diff(out.scores[b][live]) <= 0).all(), "scores not sorted"
+    assert live[: live.sum()].all(), "an empty beam precedes a live one"
+    assert live.sum() == min(beam, n_items)
+    np.testing.assert_array_equal(trie.lookup(out.codes[b][live]), out.items[b][live])
+    assert len(set(out.items[b][live].tolist())) == live.sum(), "duplicate item"
+    assert (out.items[b][~live] == -1).all() and (out.codes[b][~live] == -1).all()
+
+
+def check_exact(fn, out, trie, batch, beam):
+  """Beam covering every item: the result is the exhaustive top set with equal scores."""
+  for b in range(batch):
+    ref_items, ref_codes, ref_scores = exhaustive_topk(fn.reference(b), trie, beam)
+    live = out.items[b] >= 0
+    assert sorted(out.items[b][live].tolist()) == sorted(ref_items[ref_items >= 0].tolist())
+    got = dict(zip(out.items[b][live].tolist(), out.scores[b][live].tolist()))
+    want = dict(zip(ref_items[ref_items >= 0].tolist(), ref_scores[ref_items >= 0].tolist()))
+    for item, s in want.items():
+      assert got[item] == pytest.approx(s, rel=1e-5, abs=1e-4)
+
+
+def check_scores_match_paths(fn, out, trie, batch):
+  """Each returned score is its own path's log-probability (also when W < #items)."""
+  L = trie.num_levels
+  for b in range(batch):
+    live = out.items[b] >= 0
+    codes = out.codes[b][live]
+    total = np.zeros(codes.shape[0])
+    ref = fn.reference(b)
+    for level in range(L):
+      lp = ref(level, codes[:, :level]).astype(np.float64)
+      lp = lp - np.log(np.exp(lp - lp.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lp.max(-1, keepdims=True)
+      total += lp[np.arange(codes.shape[0]), codes[:, level]]
+    np.testing.assert_allclose(out.scores[b][live], total, rtol=1e-5, atol=1e-4)
+
+
+# (seed, num_items, vocab_sizes, skew, batch, beam): covers W > #items, W > #level-0
+# children, W < #items, single-level tries, skewed tries.
+CASES = [
+    (0, 40, (4, 3, 5), False, 2, 64),
+    (1, 60, (3, 8, 4), True, 3, 60),
+    (2, 7, (9,), False, 2, 12),
+    (3, 120, (2, 2, 2, 2, 8), True, 1, 128),
+    (4, 90, (6, 6, 6), False, 2, 16),
+    (5, 200, (5, 10, 6), True, 2, 33),
+    (6, 30, (64, 2), False, 1, 50),
+    (7, 1, (3, 3), False, 2, 4),
+    (8, 200, (3, 40, 2), False, 2, 16),  # more children per beam than beams
+    (9, 100, (2, 60), False, 2, 16),  # same, and exact: only 2 prefixes before the last level
+]
+
+
+@pytest.mark.parametrize("step_cls", [IndependentLogits, PrefixHashLogits])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"seed{c[0]}")
+def test_beam_search_valid_and_exact(case, step_cls):
+  seed, n, vocab, skew, batch, beam = case
+  rng = np.random.default_rng(seed)
+  trie, _, _ = random_trie(rng, n, vocab, skew)
+  fn, out = run_search(step_cls, trie, rng, batch, beam, return_cache=step_cls is PrefixHashLogits)
+  check_valid(out, trie, batch, beam)
+  check_scores_match_paths(fn, out, trie, batch)
+  # Exact when the beam holds every prefix shorter than L (then no path is ever pruned).
+  trie_codes, _ = trie.paths()
+  widest = max(len({tuple(r) for r in trie_codes[:, :d].tolist()}) for d in range(trie.num_levels))
+  if beam >= widest:
+    check_exact(fn, out, trie, batch, beam)
+  if step_cls is PrefixHashLogits:
+    # the cache recorded the path it was fed: the first L-1 codes of each returned beam
+    L = trie.num_levels
+    live = out.items >= 0
+    np.testing.assert_array_equal(out.cache["path"][..., : L - 1][live], out.codes[..., : L - 1][live])
+    assert out.cache["path"].shape == (batch, beam, L)
+    assert (out.cache["steps"] == L).all()
+
+
+def test_beam_512_on_a_bigger_trie():
+  rng = np.random.default_rng(11)
+  trie, _, _ = random_trie(rng, 700, (16, 16, 8), skew=True)
+  fn, out = run_search(PrefixHashLogits, trie, rng, 2, 512)
+  check_valid(out, trie, 2, 512)
+  check_scores_match_paths(fn, out, trie, 2)
+  small, _, _ = random_trie(rng, 300, (8, 8, 8))
+  fn, out = run_search(PrefixHashLogits, small, rng, 1, 512)
+  check_valid(out, small, 1, 512)
+  check_exact(fn, out, small, 1, 512)
+
+
+def test_eager_matches_jit():
+  rng = np.random.default_rng(5)
+  trie, _, _ = random_trie(rng, 12, (4, 4))
+  fn = PrefixHashLogits(rng, 2, trie.vocab_sizes)
+  eager = beam_search(fn.step, fn.init_cache(2, 2), trie, batch_size=2, beam_size=8)
+  jitted = jax.jit(lambda t, c: beam_search(fn.step, c, t, batch_size=2, beam_size=8))(
+      trie, fn.init_cache(2, 2))
+  assert isinstance(eager, BeamSearchOutput)
+  np.testing.assert_array_equal(eager.items, jitted.items)
+  np.testing.assert_allclose(eager.scores, jitted.scores, rtol=1e-6)
+
+
+def test_subset_trie_returns_only_pool_items_without_recompiling():
+  rng = np.random.default_rng(8)
+  trie, codes, items = random_trie(rng, 150, (6, 6, 6))
+  fn = PrefixHashLogits(rng, 2, trie.vocab_sizes)
+  traces = []
+
+  @jax.jit
+  def search(t, cache):
+    traces.append(1)
+    return beam_search(fn.step, cache, t, batch_size=2, beam_size=24)
+
+  pools = [rng.choice(items, size=20, replace=False) for _ in range(3)]
+  subs = [trie.subset(p) for p in pools]
+  nodes = max(s.num_nodes for s in subs)
+  edges = max(s.num_edges for s in subs)
+  mc = tuple(np.max([s.max_children for s in subs], axis=0).tolist())
+  for pool, sub in zip(pools, subs):
+    padded = sub.pad(nodes, edges, mc)
+    out = jax.tree_util.tree_map(np.asarray, search(padded, fn.init_cache(2, 3)))
+    check_valid(out, sub, 2, 24)
+    assert set(out.items[out.items >= 0].tolist()) <= set(pool.tolist())
+    check_exact(fn, out, sub, 2, 24)
+  assert len(traces) == 1
+
+
+def test_minus_inf_logits_forbid_paths():
+  rng = np.random.default_rng(9)
+  trie, codes, items = random_trie(rng, 40, (4, 5, 3))
+  banned = 2  # level-0 code a business rule forbids
+
+  def step(level, prev, cache):
+    b, w = prev.shape
+    logits = jnp.zeros((b, w, trie.vocab_sizes[level]))
+    if level == 0:
+      logits = logits.at[..., banned].set(-jnp.inf)
+    return logits, cache
+
+  out = jax.jit(lambda t: beam_search(step, (), t, batch_size=1, beam_size=64))(trie)
+  allowed = set(items[codes[:, 0] != banned].tolist())
+  live = np.asarray(out.items[0]) >= 0
+  assert set(np.asarray(out.items[0])[live].tolist()) == allowed
+  assert np.isneginf(np.asarray(out.scores[0])[~live]).all()
+
+
+def test_wider_model_vocabulary_is_accepted():
+  rng = np.random.default_rng(4)
+  trie, _, _ = random_trie(rng, 30, (4, 5, 3))
+  fn = IndependentLogits(rng, 1, (9, 9, 9))  # one vocabulary size for every level
+  out = jax.tree_util.tree_map(np.asarray, jax.jit(
+      lambda t: beam_search(fn.step, (), t, batch_size=1, beam_size=32))(trie))
+  check_valid(out, trie, 1, 32)
+  check_exact(fn, out, trie, 1, 32)
+
+
+def test_bad_logits_shape_raises():
+  trie, _, _ = random_trie(np.random.default_rng(0), 10, (4, 4))
+  step = lambda level, prev, cache: (jnp.zeros(prev.shape + (3,)), cache)
+  with pytest.raises(ValueError, match="logits"):
+    beam_search(step, (), trie, batch_size=1, beam_size=4)
+
+
+def test_reorder_cache_broadcasts_and_gathers():
+  cache = {"a": jnp.arange(6).reshape(2, 3), "b": jnp.arange(12.0).reshape(2, 3, 2)}
+  parent = jnp.array([[2, 0], [1, 1]])
+  out = reorder_cache(cache, parent)
+  np.testing.assert_array_equal(out["a"], [[2, 0], [4, 4]])
+  np.testing.assert_array_equal(out["b"][1], [[8.0, 9.0], [8.0, 9.0]])
+  one = reorder_cache({"x": jnp.array([[5], [7]])}, jnp.zeros((2, 3), jnp.int32))
+  np.testing.assert_array_equal(one["x"], [[5, 5, 5], [7, 7, 7]])
