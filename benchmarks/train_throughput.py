@@ -88,7 +88,7 @@ def main():
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
   dummy = model.dummy_batch(args.batch_size)
-  with part.mesh, part.rules_context():
+  with jax.set_mesh(part.mesh), part.rules_context():
     boxed = jax.eval_shape(init_state, jax.random.key(0))
     shardings = part.params_shardings(boxed)
     state = jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=shardings)(jax.random.key(0))
@@ -107,7 +107,7 @@ def main():
     ex = next(it)
     batch = model.convert_features(ex)
     t = time.perf_counter()
-    with part.mesh, part.rules_context():
+    with jax.set_mesh(part.mesh), part.rules_context():
       state, m = step_fn(state, part.shard_batch(batch), jax.random.key(1))
       jax.block_until_ready(m["loss"])
     if i >= 3:

@@ -52,6 +52,12 @@ def resolve_mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> dict[
   return sizes
 
 
+def strip_boxes(tree):
+  """Removes nn.Partitioned metadata boxes without applying sharding constraints."""
+  return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 class Partitioner:
   """Device mesh + logical-axis rules; turns logical annotations into NamedShardings.
 
@@ -82,7 +88,7 @@ class Partitioner:
     """
     specs = nn.get_partition_spec(boxed_abstract_tree)
     shardings = self.logical_to_sharding(specs)
-    shapes = nn.unbox(boxed_abstract_tree)
+    shapes = strip_boxes(boxed_abstract_tree)
     return jax.tree.map(lambda sh, a: self._fit(sh, a.shape), shardings, shapes,
                         is_leaf=lambda x: isinstance(x, NamedSharding))
 

@@ -164,7 +164,7 @@ class Evaluator:
     acc = metrics_lib.MetricsAccumulator(ks=self.ks)
     for examples, mask in pipeline.eval_batches(arrays, self.batch_size):
       batch = self.model.convert_features(examples, weights=mask.astype(np.float32))
-      with self.partitioner.mesh, self.partitioner.rules_context():
+      with jax.set_mesh(self.partitioner.mesh), self.partitioner.rules_context():
         out = self._predict(params, self.partitioner.shard_batch(batch), self.trie)
       items = np.asarray(jax.device_get(out.items))
       acc.update(items, batch["target_items"], mask=mask)
@@ -296,10 +296,10 @@ def train(
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
   init_rng, train_rng = jax.random.split(jax.random.key(seed))
-  with part.mesh, part.rules_context():
+  with jax.set_mesh(part.mesh), part.rules_context():
     boxed = jax.eval_shape(init_state, init_rng)
     shardings = part.params_shardings(boxed)
-    abstract = nn.unbox(boxed)
+    abstract = partitioning.strip_boxes(boxed)
     state_sharded = checkpoints.abstract_with_shardings(abstract, shardings)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
   log(f"[oxyjax] model: {n_params / 1e6:.2f}M parameters, {cfg}")
@@ -318,7 +318,7 @@ def train(
     history = data_state.get("history", [])
     log(f"[oxyjax] resumed from {ckpt.directory} step {step0}")
   else:
-    with part.mesh, part.rules_context():
+    with jax.set_mesh(part.mesh), part.rules_context():
       state = jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=shardings)(init_rng)
     if init_checkpoint:
       params, meta = checkpoints.load_params(init_checkpoint, state_sharded["params"])
@@ -344,7 +344,7 @@ def train(
   window = []
   while step < total_steps:
     host_batch = model.convert_features(next(it))
-    with part.mesh, part.rules_context():
+    with jax.set_mesh(part.mesh), part.rules_context():
       state, m = train_step(state, part.shard_batch(host_batch), train_rng)
     step += 1
     examples_seen += batch_size

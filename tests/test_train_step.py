@@ -34,7 +34,7 @@ def _run(model, batches, part, grad_accum=1):
     params = model.init(rng, model.dummy_batch(2))
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-  with part.mesh, part.rules_context():
+  with jax.set_mesh(part.mesh), part.rules_context():
     boxed = jax.eval_shape(init_state, jax.random.key(0))
     shardings = part.params_shardings(boxed)
     state = jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=shardings)(jax.random.key(0))
@@ -58,7 +58,7 @@ def test_eight_device_mesh_matches_one_device():
   np.testing.assert_allclose(l1, l8, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p8)
   # The parameters really are sharded: an (embed, mlp) kernel is split over fsdp x tensor.
-  wi = state8["params"]["encoder_layers_0"]["mlp"]["wi"]["kernel"]
+  wi = state8["params"]["encoder_layers_0"]["mlp"]["wi"]
   assert wi.sharding.spec == jax.sharding.PartitionSpec("fsdp", None, "tensor")
   assert len({str(s.index) for s in wi.addressable_shards}) == 4
 

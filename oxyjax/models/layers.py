@@ -77,17 +77,16 @@ class MlpBlock(nn.Module):
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     d = x.shape[-1]
     lead = ("batch",) + (None,) * (x.ndim - 3) + ("length",)
-    wi = nn.DenseGeneral(
-        (2, self.mlp_dim), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(default_kernel_init, ("embed", None, "mlp")), name="wi",
-    )(x)
+    wi_kernel = self.param(
+        "wi", nn.with_logical_partitioning(default_kernel_init, ("embed", None, "mlp")), (d, 2, self.mlp_dim),
+        jnp.float32)
+    wi = jnp.einsum("...d,dgm->...gm", x, wi_kernel.astype(self.dtype))
     h = nn.gelu(wi[..., 0, :], approximate=True) * wi[..., 1, :]
     h = constrain(h, lead + ("mlp",))
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-    out = nn.DenseGeneral(
-        d, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(default_kernel_init, ("mlp", "embed")), name="wo",
-    )(h)
+    wo_kernel = self.param(
+        "wo", nn.with_logical_partitioning(default_kernel_init, ("mlp", "embed")), (self.mlp_dim, d), jnp.float32)
+    out = jnp.einsum("...m,md->...d", h, wo_kernel.astype(self.dtype))
     return constrain(out, lead + ("embed",))
 
 

@@ -15,6 +15,10 @@ Embedding source (``embedding=``):
     the train split as the user's longest training history followed by its target; the
     validation and test targets are never seen.
   * ``auto``: ``text`` when the dataset has item text, else ``collaborative``.
+
+Quantiser: residual k-means (``rq_kmeans``), by default with plain k-means at level 1 and the
+balanced assignment at the residual levels (``balance=``), then the collision level
+(``table.add_collision_level``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,14 @@ logger = logging.getLogger(__name__)
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 EMBEDDINGS = ("auto", "text", "collaborative")
+BALANCE = ("none", "residual", "all")
+
+
+def balanced_levels(balance: str, num_levels: int) -> tuple[bool, ...]:
+  """``none``: plain k-means everywhere; ``residual``: levels 2.. balanced; ``all``: every level."""
+  if balance not in BALANCE:
+    raise ValueError(f"balance must be one of {BALANCE}, got {balance!r}")
+  return tuple(balance == "all" or (balance == "residual" and l > 0) for l in range(num_levels))
 
 
 def default_out_dir(dataset_name: str) -> Path:
@@ -114,9 +126,10 @@ def build_sid_table(dataset_name: str, **kwargs) -> SIDTable:
 
 def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: int | Sequence[int] = 256,
                       embedding: str = "auto", seed: int = 0, out_dir: str | os.PathLike | None = None,
-                      num_iters: int = 50, collaborative_dim: int = 128, collaborative_window: int = 5,
+                      num_iters: int = 50, balance: str = "residual", collaborative_dim: int = 128, collaborative_window: int = 5,
                       text_batch_size: int = 32, dataset: Any = None,
-                      data_dir: str | os.PathLike | None = None) -> tuple[SIDTable, dict[str, Any]]:
+                      data_dir: str | os.PathLike | None = None,
+                      embedding_cache_dir: str | os.PathLike | None = None) -> tuple[SIDTable, dict[str, Any]]:
   """Builds (and, with ``out_dir``, writes) the SID table of a dataset and its quality report.
 
   Args:
@@ -127,10 +140,15 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
     seed: seed of k-means and of the collaborative SVD.
     out_dir: where to write the table, the report and the embedding cache; ``None`` writes nothing.
     num_iters: max Lloyd iterations per level.
+    balance: which k-means levels use the balanced assignment (``rq_kmeans`` module docstring):
+      ``residual`` (default: level 1 is plain k-means so semantic clusters keep their natural
+      sizes; the residual levels, where plain k-means collapses onto a few near-zero centres,
+      are balanced), ``all`` or ``none``.
     collaborative_dim, collaborative_window: collaborative-embedding size and window.
     text_batch_size: sentences per encoder batch.
     dataset: an already loaded dataset object (default: ``oxyjax.data.readers.load_dataset``).
     data_dir: raw data directory for ``load_dataset``.
+    embedding_cache_dir: where text embeddings are cached (default: ``out_dir``).
 
   Returns:
     ``(table, report)``: the ``SIDTable`` (codes ``[num_items + 1, L + 1]``) and the
@@ -138,6 +156,7 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
   """
   if embedding not in EMBEDDINGS:
     raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+  balanced = balanced_levels(balance, num_levels)
   t_start = time.perf_counter()
   fingerprint = None
   if dataset is None:
@@ -152,7 +171,8 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
 
   t0 = time.perf_counter()
   if source == "text":
-    x, emb_info = _text_embeddings(dataset, out, text_batch_size)
+    cache = Path(embedding_cache_dir) if embedding_cache_dir is not None else out
+    x, emb_info = _text_embeddings(dataset, cache, text_batch_size)
   else:
     seqs = training_sequences(dataset.train)
     x = emb_lib.collaborative_embeddings(seqs, dataset.num_items, dim=collaborative_dim,
@@ -166,7 +186,7 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
 
   t0 = time.perf_counter()
   model = rq_kmeans.fit(x[1:], num_levels=num_levels, codebook_size=codebook_size,
-                        num_iters=num_iters, seed=seed)
+                        num_iters=num_iters, seed=seed, balanced=balanced)
   codes = rq_kmeans.encode(model, x[1:])
   t_kmeans = time.perf_counter() - t0
 
@@ -179,6 +199,7 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
       "num_levels": num_levels,
       "kmeans_codebook_sizes": list(model.codebook_sizes),
       "num_iters": num_iters,
+      "balance": balance,
       "seed": seed,
       "kmeans_iters_run": list(model.num_iters_run),
       "kmeans_inertia": [round(v, 6) for v in model.inertia],
@@ -194,6 +215,9 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
                            "rq_kmeans": round(t_kmeans, 2),
                            "total": round(time.perf_counter() - t_start, 2)}
   report["embedding"] = meta["embedding"]
+  report["quantiser"] = {"num_levels": num_levels, "kmeans_codebook_sizes": list(model.codebook_sizes),
+                         "balance": balance, "num_iters": num_iters, "seed": seed,
+                         "iters_run": list(model.num_iters_run), "inertia": meta["kmeans_inertia"]}
   if out is not None:
     out.mkdir(parents=True, exist_ok=True)
     table.save(out / "sid_table")
@@ -211,7 +235,12 @@ def report_markdown(dataset_name: str, report: dict[str, Any]) -> str:
   times = (f"- wall time: embedding {w['embedding']}s{' (cached)' if w['embedding_cached'] else ''}, "
            f"rq-kmeans {w['rq_kmeans']}s, total {w['total']}s")
   label = f"- purity label: {report['label']}" if report.get("label") else "- purity label: none"
-  return format_report(report, title=f"SIDs: {dataset_name}") + "\n" + "\n".join([head, label, times]) + "\n"
+  q = report["quantiser"]
+  quant = (f"- quantiser: residual k-means {q['num_levels']} x {tuple(q['kmeans_codebook_sizes'])}, "
+           f"balance={q['balance']}, seed {q['seed']}, Lloyd iterations run {q['iters_run']} "
+           f"(max {q['num_iters']}), inertia per level {q['inertia']}; + collision level")
+  return (format_report(report, title=f"SIDs: {dataset_name}") + "\n"
+          + "\n".join([head, quant, label, times]) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -223,14 +252,18 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--embedding", choices=EMBEDDINGS, default="auto")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--num_iters", type=int, default=50)
+  p.add_argument("--balance", choices=BALANCE, default="residual",
+                 help="k-means levels with balanced assignment (default: levels 2..L)")
   p.add_argument("--collaborative_dim", type=int, default=128)
   p.add_argument("--data_dir", default=None)
+  p.add_argument("--embedding_cache_dir", default=None, help="text-embedding cache (default: out_dir)")
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
   out_dir = args.out_dir or default_out_dir(args.dataset)
   _, report = build_with_report(
       args.dataset, num_levels=args.num_levels, codebook_size=args.codebook_size,
       embedding=args.embedding, seed=args.seed, out_dir=out_dir, num_iters=args.num_iters,
+      balance=args.balance, embedding_cache_dir=args.embedding_cache_dir,
       collaborative_dim=args.collaborative_dim, data_dir=args.data_dir)
   print(report_markdown(args.dataset, report))
   print(f"wrote {Path(out_dir) / 'sid_table.npz'}, .json, sid_report.md, sid_report.json")

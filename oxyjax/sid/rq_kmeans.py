@@ -26,6 +26,18 @@ Per level:
   (ties broken by the lower row index). Those points are the worst-served ones, so the next
   assignment hands them (at least) to the re-seeded centre. The number of re-seeds is
   recorded per level in ``RQKMeans.num_reseeded``.
+* **Balanced assignment (optional, ``balanced=True``).** Plain k-means minimises squared error,
+  and at the deeper levels that concentrates items: the residuals of items in tight level-1
+  clusters are all tiny, so one near-zero centre absorbs them and many items end up sharing
+  a full path (a long collision level). The balanced variant gives every cluster about the
+  same mass: each assignment step solves the entropic optimal transport from the points
+  (uniform mass) to the clusters (mass ``1/C`` each) with log-domain Sinkhorn (chunked like
+  the distances, warm-started across Lloyd iterations, temperature ``balance_temperature``
+  times the mean squared distance to the initial centres). Its column potentials ``g`` act as
+  per-cluster prices: a point goes to ``argmin_c ||x - c||^2 - eps * g_c``. The prices are kept
+  in ``RQKMeans.bias`` so ``encode`` reproduces the training assignment. The Sinkhorn form keeps
+  it one jit program; each Lloyd iteration costs ``1 + sinkhorn_iters`` assignment passes.
+  docs/sids.md measures its effect on the four benchmarks.
 
 If a level asks for more codes than there are points (``N < C``), the codebook size is clamped
 to ``N`` with a warning (``RQKMeans.codebook_sizes`` holds the sizes actually used).
@@ -56,6 +68,9 @@ class RQKMeans:
   Attributes:
     codebooks: ``[L, C_max, D]`` float32 centroids; level ``l`` uses rows ``:codebook_sizes[l]``
       (rows beyond are zero and never assigned).
+    bias: ``[L, C_max]`` float32 per-code assignment offsets: the prices of the balanced
+      assignment (zeros for plain k-means levels). ``encode`` picks ``argmin d2 + bias``.
+    balanced: per level, whether the level was fit with balanced assignment.
     codebook_sizes: codes per level actually used (after clamping to ``N``).
     inertia: per level, mean squared distance of the (residual) points to their centre after
       the final assignment.
@@ -65,9 +80,17 @@ class RQKMeans:
 
   codebooks: np.ndarray
   codebook_sizes: tuple[int, ...]
+  bias: np.ndarray | None = None
+  balanced: tuple[bool, ...] = ()
   inertia: tuple[float, ...] = ()
   num_iters_run: tuple[int, ...] = ()
   num_reseeded: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    if self.bias is None:
+      object.__setattr__(self, "bias", np.zeros(self.codebooks.shape[:2], np.float32))
+    if not self.balanced:
+      object.__setattr__(self, "balanced", (False,) * len(self.codebook_sizes))
 
   @property
   def num_levels(self) -> int:
@@ -93,25 +116,59 @@ def _pad_rows(x: np.ndarray | jax.Array, batch_size: int) -> tuple[jax.Array, ja
   return x, valid
 
 
-def _assign(x: jax.Array, centres: jax.Array, centre_valid: jax.Array, batch_size: int):
+def _sq_dist(xb: jax.Array, centres: jax.Array, c_sq: jax.Array) -> jax.Array:
+  """``[B, D] x [C, D] -> [B, C]`` squared distances (``||x||^2 - 2 x.c + ||c||^2``, clipped at 0)."""
+  x_sq = jnp.sum(xb * xb, axis=-1, keepdims=True)
+  return jnp.maximum(x_sq - 2.0 * (xb @ centres.T) + c_sq[None, :], 0.0)
+
+
+def _assign(x: jax.Array, centres: jax.Array, batch_size: int, bias: jax.Array | None = None):
   """Nearest centre per row, chunked. x ``[N, D]`` (N a multiple of batch_size), centres ``[C, D]``.
 
-  Returns ``(assignment [N] int32, squared distance [N] float32)``. Centres with
-  ``centre_valid == False`` are never chosen.
+  With ``bias [C]`` the choice is ``argmin_c d2(x, c) + bias_c`` (the balanced assignment's
+  prices). Returns ``(assignment [N] int32, squared distance to the chosen centre [N])``.
   """
   n, d = x.shape
   c_sq = jnp.sum(centres * centres, axis=-1)
-  c_sq = jnp.where(centre_valid, c_sq, jnp.inf)
+  if bias is None:
+    bias = jnp.zeros_like(c_sq)
 
   def one_chunk(xb):
-    x_sq = jnp.sum(xb * xb, axis=-1, keepdims=True)
-    d2 = x_sq - 2.0 * (xb @ centres.T) + c_sq[None, :]
-    idx = jnp.argmin(d2, axis=-1).astype(jnp.int32)
-    best = jnp.take_along_axis(d2, idx[:, None], axis=-1)[:, 0]
-    return idx, jnp.maximum(best, 0.0)
+    d2 = _sq_dist(xb, centres, c_sq)
+    idx = jnp.argmin(d2 + bias[None, :], axis=-1).astype(jnp.int32)
+    return idx, jnp.take_along_axis(d2, idx[:, None], axis=-1)[:, 0]
 
   idx, dist = jax.lax.map(one_chunk, x.reshape(n // batch_size, batch_size, d))
   return idx.reshape(n), dist.reshape(n)
+
+
+def _sinkhorn_prices(x, valid, centres, g, eps, *, iters: int, batch_size: int):
+  """Log-domain Sinkhorn for the entropic transport of the points onto equal-mass clusters.
+
+  Cost ``d2 / eps``, uniform row marginals over the valid points, uniform column marginals
+  ``1 / C``. Returns the column potentials ``g [C]`` after ``iters`` row+column updates (one
+  chunked pass each, warm-started from ``g``); ``argmin_c d2 - eps * g_c`` is then the
+  (nearly) balanced hard assignment.
+  """
+  n, d = x.shape
+  c = centres.shape[0]
+  c_sq = jnp.sum(centres * centres, axis=-1)
+  log_r = -jnp.log(jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32))
+  log_c = -jnp.log(jnp.float32(c))
+  chunks = (x.reshape(n // batch_size, batch_size, d), valid.reshape(n // batch_size, batch_size))
+
+  def one_pass(_, g):
+    def chunk(col, inp):
+      xb, vb = inp
+      s = -_sq_dist(xb, centres, c_sq) / eps
+      f = log_r - jax.nn.logsumexp(s + g[None, :], axis=-1)  # row potentials of this chunk
+      t = jnp.where(vb[:, None], s + f[:, None], -jnp.inf)
+      return jnp.logaddexp(col, jax.nn.logsumexp(t, axis=0)), None
+
+    col, _ = jax.lax.scan(chunk, jnp.full((c,), -jnp.inf, jnp.float32), chunks)
+    return log_c - col
+
+  return jax.lax.fori_loop(0, iters, one_pass, g)
 
 
 @functools.partial(jax.jit, static_argnames=("num_clusters",))
@@ -152,17 +209,36 @@ def kmeans_plus_plus(key: jax.Array, x: jax.Array, valid: jax.Array, *, num_clus
   return centres
 
 
-@functools.partial(jax.jit, static_argnames=("num_clusters", "num_iters", "batch_size"))
-def _lloyd(x, valid, centres, *, num_clusters: int, num_iters: int, batch_size: int):
-  """Lloyd iterations with empty-cluster re-seeding (see module docstring for the rule)."""
+@functools.partial(jax.jit, static_argnames=("num_clusters", "num_iters", "batch_size", "balanced",
+                                             "sinkhorn_iters"))
+def _lloyd(x, valid, centres, temperature=0.1, *, num_clusters: int, num_iters: int, batch_size: int,
+           balanced: bool = False, sinkhorn_iters: int = 20):
+  """Lloyd iterations with empty-cluster re-seeding (see module docstring for the rules).
+
+  Returns ``(centres [C, D], assignment [N], bias [C], inertia, iterations, re-seeds)``; ``bias``
+  is zero unless ``balanced``.
+  """
   n = x.shape[0]
   k_far = min(num_clusters, n)
-  all_valid = jnp.ones((num_clusters,), bool)
   w = valid.astype(jnp.float32)
+  zero_bias = jnp.zeros((num_clusters,), jnp.float32)
 
-  def assign(centres):
-    idx, dist = _assign(x, centres, all_valid, batch_size)
+  def plain_assign(centres):
+    idx, dist = _assign(x, centres, batch_size)
     return jnp.where(valid, idx, num_clusters), dist * w  # padding -> dropped segment
+
+  idx0, dist0 = plain_assign(centres)
+  # Entropic temperature in the data's own units: a fraction of the mean squared distance.
+  eps = temperature * jnp.maximum(jnp.sum(dist0) / jnp.maximum(jnp.sum(w), 1.0), 1e-12)
+
+  def assign(centres, g):
+    if not balanced:
+      idx, dist = plain_assign(centres)
+      return idx, dist, g, zero_bias
+    g = _sinkhorn_prices(x, valid, centres, g, eps, iters=sinkhorn_iters, batch_size=batch_size)
+    bias = -eps * (g - jnp.max(g))
+    idx, dist = _assign(x, centres, batch_size, bias)
+    return jnp.where(valid, idx, num_clusters), dist * w, g, bias
 
   def update(idx, dist, centres):
     sums = jax.ops.segment_sum(x, idx, num_segments=num_clusters)
@@ -176,28 +252,28 @@ def _lloyd(x, valid, centres, *, num_clusters: int, num_iters: int, batch_size: 
     new = jnp.where(empty[:, None], reseed, means)
     return new, jnp.sum(empty).astype(jnp.int32)
 
-  idx0, dist0 = assign(centres)
+  idx0, dist0, g0, bias0 = assign(centres, zero_bias)
 
   def cond(s):
-    it, _, _, _, changed, _ = s
+    it, changed = s[0], s[5]
     return jnp.logical_and(it < num_iters, changed)
 
   def body(s):
-    it, centres, idx, dist, _, reseeded = s
+    it, centres, idx, dist, g, _, reseeded, _ = s
     centres, n_empty = update(idx, dist, centres)
-    new_idx, new_dist = assign(centres)
+    new_idx, new_dist, g, bias = assign(centres, g)
     changed = jnp.any(new_idx != idx) | (n_empty > 0)
-    return it + 1, centres, new_idx, new_dist, changed, reseeded + n_empty
+    return it + 1, centres, new_idx, new_dist, g, changed, reseeded + n_empty, bias
 
-  it, centres, idx, dist, _, reseeded = jax.lax.while_loop(
-      cond, body, (jnp.int32(0), centres, idx0, dist0, jnp.bool_(True), jnp.int32(0)))
+  it, centres, idx, dist, _, _, reseeded, bias = jax.lax.while_loop(
+      cond, body, (jnp.int32(0), centres, idx0, dist0, g0, jnp.bool_(True), jnp.int32(0), bias0))
   inertia = jnp.sum(dist) / jnp.maximum(jnp.sum(w), 1.0)
-  return centres, idx, inertia, it, reseeded
+  return centres, idx, bias, inertia, it, reseeded
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size",))
-def _assign_and_subtract(x, centres, *, batch_size: int):
-  idx, _ = _assign(x, centres, jnp.ones((centres.shape[0],), bool), batch_size)
+def _assign_and_subtract(x, centres, bias, *, batch_size: int):
+  idx, _ = _assign(x, centres, batch_size, bias)
   return idx, x - centres[idx]
 
 
@@ -215,7 +291,8 @@ def _level_sizes(codebook_size: int | Sequence[int], num_levels: int) -> tuple[i
 
 def fit(x: np.ndarray | jax.Array, *, num_levels: int, codebook_size: int | Sequence[int],
         num_iters: int = 20, seed: int = 0, batch_size: int | None = None,
-        init_sample_size: int | None = None) -> RQKMeans:
+        init_sample_size: int | None = None, balanced: bool | Sequence[bool] = False,
+        balance_temperature: float = 0.1, sinkhorn_iters: int = 10) -> RQKMeans:
   """Fits residual k-means.
 
   Args:
@@ -229,6 +306,12 @@ def fit(x: np.ndarray | jax.Array, *, num_levels: int, codebook_size: int | Sequ
       a chunk at about 16 MiB.
     init_sample_size: if set and smaller than ``N``, k-means++ runs on that many rows drawn
       at random (seeded); Lloyd always uses all rows.
+    balanced: balanced assignment (one bool for all levels or one per level): see the module
+      docstring. Off by default (plain k-means).
+    balance_temperature: entropic temperature of the balancing, as a fraction of the mean
+      squared distance to the nearest initial centre (smaller: closer to equal sizes, slower).
+    sinkhorn_iters: Sinkhorn passes per Lloyd iteration (warm-started from the previous
+      iteration's prices, so a few suffice; each costs about one assignment pass).
 
   Returns:
     The fitted ``RQKMeans`` (codebooks ``[L, C_max, D]``).
@@ -244,9 +327,14 @@ def fit(x: np.ndarray | jax.Array, *, num_levels: int, codebook_size: int | Sequ
     if c > n:
       logger.warning("level %d: codebook size %d > number of points %d; clamping to %d", l, c, n, n)
       sizes[l] = n
+  if isinstance(balanced, (bool, np.bool_)):
+    balanced = (bool(balanced),) * num_levels
+  balanced = tuple(bool(b) for b in balanced)
+  if len(balanced) != num_levels:
+    raise ValueError(f"balanced has {len(balanced)} entries but num_levels={num_levels}")
   key = jax.random.PRNGKey(seed)
   residual = jnp.asarray(x)
-  books, inertia, iters, reseeds = [], [], [], []
+  books, biases, inertia, iters, reseeds = [], [], [], [], []
   for level, c in enumerate(sizes):
     t0 = time.perf_counter()
     key, k_init, k_sub = jax.random.split(key, 3)
@@ -258,11 +346,13 @@ def fit(x: np.ndarray | jax.Array, *, num_levels: int, codebook_size: int | Sequ
       init = kmeans_plus_plus(k_init, residual[rows], jnp.ones((m,), bool), num_clusters=c)
     else:
       init = kmeans_plus_plus(k_init, xp, valid, num_clusters=c)
-    centres, _, level_inertia, it, reseeded = _lloyd(
-        xp, valid, init, num_clusters=c, num_iters=int(num_iters), batch_size=bs)
-    _, res = _assign_and_subtract(xp, centres, batch_size=bs)
+    centres, _, bias, level_inertia, it, reseeded = _lloyd(
+        xp, valid, init, jnp.float32(balance_temperature), num_clusters=c, num_iters=int(num_iters),
+        batch_size=bs, balanced=balanced[level], sinkhorn_iters=int(sinkhorn_iters))
+    _, res = _assign_and_subtract(xp, centres, bias, batch_size=bs)
     residual = res[:n]
     books.append(np.asarray(centres))
+    biases.append(np.asarray(bias))
     inertia.append(float(level_inertia))
     iters.append(int(it))
     reseeds.append(int(reseeded))
@@ -270,14 +360,20 @@ def fit(x: np.ndarray | jax.Array, *, num_levels: int, codebook_size: int | Sequ
                 level, c, iters[-1], inertia[-1], reseeds[-1], time.perf_counter() - t0)
   c_max = max(sizes)
   codebooks = np.zeros((num_levels, c_max, d), np.float32)
-  for l, b in enumerate(books):
+  bias = np.zeros((num_levels, c_max), np.float32)
+  for l, (b, p) in enumerate(zip(books, biases)):
     codebooks[l, : b.shape[0]] = b
-  return RQKMeans(codebooks=codebooks, codebook_sizes=tuple(sizes), inertia=tuple(inertia),
-                  num_iters_run=tuple(iters), num_reseeded=tuple(reseeds))
+    bias[l, : p.shape[0]] = p
+  return RQKMeans(codebooks=codebooks, codebook_sizes=tuple(sizes), bias=bias, balanced=balanced,
+                  inertia=tuple(inertia), num_iters_run=tuple(iters), num_reseeded=tuple(reseeds))
 
 
 def encode(model: RQKMeans, x: np.ndarray | jax.Array, *, batch_size: int | None = None) -> np.ndarray:
-  """Quantises ``x [N, D]`` with a fitted model -> codes ``[N, L]`` int32 (nearest centre per level)."""
+  """Quantises ``x [N, D]`` with a fitted model -> codes ``[N, L]`` int32.
+
+  Per level: ``argmin_c ||r - c||^2 + bias_c`` (``bias`` is zero for plain k-means levels), then
+  the residual ``r`` moves on to the next level.
+  """
   x = np.asarray(x, np.float32)
   if x.ndim != 2 or x.shape[1] != model.dim:
     raise ValueError(f"x must be [N, {model.dim}], got shape {x.shape}")
@@ -289,7 +385,8 @@ def encode(model: RQKMeans, x: np.ndarray | jax.Array, *, batch_size: int | None
   for level, c in enumerate(model.codebook_sizes):
     bs = batch_size or _default_batch_size(n, c)
     xp, _ = _pad_rows(residual, bs)
-    idx, res = _assign_and_subtract(xp, jnp.asarray(model.codebooks[level, :c]), batch_size=bs)
+    idx, res = _assign_and_subtract(xp, jnp.asarray(model.codebooks[level, :c]),
+                                    jnp.asarray(model.bias[level, :c]), batch_size=bs)
     codes.append(np.asarray(idx[:n]))
     residual = res[:n]
   return np.stack(codes, axis=1).astype(np.int32)
@@ -306,19 +403,21 @@ def _benchmark(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--num_iters", type=int, default=10)
   p.add_argument("--init_sample_size", type=int, default=None)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--balanced", action="store_true")
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   x = np.random.default_rng(args.seed).standard_normal((args.num_points, args.dim), np.float32)
   t0 = time.perf_counter()
   model = fit(x, num_levels=args.num_levels, codebook_size=args.codebook_size,
-              num_iters=args.num_iters, seed=args.seed, init_sample_size=args.init_sample_size)
+              num_iters=args.num_iters, seed=args.seed, init_sample_size=args.init_sample_size,
+              balanced=args.balanced)
   t1 = time.perf_counter()
   codes = encode(model, x)
   t2 = time.perf_counter()
   paths = np.unique(codes, axis=0).shape[0]
   print(f"backend={jax.default_backend()} devices={jax.device_count()} N={args.num_points} D={args.dim} "
         f"L={args.num_levels} C={args.codebook_size} num_iters={args.num_iters} "
-        f"init_sample_size={args.init_sample_size}")
+        f"init_sample_size={args.init_sample_size} balanced={args.balanced}")
   print(f"fit {t1 - t0:.1f}s  encode {t2 - t1:.1f}s  iters/level={model.num_iters_run} "
         f"inertia/level={[round(v, 3) for v in model.inertia]} reseeded/level={model.num_reseeded} "
         f"distinct paths={paths}/{args.num_points}")

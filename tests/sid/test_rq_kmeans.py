@@ -84,7 +84,7 @@ def test_empty_cluster_is_reseeded_from_far_point():
   x = np.concatenate([rng.normal(size=(50, 2)) * 0.1, rng.normal(size=(50, 2)) * 0.1 + 5.0]).astype(np.float32)
   xp, valid = rq_kmeans._pad_rows(x, 32)
   init = jnp.asarray([[0.0, 0.0], [5.0, 5.0], [1000.0, 1000.0]], jnp.float32)  # third gets nothing
-  centres, idx, _, _, reseeded = rq_kmeans._lloyd(xp, valid, init, num_clusters=3, num_iters=10, batch_size=32)
+  centres, idx, _, _, _, reseeded = rq_kmeans._lloyd(xp, valid, init, num_clusters=3, num_iters=10, batch_size=32)
   idx = np.asarray(idx)[:100]
   assert int(reseeded) >= 1
   assert np.all(np.bincount(idx, minlength=3) > 0)
@@ -109,3 +109,33 @@ def test_bad_inputs():
   model = rq_kmeans.fit(np.random.default_rng(0).normal(size=(10, 2)), num_levels=1, codebook_size=2, num_iters=2)
   with pytest.raises(ValueError, match="must be"):
     rq_kmeans.encode(model, np.zeros((3, 5), np.float32))
+
+
+def _hub_data(seed=0):
+  """High-dimensional core of 320 points (scale 0.1) inside 80 spread ones (scale 1).
+
+  Plain k-means hands nearly the whole core to one centre (the hub effect behind residual-level
+  collisions) and spends the other centres on the spread points.
+  """
+  rng = np.random.default_rng(seed)
+  return np.concatenate([rng.normal(size=(320, 32)) * 0.1, rng.normal(size=(80, 32))]).astype(np.float32)
+
+
+def test_balanced_assignment_spreads_the_hub_and_encode_reproduces_it():
+  x = _hub_data()
+  plain = rq_kmeans.fit(x, num_levels=1, codebook_size=16, num_iters=30, seed=0)
+  bal = rq_kmeans.fit(x, num_levels=1, codebook_size=16, num_iters=30, seed=0, balanced=True)
+  sizes_plain = np.bincount(rq_kmeans.encode(plain, x)[:, 0], minlength=16)
+  sizes_bal = np.bincount(rq_kmeans.encode(bal, x)[:, 0], minlength=16)
+  assert sizes_plain.max() >= 200
+  assert sizes_bal.max() <= 50 and sizes_bal.min() >= 8  # mean 25
+  assert bal.balanced == (True,) and plain.balanced == (False,)
+  np.testing.assert_array_equal(plain.bias, 0.0)
+  # encode uses the stored prices: the same codes as the last training assignment.
+  xp, valid = rq_kmeans._pad_rows(x, 64)
+  init = rq_kmeans.kmeans_plus_plus(jax.random.PRNGKey(0), xp, valid, num_clusters=16)
+  centres, idx, bias, *_ = rq_kmeans._lloyd(xp, valid, init, 0.1, num_clusters=16, num_iters=30,
+                                            batch_size=64, balanced=True)
+  model = rq_kmeans.RQKMeans(codebooks=np.asarray(centres)[None], codebook_sizes=(16,),
+                             bias=np.asarray(bias)[None], balanced=(True,))
+  np.testing.assert_array_equal(rq_kmeans.encode(model, x)[:, 0], np.asarray(idx)[:400])
