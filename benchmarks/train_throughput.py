@@ -29,6 +29,7 @@ import flax.linen as nn
 
 from oxyjax import partitioning
 from oxyjax import train as train_lib
+from oxyjax.data import feature_converter
 from oxyjax.data import pipeline
 from oxyjax.models.encoder_decoder import ModelConfig
 from oxyjax.models.rec_model import RecModel
@@ -71,6 +72,8 @@ def main():
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--peak_tflops", type=float, default=None, help="override the device peak for MFU")
   ap.add_argument("--out", default=None, help="write the results as JSON here")
+  ap.add_argument("--no_bucketing", action="store_true",
+                  help="pad every batch to the full history (as the peer does) instead of length bucketing")
   args = ap.parse_args()
 
   cfg = model_config_from_gin(args.model_gin)
@@ -79,7 +82,8 @@ def main():
   table = train_lib.load_sid_table(args.dataset, train_lib.SIDConfig())
   model = RecModel(cfg, table.codes)
   arrays = pipeline.load_split(args.dataset, "train", cfg.max_history, source="readers")
-  it = pipeline.BatchIterator(arrays, args.batch_size, seed=0)
+  bucketing = not args.no_bucketing
+  it = pipeline.BatchIterator(arrays, args.batch_size, seed=0, bucket_by_length=bucketing)
   part = partitioning.Partitioner({"data": -1})
   tx, _ = train_lib.make_optimizer(train_lib.OptimizerConfig(), 10_000)
 
@@ -96,24 +100,40 @@ def main():
                       in_shardings=(shardings, {k: part.data_sharding(v.ndim) for k, v in dummy.items()},
                                     part.replicated()),
                       out_shardings=(shardings, part.replicated()), donate_argnums=(0,))
-    compiled = step_fn.lower(state, part.shard_batch(dummy), jax.random.key(1)).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops_per_step = float(cost.get("flops", float("nan"))) if cost else float("nan")
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
 
-  times, real_tokens = [], []
-  for i in range(args.steps + 3):
+  times, real_tokens, padded_tokens, flops = [], [], [], []
+  compiled_by_width = {}
+  # Compile every bucket width before timing (trim_history keeps multiples of 4 columns).
+  widths = range(4, cfg.max_history + 1, 4) if bucketing else [cfg.max_history]
+  for w in widths:
+    warm = {k: (v[:, :w] if k.startswith("history") else v) for k, v in dummy.items()}
+    with jax.set_mesh(part.mesh), part.rules_context():
+      state, m = step_fn(state, part.shard_batch(warm), jax.random.key(1))
+  jax.block_until_ready(m["loss"])
+  warmup = 2
+  for i in range(args.steps + warmup):
     ex = next(it)
     batch = model.convert_features(ex)
+    if bucketing:
+      batch = feature_converter.trim_history(batch)
     t = time.perf_counter()
     with jax.set_mesh(part.mesh), part.rules_context():
       state, m = step_fn(state, part.shard_batch(batch), jax.random.key(1))
       jax.block_until_ready(m["loss"])
-    if i >= 3:
+    if i >= warmup:
       times.append(time.perf_counter() - t)
       real_tokens.append(int(batch["history_mask"].sum()))
+      padded_tokens.append(int(batch["history_mask"].size))
+      width = batch["history_mask"].shape[1]
+      if width not in compiled_by_width:
+        with jax.set_mesh(part.mesh), part.rules_context():
+          c = step_fn.lower(state, part.shard_batch(batch), jax.random.key(1)).compile().cost_analysis()
+        c = c[0] if isinstance(c, (list, tuple)) else c
+        compiled_by_width[width] = float(c.get("flops", float("nan"))) if c else float("nan")
+      flops.append(compiled_by_width[width])
   step_s = float(np.median(times))
+  flops_per_step = float(np.sum(flops) / np.sum(times) * step_s)  # time-weighted over the bucket shapes
   dev = jax.devices()[0]
   if args.peak_tflops:
     peak = args.peak_tflops * 1e12
@@ -126,15 +146,17 @@ def main():
   res = {
       "device": f"{jax.device_count()} x {dev.device_kind}", "dataset": args.dataset, "batch_size": args.batch_size,
       "parameters_M": n_params / 1e6, "dtype": args.dtype, "step_s_median": step_s,
-      "examples_per_s": args.batch_size / step_s,
-      "enc_tokens_per_s_real": float(np.median(real_tokens)) / step_s,
-      "enc_tokens_per_s_padded": args.batch_size * cfg.max_history / step_s,
-      "padding_fraction": 1 - float(np.mean(real_tokens)) / (args.batch_size * cfg.max_history),
-      "model_flops_per_step": flops_per_step, "peak_flops": peak, "mfu": flops_per_step / step_s / peak,
+      "examples_per_s": args.batch_size * len(times) / float(np.sum(times)),
+      "enc_tokens_per_s_real": float(np.sum(real_tokens) / np.sum(times)),
+      "enc_tokens_per_s_padded": float(np.sum(padded_tokens) / np.sum(times)),
+      "padding_fraction": 1 - float(np.sum(real_tokens)) / float(np.sum(padded_tokens)),
+      "length_bucketing": bucketing,
+      "model_flops_per_step": flops_per_step, "peak_flops": peak, "mfu": float(np.sum(flops) / np.sum(times)) / peak,
       "peak_rss_gb": peak_gb, "steps_timed": args.steps,
   }
   print(f"\n## Training throughput ({res['device']}, {args.dataset}, batch {args.batch_size}, "
-        f"{res['parameters_M']:.1f}M params, {args.dtype})\n")
+        f"{res['parameters_M']:.1f}M params, {args.dtype}, length bucketing {'on' if bucketing else 'off'}, "
+        f"{args.steps} timed steps)\n")
   print("| metric | oxyjax | peer (BENCHMARKS.md) | ratio |")
   print("|---|---|---|---|")
   rows = [("training step, median (s)", step_s, PEER["step_s"], PEER["step_s"] / step_s),

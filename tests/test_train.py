@@ -68,7 +68,7 @@ def test_tiny_gin_config_runs_train_end_to_end(tmp_path):
 
 def test_missing_required_macro_fails_loudly(tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO)
-  cmd = [sys.executable, "-m", "oxyjax.train", "--gin_file=gin_configs/runs/pretrain.gin",
+  cmd = [sys.executable, "-m", "oxyjax.train", "--gin_file=gin_configs/modes/pretrain.gin",
          "--gin_file=gin_configs/models/tiny.gin", "--gin.DATASET='industrial'"]
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0

@@ -47,3 +47,21 @@ def convert(examples, sid_codes: np.ndarray,
       "target_items": target,
       "weights": np.ones(b, np.float32) if weights is None else np.asarray(weights, np.float32),
   }
+
+
+def trim_history(batch: dict[str, np.ndarray], multiple: int = 4) -> dict[str, np.ndarray]:
+  """Drops trailing all-padding history columns, keeping a multiple of `multiple` columns.
+
+  Histories are left-aligned, so columns past the longest history in the batch hold only
+  padding; the model's recency positions come from the mask and do not change. Rounding
+  to a multiple bounds the number of distinct shapes (and compilations).
+  """
+  s = batch["history_mask"].shape[1]
+  longest = int(batch["history_mask"].sum(axis=1).max(initial=1))
+  keep = min(s, max(multiple, -(-longest // multiple) * multiple))
+  if keep == s:
+    return batch
+  out = dict(batch)
+  for k in ("history_items", "history_codes", "history_mask"):
+    out[k] = batch[k][:, :keep]
+  return out

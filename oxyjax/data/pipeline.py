@@ -210,6 +210,8 @@ class BatchIterator:
         shuffle: bool = True,
         process_index: int = 0,
         process_count: int = 1,
+        bucket_by_length: bool = False,
+        bucket_window: int = 64,
     ):
         if global_batch_size <= 0:
             raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
@@ -231,6 +233,8 @@ class BatchIterator:
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.batches_per_epoch = len(arrays) // self.global_batch_size
+        self.bucket_by_length = bool(bucket_by_length)
+        self.bucket_window = int(bucket_window)
         self.epoch = 0
         self.position = 0
         self._perm_epoch: Optional[int] = None
@@ -243,8 +247,31 @@ class BatchIterator:
                 self._perm = np.random.default_rng([self.seed, epoch]).permutation(n)
             else:
                 self._perm = np.arange(n)
+            if self.bucket_by_length:
+                self._perm = self._bucket(self._perm, epoch)
             self._perm_epoch = epoch
         return self._perm
+
+    def _bucket(self, perm: np.ndarray, epoch: int) -> np.ndarray:
+        """Groups examples of similar history length into the same batch.
+
+        The epoch's permutation is cut into windows of ``bucket_window`` global batches;
+        within a window examples are stably sorted by history length, cut into batches,
+        and the batches' order is shuffled (seeded by (seed, epoch, window)). Every example
+        is still visited once per epoch; a batch then needs only as many history columns
+        as its longest member, which removes most encoder padding.
+        """
+        b = self.global_batch_size
+        usable = self.batches_per_epoch * b
+        head, tail = perm[:usable], perm[usable:]
+        out = []
+        for w0 in range(0, usable, b * self.bucket_window):
+            win = head[w0 : w0 + b * self.bucket_window]
+            win = win[np.argsort(self.arrays.history_len[win], kind="stable")]
+            batches = win.reshape(-1, b)
+            order = np.random.default_rng([self.seed, epoch, w0]).permutation(len(batches))
+            out.append(batches[order].reshape(-1))
+        return np.concatenate(out + [tail])
 
     def next_global_indices(self) -> np.ndarray:
         """Indices (into ``arrays``) of the next *global* batch; advances the iterator."""
