@@ -64,8 +64,9 @@ class SIDConfig:
   num_levels: int = 3
   codebook_size: int = 256
   embedding: str = "auto"  # auto | text | collaborative
+  balance: str = "residual"  # which k-means levels use balanced assignment: residual | none | all
   seed: int = 0
-  cache_dir: str | None = None  # default: <repo>/.cache/sid/<dataset>
+  cache_dir: str | None = None  # default: <repo>/.cache/sid/<dataset>_<settings>
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, Any]:
@@ -98,13 +99,15 @@ def load_sid_table(dataset: str, cfg: SIDConfig):
 
   if cfg.path:
     return SIDTable.load(cfg.path)
-  out_dir = cfg.cache_dir or os.path.join(
-      REPO_ROOT, ".cache", "sid", f"{dataset}_{cfg.embedding}_{cfg.num_levels}x{cfg.codebook_size}_s{cfg.seed}")
+  key = f"{dataset}_{cfg.embedding}_{cfg.num_levels}x{cfg.codebook_size}_{cfg.balance}_s{cfg.seed}"
+  out_dir = cfg.cache_dir or os.path.join(REPO_ROOT, ".cache", "sid", key)
   table_path = os.path.join(out_dir, "sid_table")
   if os.path.exists(table_path + ".npz"):
     return SIDTable.load(table_path)
+  # Item embeddings depend only on the dataset: one cache shared by every SID setting.
   return sid_build.build_sid_table(dataset, num_levels=cfg.num_levels, codebook_size=cfg.codebook_size,
-                                   embedding=cfg.embedding, seed=cfg.seed, out_dir=out_dir)
+                                   embedding=cfg.embedding, seed=cfg.seed, out_dir=out_dir, balance=cfg.balance,
+                                   embedding_cache_dir=os.path.join(REPO_ROOT, ".cache", "sid", dataset))
 
 
 # ====================================================================== steps

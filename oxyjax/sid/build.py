@@ -119,14 +119,22 @@ def _text_embeddings(ds, cache_dir: Path | None, batch_size: int) -> tuple[np.nd
   return x, dict(info, cached=False)
 
 
-def build_sid_table(dataset_name: str, **kwargs) -> SIDTable:
-  """Builds (and, with ``out_dir``, writes) the SID table of a dataset; see ``build_with_report``."""
-  return build_with_report(dataset_name, **kwargs)[0]
+def build_sid_table(dataset_name: str, *, num_levels: int = 3, codebook_size: int | Sequence[int] = 256,
+                    embedding: str = "auto", seed: int = 0, out_dir: str | os.PathLike | None = None,
+                    **options: Any) -> SIDTable:
+  """Builds (and, with ``out_dir``, writes) the SID table of a dataset.
+
+  ``options`` are the other keyword arguments of ``build_with_report`` (``balance``,
+  ``num_iters``, ``dataset``, ...), which documents them all.
+  """
+  return build_with_report(dataset_name, num_levels=num_levels, codebook_size=codebook_size,
+                           embedding=embedding, seed=seed, out_dir=out_dir, **options)[0]
 
 
 def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: int | Sequence[int] = 256,
                       embedding: str = "auto", seed: int = 0, out_dir: str | os.PathLike | None = None,
-                      num_iters: int = 50, balance: str = "residual", collaborative_dim: int = 128, collaborative_window: int = 5,
+                      num_iters: int = 50, balance: str = "residual", collaborative_dim: int = 128,
+                      collaborative_window: int = 5,
                       text_batch_size: int = 32, dataset: Any = None,
                       data_dir: str | os.PathLike | None = None,
                       embedding_cache_dir: str | os.PathLike | None = None) -> tuple[SIDTable, dict[str, Any]]:
@@ -137,7 +145,7 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
     num_levels: residual k-means levels ``L`` (the table has ``L + 1`` with the collision level).
     codebook_size: codes per k-means level (int or per-level tuple).
     embedding: ``auto`` | ``text`` | ``collaborative`` (see the module docstring).
-    seed: seed of k-means and of the collaborative SVD.
+    seed: seed of k-means and of the collaborative embedding's eigensolver.
     out_dir: where to write the table, the report and the embedding cache; ``None`` writes nothing.
     num_iters: max Lloyd iterations per level.
     balance: which k-means levels use the balanced assignment (``rq_kmeans`` module docstring):
