@@ -119,11 +119,10 @@ def make_train_step(model: RecModel, tx: optax.GradientTransformation, grad_accu
     params = state["params"]
     step_rng = jax.random.fold_in(rng, state["step"])
     a = grad_accum_steps
-    value_fn = lambda p, b, r: model.loss_fn(p, b, r)  # noqa: E731
 
     def micro(i, mb):
       r = jax.random.fold_in(step_rng, i)
-      (loss_sum, aux), grads = jax.value_and_grad(value_fn, has_aux=True)(params, mb, r)
+      (loss_sum, aux), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(params, mb, r)
       return grads, loss_sum, aux["denominator"], aux["correct"]
 
     if a == 1:

@@ -100,13 +100,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
   """
   extra = q.ndim - k.ndim
   if extra:
-    # q: [B, W, Tq, H, D], k: [B, Tk, H, D] -> fold beams into the query axis.
+    # q: [B, W, Tq, H, D], k: [B, Tk, H, D] -> fold beams into the query axis. Only a
+    # key-padding bias ([B, 1.., 1, 1, Tk]) can be shared this way.
     b = q.shape[0]
-    w_shape = q.shape[1 : 1 + extra]
-    tq = q.shape[1 + extra]
     qf = q.reshape((b, -1) + q.shape[-2:])  # [B, W*Tq, H, D]
-    out = dot_product_attention(qf, k, v, None if bias is None else _fold_bias(bias, b, w_shape, tq))
-    return out.reshape(q.shape)
+    folded_bias = None if bias is None else bias.reshape((b, 1, 1, bias.shape[-1]))
+    return dot_product_attention(qf, k, v, folded_bias).reshape(q.shape)
   depth = q.shape[-1]
   logits = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
   logits = logits / jnp.sqrt(depth).astype(jnp.float32)
@@ -114,11 +113,6 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
     logits = logits + bias.astype(jnp.float32)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("...hqk,...khd->...qhd", weights, v)
-
-
-def _fold_bias(bias, b, w_shape, tq):
-  # bias [B, 1.., 1, 1, Tk] (key padding only) -> [B, 1, 1, Tk]
-  return bias.reshape((b, 1, 1, bias.shape[-1]))
 
 
 class Attention(nn.Module):
