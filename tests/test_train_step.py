@@ -79,3 +79,14 @@ def test_loss_decreases_on_a_fixed_batch():
   part = partitioning.Partitioner({"data": 1}, devices=jax.devices()[:1])
   _, losses, _ = _run(model, batches * 8, part)
   assert losses[-1] < losses[0] - 0.3, losses
+
+
+def test_bfloat16_computation_keeps_float32_parameters_and_learns():
+  cfg = ModelConfig(**{**CFG.__dict__, "dtype": "bfloat16", "dropout_rate": 0.0})
+  _, batches = _model_and_batches(n_batches=1)
+  model = RecModel(cfg, np.asarray(_model_and_batches()[0].sid_codes))
+  part = partitioning.Partitioner({"data": 1}, devices=jax.devices()[:1])
+  params, losses, _ = _run(model, batches * 6, part)
+  assert all(np.isfinite(losses))
+  assert losses[-1] < losses[0] - 0.2, losses
+  assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("float32")}

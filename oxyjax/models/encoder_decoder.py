@@ -180,8 +180,8 @@ class EncoderDecoder(nn.Module):
   def _logits(self, h: jax.Array, first_level: int) -> jax.Array:
     """h [..., T, D] at the positions predicting levels first_level.. -> [..., T, V] float32."""
     t = h.shape[-2]
-    kernel = self.output_kernel[first_level : first_level + t].astype(h.dtype)
-    logits = jnp.einsum("...td,tdv->...tv", h, kernel, preferred_element_type=jnp.float32)
+    kernel = self.output_kernel[first_level : first_level + t]
+    logits = jnp.einsum("...td,tdv->...tv", h.astype(jnp.float32), kernel)  # logits in float32
     sizes = jnp.asarray(self.cfg.sid_vocab_sizes[first_level : first_level + t], jnp.int32)
     valid = jnp.arange(self.cfg.max_vocab)[None, :] < sizes[:, None]
     return jnp.where(valid, logits, NEG_INF)

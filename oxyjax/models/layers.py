@@ -107,7 +107,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
     folded_bias = None if bias is None else bias.reshape((b, 1, 1, bias.shape[-1]))
     return dot_product_attention(qf, k, v, folded_bias).reshape(q.shape)
   depth = q.shape[-1]
-  logits = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
+  # (No preferred_element_type: XLA:CPU has no bf16 x bf16 -> f32 dot; TPU/GPU accumulate
+  # bf16 products in f32 internally anyway.)
+  logits = jnp.einsum("...qhd,...khd->...hqk", q, k).astype(jnp.float32)
   logits = logits / jnp.sqrt(depth).astype(jnp.float32)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
