@@ -236,15 +236,24 @@ def _gpu_kernel(idx_ref, mask_ref, q_ref, wk_ref, wv_ref, hist_ref, out_ref, *, 
   out_ref[...] = out.astype(out_ref.dtype)
 
 
+def _pad_for_kernel(idx, mask, q, wk, wv, kp, tqp):
+  """Pads K to kp and Tq to tqp and lays heads out first, for both Pallas variants.
+
+  Returns idx [B, kp], mask [B, kp] int32, q [B, H, tqp, Dh], wk/wv [H, d, Dh].
+  """
+  k, tq = idx.shape[1], q.shape[1]
+  idx_p = jnp.pad(idx, ((0, 0), (0, kp - k)))
+  mask_p = jnp.pad(mask.astype(jnp.int32), ((0, 0), (0, kp - k)))
+  q_p = jnp.pad(q, ((0, 0), (0, tqp - tq), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+  return idx_p, mask_p, q_p, wk.transpose(1, 0, 2), wv.transpose(1, 0, 2)
+
+
 def _pallas_gpu(history, idx, mask, q, wk, wv, scale, interpret):
   b, l, d = history.shape
   _, tq, h, dh = q.shape
   k = idx.shape[1]
   kp, tqp = _next_pow2(k, 16), _next_pow2(tq, 16)
-  idx_p = jnp.pad(idx, ((0, 0), (0, kp - k)))
-  mask_p = jnp.pad(mask.astype(jnp.int32), ((0, 0), (0, kp - k)))
-  q_p = jnp.pad(q, ((0, 0), (0, tqp - tq), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # [B, H, Tqp, Dh]
-  wk_h, wv_h = wk.transpose(1, 0, 2), wv.transpose(1, 0, 2)  # [H, d, Dh]
+  idx_p, mask_p, q_p, wk_h, wv_h = _pad_for_kernel(idx, mask, q, wk, wv, kp, tqp)
   out = pl.pallas_call(
       functools.partial(_gpu_kernel, scale=scale),
       grid=(b, h),
@@ -297,10 +306,7 @@ def _pallas_tpu(history, idx, mask, q, wk, wv, scale, interpret):
   _, tq, h, dh = q.shape
   k = idx.shape[1]
   kp, tqp = _round_up(k, 8), _round_up(tq, 8)
-  idx_p = jnp.pad(idx, ((0, 0), (0, kp - k)))
-  m = jnp.pad(mask.astype(jnp.int32), ((0, 0), (0, kp - k)))
-  q_p = jnp.pad(q, ((0, 0), (0, tqp - tq), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # [B, H, Tqp, Dh]
-  wk_h, wv_h = wk.transpose(1, 0, 2), wv.transpose(1, 0, 2)  # [H, d, Dh]
+  idx_p, m, q_p, wk_h, wv_h = _pad_for_kernel(idx, mask, q, wk, wv, kp, tqp)
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1,
       grid=(b,),
