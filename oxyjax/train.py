@@ -28,6 +28,7 @@ import optax
 import flax.linen as nn
 
 from oxyjax import checkpoints
+from oxyjax import losses
 from oxyjax import metrics as metrics_lib
 from oxyjax import partitioning
 from oxyjax.data import feature_converter
@@ -69,6 +70,19 @@ class SIDConfig:
   cache_dir: str | None = None  # default: <repo>/.cache/sid/<dataset>_<settings>
 
 
+@dataclasses.dataclass(frozen=True)
+class InstructionsConfig:
+  """Reasoning instructions I_r (PAPER.md section 1) read from the near-line store.
+
+  Examples whose instruction is missing, stale (older than `max_age_s`) or a fallback get
+  the model's learned default instruction; the counts are logged per split.
+  """
+
+  store: str | None = None  # instruction store written by `python -m oxyjax.instructions.generate`
+  scenario: str = "homepage"
+  max_age_s: float | None = None  # None: never stale
+
+
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, Any]:
   warmup = max(0, min(cfg.warmup_steps, total_steps - 1))
   end = cfg.learning_rate * cfg.end_learning_rate_ratio
@@ -91,6 +105,34 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.Gradie
       optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask),
   )
   return tx, schedule
+
+
+def load_instructions(arrays: pipeline.ExampleArrays, dataset: str, split: str, cfg: InstructionsConfig,
+                      instruction_dim: int, log=print) -> pipeline.ExampleArrays:
+  """Attaches `instruction_embedding` [N, Dr] and `instruction_mask` [N] to a split's arrays.
+
+  Rows follow the reader's order (as `pipeline.load_split` does), so row i is the split's
+  i-th example. Without a store every row uses the learned default.
+  """
+  n = len(arrays)
+  if not cfg.store:
+    emb, present = np.zeros((n, instruction_dim), np.float32), np.zeros((n,), bool)
+    log(f"[oxyjax] {dataset} {split}: no instruction store; all {n} examples use the learned default instruction")
+  else:
+    from oxyjax.data import readers
+    from oxyjax.instructions.store import InstructionStore
+
+    ds = readers.load_dataset(dataset)
+    examples = ds.split(split)
+    if len(examples) != n:
+      raise ValueError(f"{dataset} {split}: {len(examples)} reader examples but {n} rows")
+    emb, present, stats = InstructionStore(cfg.store).lookup_embeddings(
+        ds.name, examples, scenario=cfg.scenario, now=time.time(), max_age_s=cfg.max_age_s)
+    if emb.shape != (n, instruction_dim):
+      raise ValueError(f"instruction store {cfg.store}: embeddings {emb.shape}, model expects [{n}, {instruction_dim}]")
+    log(f"[oxyjax] {dataset} {split}: {int(present.sum())}/{n} examples carry a generated instruction "
+        f"({stats}); the rest use the learned default")
+  return arrays.with_extras(instruction_embedding=np.asarray(emb, np.float32), instruction_mask=np.asarray(present, bool))
 
 
 def load_sid_table(dataset: str, cfg: SIDConfig):
@@ -123,27 +165,26 @@ def make_train_step(model: RecModel, tx: optax.GradientTransformation, grad_accu
     def micro(i, mb):
       r = jax.random.fold_in(step_rng, i)
       (loss_sum, aux), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(params, mb, r)
-      return grads, loss_sum, aux["denominator"], aux["correct"]
+      return grads, loss_sum, aux
 
     if a == 1:
-      grads, loss_sum, denom, correct = micro(0, batch)
+      grads, loss_sum, aux = micro(0, batch)
     else:
       mbs = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // a, a) + x.shape[1:]), 0, 1), batch)
 
       def body(carry, xs):
         i, mb = xs
-        g, l, d, c = micro(i, mb)
-        acc_g, acc_l, acc_d, acc_c = carry
-        return (jax.tree.map(jnp.add, acc_g, g), acc_l + l, acc_d + d, acc_c + c), None
+        return jax.tree.map(jnp.add, carry, micro(i, mb)), None
 
-      zeros = jax.tree.map(jnp.zeros_like, params)
-      (grads, loss_sum, denom, correct), _ = jax.lax.scan(
-          body, (zeros, 0.0, 0.0, 0.0), (jnp.arange(a), mbs))
-    denom = jnp.maximum(denom, 1.0)
+      zeros = jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), jax.eval_shape(lambda: micro(0, jax.tree.map(lambda x: x[0], mbs))))
+      (grads, loss_sum, aux), _ = jax.lax.scan(body, zeros, (jnp.arange(a), mbs))
+    denom = jnp.maximum(aux["denominator"], 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss_sum / denom, "token_accuracy": correct / denom, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss_sum / denom, "token_accuracy": aux["correct"] / denom, "grad_norm": optax.global_norm(grads)}
+    # Any other auxiliary scalar (Q2I parts, MoE load balance) is averaged over microbatches.
+    metrics.update({k: v / a for k, v in aux.items() if k not in ("denominator", "correct")})
     return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
   return train_step
@@ -244,6 +285,8 @@ def train(
     grad_accum_steps: int = 1,
     seed: int = 0,
     label_smoothing: float = 0.0,
+    q2i: losses.Q2IConfig = losses.Q2IConfig(),
+    instructions: InstructionsConfig = InstructionsConfig(),
     data_source: str = "seqio",
     length_bucketing: bool = True,
     eval_every_steps: int = 0,
@@ -284,9 +327,17 @@ def train(
 
   # ---- data, SIDs, model
   table = load_sid_table(dataset, sid)
-  model = RecModel(model_config, table.codes, label_smoothing=label_smoothing)
+  text = sid_build.item_text_embeddings(dataset) if model_config.text_dim else None
+  model = RecModel(model_config, table.codes, label_smoothing=label_smoothing, item_text_embeddings=text, q2i=q2i)
   cfg = model.config
-  train_arrays = pipeline.load_split(dataset, "train", cfg.max_history, source=data_source)
+
+  def load_split(split):
+    arrays = pipeline.load_split(dataset, split, cfg.max_history, source=data_source)
+    if cfg.instruction_dim:
+      arrays = load_instructions(arrays, dataset, split, instructions, cfg.instruction_dim, log)
+    return arrays
+
+  train_arrays = load_split("train")
   num_items = table.codes.shape[0] - 1
   trie = PrefixTrie.from_codes(table.codes[1:], np.arange(1, num_items + 1, dtype=np.int32))
   steps_per_epoch = max(1, len(train_arrays) // batch_size)
@@ -370,7 +421,7 @@ def train(
       window = []
     if eval_every_steps and (step % eval_every_steps == 0 or step == total_steps):
       if valid_arrays is None:
-        valid_arrays = pipeline.load_split(dataset, "validation", cfg.max_history, source=data_source)
+        valid_arrays = load_split("validation")
       res = evaluator(state["params"], valid_arrays, eval_max_examples)
       history.append({"step": step, **res})
       logger.scalars(step, res, "validation/")
@@ -402,7 +453,7 @@ def train(
     log(f"[oxyjax] final evaluation uses the best validation checkpoint (step {best['step']})")
   results: dict[str, dict[str, float]] = {}
   for split in final_eval_splits:
-    arrays = pipeline.load_split(dataset, split, cfg.max_history, source=data_source)
+    arrays = load_split(split)
     results[split] = evaluator(params, arrays, None)
     log(f"[oxyjax] {dataset} {split} ({len(arrays)} examples, beam {eval_beam_size}): "
         + ", ".join(f"{k} {v:.4f}" for k, v in sorted(results[split].items())))

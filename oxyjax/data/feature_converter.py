@@ -62,6 +62,7 @@ def trim_history(batch: dict[str, np.ndarray], multiple: int = 4) -> dict[str, n
   if keep == s:
     return batch
   out = dict(batch)
-  for k in ("history_items", "history_codes", "history_mask"):
-    out[k] = batch[k][:, :keep]
+  for k in ("history_items", "history_codes", "history_mask", "history_text"):
+    if k in batch:
+      out[k] = batch[k][:, :keep]
   return out

@@ -37,6 +37,8 @@ class ExampleArrays:
     target       [N]    int32  item index (0 only in padding rows)
     user         [N]    int32  dense user index (0 only in padding rows)
     scenario     [N]    int32
+    extras       {name: [N, ...]}  optional per-example features carried along with the rows
+                 (e.g. ``instruction_embedding`` [N, 384], ``instruction_mask`` [N])
     """
 
     history: np.ndarray
@@ -44,6 +46,7 @@ class ExampleArrays:
     target: np.ndarray
     user: np.ndarray
     scenario: np.ndarray
+    extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         for f in _FIELDS:
@@ -55,6 +58,10 @@ class ExampleArrays:
             a = getattr(self, f)
             if a.shape != (n,):
                 raise ValueError(f"{f} must have shape ({n},), got {a.shape}")
+        self.extras = {k: np.asarray(v) for k, v in self.extras.items()}
+        for k, v in self.extras.items():
+            if k in _FIELDS or v.shape[:1] != (n,):
+                raise ValueError(f"extra feature {k!r} must have {n} rows and not shadow a field, got {v.shape}")
 
     def __len__(self) -> int:
         return int(self.history.shape[0])
@@ -65,10 +72,15 @@ class ExampleArrays:
 
     def take(self, indices) -> "ExampleArrays":
         idx = np.asarray(indices, dtype=np.int64)
-        return ExampleArrays(**{f: np.take(getattr(self, f), idx, axis=0) for f in _FIELDS})
+        return ExampleArrays(**{f: np.take(getattr(self, f), idx, axis=0) for f in _FIELDS},
+                             extras={k: np.take(v, idx, axis=0) for k, v in self.extras.items()})
+
+    def with_extras(self, **extras: np.ndarray) -> "ExampleArrays":
+        """A copy with more per-example features (e.g. the reasoning-instruction embedding)."""
+        return ExampleArrays(**{f: getattr(self, f) for f in _FIELDS}, extras={**self.extras, **extras})
 
     def as_dict(self) -> dict[str, np.ndarray]:
-        return {f: getattr(self, f) for f in _FIELDS}
+        return {**{f: getattr(self, f) for f in _FIELDS}, **self.extras}
 
     @classmethod
     def zeros(cls, n: int, max_history: int) -> "ExampleArrays":
@@ -79,10 +91,16 @@ class ExampleArrays:
     def concatenate(cls, parts: Sequence["ExampleArrays"]) -> "ExampleArrays":
         if not parts:
             raise ValueError("nothing to concatenate")
-        return cls(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in _FIELDS})
+        keys = set(parts[0].extras)
+        if any(set(p.extras) != keys for p in parts):
+            raise ValueError("cannot concatenate ExampleArrays with different extra features")
+        return cls(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in _FIELDS},
+                   extras={k: np.concatenate([p.extras[k] for p in parts]) for k in keys})
 
     def equals(self, other: "ExampleArrays") -> bool:
-        return all(np.array_equal(getattr(self, f), getattr(other, f)) for f in _FIELDS)
+        return (all(np.array_equal(getattr(self, f), getattr(other, f)) for f in _FIELDS)
+                and set(self.extras) == set(other.extras)
+                and all(np.array_equal(v, other.extras[k]) for k, v in self.extras.items()))
 
 
 def examples_to_arrays(
@@ -352,4 +370,6 @@ def eval_batches(
             pad = ~mask
             for f in _FIELDS:
                 getattr(batch, f)[pad] = 0
+            for v in batch.extras.values():
+                v[pad] = 0
         yield batch, mask

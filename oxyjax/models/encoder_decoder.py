@@ -20,8 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from oxyjax.kernels.igr_attention import igr_attention
 from oxyjax.models import instruction
 from oxyjax.models import layers
+from oxyjax.models import moe
 
 NEG_INF = layers.NEG_INF
 
@@ -41,9 +43,37 @@ class ModelConfig:
   max_history: int = 20
   num_scenarios: int = 1
   use_item_id_embedding: bool = True
+  # Slow-thinking inputs (issue 4; PAPER.md sections 3-5). 0 disables each part.
+  text_dim: int = 0  # width of the frozen item text embeddings fed per behaviour (MiniLM: 384)
+  instruction_dim: int = 0  # width of the embedded reasoning instruction I_r (MiniLM: 384)
+  igr_recent: int = 0  # IGR: the most recent behaviours always kept (0 = IGR off: all max_history)
+  igr_top_k: int = 0  # IGR: long-term behaviours kept by instruction relevance
+  igr_dim: int = 64  # IGR: width of the retrieval space shared by psi_q and psi_i
+  igr_implementation: str = "auto"  # gathered IGR attention: auto | xla | pallas (oxyjax.kernels)
+  # I_s = (scenario, trigger item): take the most recent behaviour as the trigger item (the
+  # item-to-item reading of next-item prediction); False: the scenario alone (homepage-like).
+  use_trigger_item: bool = False
   # Filled from data when None:
   sid_vocab_sizes: Optional[tuple[int, ...]] = None  # codes per SID level (incl. the collision level)
   num_item_embeddings: Optional[int] = None  # item-ID table rows; ids are taken modulo this
+  # Mixture of experts (issue 3; oxyjax/models/moe.py, docs/design.md 'MoE').
+  num_experts: int = 0  # experts per MoE FFN; 0 = dense MlpBlock everywhere
+  num_experts_per_token: int = 1  # top-k
+  expert_capacity_factor: float = 1.25  # training: slots per expert = ceil(k * S * factor / E) per group
+  moe_aux_loss_weight: float = 0.01  # load-balancing loss weight (mean over MoE layers)
+  moe_every_n_layers: int = 1  # layer i is MoE when i % n == n - 1 (1: every layer)
+  moe_router_z_loss_weight: float = 0.0  # router z-loss weight (ST-MoE uses 1e-3)
+  moe_eval_capacity_factor: float = 2.0  # capacity factor when deterministic (eval, decoding); <= 0: no drops
+  moe_group_size: int = 512  # tokens per routing group (whole rows); <= 0: one group per row
+
+  @property
+  def use_igr(self) -> bool:
+    return self.igr_top_k > 0
+
+  @property
+  def encoder_length(self) -> int:
+    """Behaviour tokens the encoder sees: all history, or [IGR summary, recent, top-K]."""
+    return 1 + self.igr_recent + self.igr_top_k if self.use_igr else self.max_history
 
   @property
   def num_levels(self) -> int:
@@ -77,7 +107,7 @@ class EncoderLayer(nn.Module):
         h, h, bias, deterministic)
     x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
     h = layers.RMSNorm(dtype=dt, name="pre_mlp_norm")(x)
-    h = layers.MlpBlock(cfg.mlp_dim, cfg.dropout_rate, dt, name="mlp")(h, deterministic)
+    h = moe.make_mlp(cfg, self.name, dt, name="mlp")(h, deterministic)
     x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
     return layers.constrain(x, ("batch", "length", "embed"))
 
@@ -95,7 +125,7 @@ class DecoderLayer(nn.Module):
     self.pre_cross_attention_norm = layers.RMSNorm(dtype=dt)
     self.cross_attention = layers.Attention(cfg.num_heads, cfg.head_dim, cfg.emb_dim, cfg.dropout_rate, dt)
     self.pre_mlp_norm = layers.RMSNorm(dtype=dt)
-    self.mlp = layers.MlpBlock(cfg.mlp_dim, cfg.dropout_rate, dt)
+    self.mlp = moe.make_mlp(cfg, self.name, dt)
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
   def cross_kv(self, encoded):
@@ -139,7 +169,21 @@ class EncoderDecoder(nn.Module):
     self.encoder_position = layers.Embed(cfg.max_history, cfg.emb_dim, dt, small)
     self.decoder_position = layers.Embed(cfg.num_levels + 1, cfg.emb_dim, dt, small)
     self.bos = self.param("bos", nn.with_logical_partitioning(small, ("embed",)), (cfg.emb_dim,), jnp.float32)
-    self.instruction = instruction.InstructionToken(cfg.num_scenarios, cfg.emb_dim, dt)
+    self.instruction = instruction.InstructionToken(cfg.num_scenarios, cfg.emb_dim, cfg.instruction_dim, dt)
+    if cfg.text_dim:
+      self.text_projection = instruction.Dense(cfg.emb_dim, (None, "embed"), use_bias=False, dtype=dt)
+    if cfg.use_igr:
+      if cfg.igr_top_k > cfg.max_history or cfg.igr_recent >= cfg.max_history:
+        raise ValueError(f"IGR needs igr_top_k ({cfg.igr_top_k}) <= max_history and igr_recent "
+                         f"({cfg.igr_recent}) < max_history ({cfg.max_history})")
+      self.query_tower = instruction.QueryTower(cfg.emb_dim, cfg.igr_dim, dt)
+      self.item_tower = instruction.ItemTower(cfg.emb_dim, cfg.igr_dim, dt)
+      self.igr_attention_query = instruction.Dense(cfg.num_heads * cfg.head_dim, (None, None), dtype=dt)
+      kv_init = nn.with_logical_partitioning(layers.default_kernel_init, ("embed", "heads", "kv"))
+      self.igr_wk = self.param("igr_wk", kv_init, (cfg.emb_dim, cfg.num_heads, cfg.head_dim), jnp.float32)
+      self.igr_wv = self.param("igr_wv", kv_init, (cfg.emb_dim, cfg.num_heads, cfg.head_dim), jnp.float32)
+      self.igr_summary_out = instruction.Dense(cfg.emb_dim, (None, "embed"), use_bias=False, dtype=dt)
+      self.segment_embed = layers.Embed(3, cfg.emb_dim, dt, small)  # IGR summary / recent / retrieved
     self.encoder_layers = [EncoderLayer(cfg) for _ in range(cfg.num_encoder_layers)]
     self.encoder_norm = layers.RMSNorm(dtype=dt)
     self.decoder_layers = [DecoderLayer(cfg) for _ in range(cfg.num_decoder_layers)]
@@ -156,25 +200,96 @@ class EncoderDecoder(nn.Module):
     offsets = jnp.asarray(self.level_offsets[first_level : first_level + codes.shape[-1]], jnp.int32)
     return codes + offsets
 
-  def encode(self, history_items, history_codes, history_mask, deterministic: bool = True):
-    """history_items [B,S] int, history_codes [B,S,L] int, history_mask [B,S] bool.
+  def _behaviour_parts(self, items, codes, text):
+    """Per-item embeddings: (item-ID emb, side emb = sum of its SID-code embeddings, text emb).
 
-    Returns (encoded [B,S,D], enc_bias [B,1,1,S]).
+    items [...], codes [..., L], text [..., Dt] or None. Shared by history behaviours and the
+    training target, so the IGR item tower sees both the same way.
     """
     cfg = self.cfg
-    x = self.sid_embed(self._sid_token_ids(history_codes)).sum(axis=-2)
-    if cfg.use_item_id_embedding:
-      x = x + self.item_embed(history_items % cfg.num_item_embeddings)
-    lengths = history_mask.sum(axis=-1, keepdims=True)
-    recency = jnp.clip(lengths - 1 - jnp.arange(history_mask.shape[-1])[None, :], 0, cfg.max_history - 1)
+    side = self.sid_embed(self._sid_token_ids(codes)).sum(axis=-2)
+    item = self.item_embed(items % cfg.num_item_embeddings) if cfg.use_item_id_embedding else jnp.zeros_like(side)
+    return item, side, (text if cfg.text_dim else None)
+
+  def instruction_inputs(self, batch, trigger=None):
+    """(INSTR [B, D], i_s [B, D], i_r [B, Dr] or None) from the batch's instruction features."""
+    return self.instruction(batch["scenario"], batch.get("instruction_embedding"), batch.get("instruction_mask"),
+                            trigger)
+
+  def encode(self, batch: dict[str, jax.Array], deterministic: bool = True):
+    """Encodes the behaviours of `batch` (history_items [B,S], history_codes [B,S,L], history_mask
+    [B,S], optional history_text [B,S,Dt]).
+
+    Returns (encoded [B,T,D], enc_bias [B,1,1,T], extras) with T = cfg.encoder_length when IGR is
+    on (else S), and extras = {'instr': INSTR [B,D], 'igr_query': q [B,d_r] or None,
+    'igr_index': top-K history positions [B,K] or None}.
+    """
+    cfg = self.cfg
+    mask = batch["history_mask"]
+    item_e, side_e, text_e = self._behaviour_parts(batch["history_items"], batch["history_codes"],
+                                                   batch.get("history_text"))
+    x = item_e + side_e
+    if text_e is not None:
+      x = x + self.text_projection(text_e)
+    lengths = mask.sum(axis=-1, keepdims=True)
+    trigger = None
+    if cfg.use_trigger_item:  # the most recent behaviour's token (before position / masking)
+      trigger = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, :, None], axis=1)[:, 0]
+    recency = jnp.clip(lengths - 1 - jnp.arange(mask.shape[-1])[None, :], 0, cfg.max_history - 1)
     x = x + self.encoder_position(recency)
-    x = x * history_mask[..., None].astype(x.dtype)
+    x = x * mask[..., None].astype(x.dtype)
+    instr, i_s, i_r = self.instruction_inputs(batch, trigger)
+    extras = {"instr": instr, "igr_query": None, "igr_index": None}
+    if cfg.use_igr:
+      x, mask, extras["igr_query"], extras["igr_index"] = self._igr(x, mask, lengths, item_e, side_e, text_e, i_s, i_r)
     x = layers.constrain(x, ("batch", "length", "embed"))
     x = self.input_dropout(x, deterministic=deterministic)
-    enc_bias = jnp.where(history_mask, 0.0, NEG_INF)[:, None, None, :]
+    enc_bias = jnp.where(mask, 0.0, NEG_INF)[:, None, None, :]
     for layer in self.encoder_layers:
       x = layer(x, enc_bias, deterministic)
-    return self.encoder_norm(x), enc_bias
+    return self.encoder_norm(x), enc_bias, extras
+
+  def _igr(self, x, mask, lengths, item_e, side_e, text_e, i_s, i_r):
+    """Instruction-Guided Retrieval (PAPER.md section 4) over the long-term behaviours.
+
+    The most recent `igr_recent` behaviours are always kept. The older ones form the
+    long-term pool: each is scored against q = psi_q([i_s ; i_r]) by cosine with
+    psi_i(behaviour), the top `igr_top_k` are gathered, and one more token attends over just
+    those K with the instruction as the query (the gathered IGR attention kernel, whose
+    cost grows with K, not the history length). The encoder sees
+    [IGR summary, recent R, retrieved K] with a segment embedding for each part.
+    """
+    cfg = self.cfg
+    b, s, _ = x.shape
+    r, k = cfg.igr_recent, cfg.igr_top_k
+    if s < k:  # a batch trimmed to fewer columns than K: pad back with empty behaviours
+      pad = lambda a: jnp.pad(a, [(0, 0), (0, k - s)] + [(0, 0)] * (a.ndim - 2))
+      x, mask, item_e, side_e = pad(x), pad(mask), pad(item_e), pad(side_e)
+      text_e = None if text_e is None else pad(text_e)
+      s = k
+    pos = jnp.arange(s)[None, :]
+    pool_mask = mask & (pos < lengths - r)
+    q = self.query_tower(i_s, i_r)  # [B, d_r]
+    keys = self.item_tower(item_e, side_e, text_e)  # [B, S, d_r]
+    attn_q = self.igr_attention_query(q).reshape(b, 1, cfg.num_heads, cfg.head_dim)
+    out, idx, _, top_mask = igr_attention(
+        x, pool_mask, q.astype(jnp.float32), keys.astype(jnp.float32), attn_q, self.igr_wk.astype(x.dtype),
+        self.igr_wv.astype(x.dtype), k=k, implementation=cfg.igr_implementation)
+    summary = self.igr_summary_out(out.reshape(b, cfg.num_heads * cfg.head_dim))[:, None]
+    retrieved = jnp.take_along_axis(x, idx[:, :, None], axis=1) * top_mask[:, :, None].astype(x.dtype)
+    recent_pos = lengths - r + jnp.arange(r)[None, :]  # [B, R], may be < 0 for short histories
+    recent_mask = recent_pos >= 0
+    recent = jnp.take_along_axis(x, jnp.clip(recent_pos, 0, s - 1)[:, :, None], axis=1)
+    recent = recent * recent_mask[:, :, None].astype(x.dtype)
+    segments = jnp.asarray([0] + [1] * r + [2] * k, jnp.int32)
+    tokens = jnp.concatenate([summary, recent, retrieved], axis=1) + self.segment_embed(segments)[None]
+    new_mask = jnp.concatenate([pool_mask.any(axis=1, keepdims=True), recent_mask, top_mask], axis=1)
+    return tokens, new_mask, q, jnp.where(top_mask, idx, -1)
+
+  def item_representation(self, items, codes, text=None):
+    """psi_i of items (e.g. the training target): [..., d_r]. Needs IGR on."""
+    item_e, side_e, text_e = self._behaviour_parts(items, codes, text)
+    return self.item_tower(item_e, side_e, text_e)
 
   # ------------------------------------------------------------------ decoder
   def _logits(self, h: jax.Array, first_level: int) -> jax.Array:
@@ -193,21 +308,22 @@ class EncoderDecoder(nn.Module):
       new_caches.append(kv)
     return self.decoder_norm(x), new_caches
 
-  def _prefix_tokens(self, scenario):
-    """[BOS, INSTR] embeddings [B, 2, D] (with positions 0, 1)."""
+  def _prefix_tokens(self, instr):
+    """[BOS, INSTR] embeddings [B, 2, D] (with positions 0, 1) from INSTR [B, D]."""
     dt = self.cfg.jnp_dtype
-    b = scenario.shape[0]
-    bos = jnp.broadcast_to(self.bos.astype(dt), (b, self.cfg.emb_dim))
-    instr = self.instruction(scenario)
-    x = jnp.stack([bos, instr], axis=1)
+    bos = jnp.broadcast_to(self.bos.astype(dt), instr.shape)
+    x = jnp.stack([bos, instr.astype(dt)], axis=1)
     return x + self.decoder_position(jnp.arange(2))[None]
 
-  def __call__(self, batch: dict[str, jax.Array], deterministic: bool = True) -> jax.Array:
-    """Teacher-forced logits [B, L, V] for batch['target_codes'] [B, L]."""
-    encoded, enc_bias = self.encode(
-        batch["history_items"], batch["history_codes"], batch["history_mask"], deterministic)
+  def __call__(self, batch: dict[str, jax.Array], deterministic: bool = True, return_retrieval: bool = False):
+    """Teacher-forced logits [B, L, V] for batch['target_codes'] [B, L].
+
+    With `return_retrieval` (IGR on), returns (logits, {'query': q [B, d_r], 'target': psi_i(target)
+    [B, d_r]}) for the Q2I loss.
+    """
+    encoded, enc_bias, extras = self.encode(batch, deterministic)
     cross_kvs = [layer.cross_kv(encoded) for layer in self.decoder_layers]
-    x = self._prefix_tokens(batch["scenario"])
+    x = self._prefix_tokens(extras["instr"])
     codes = batch["target_codes"][:, :-1]  # s_1 .. s_{L-1} as inputs
     if codes.shape[-1]:
       y = self.sid_embed(self._sid_token_ids(codes)) + self.decoder_position(jnp.arange(2, 1 + self.cfg.num_levels))[None]
@@ -215,14 +331,20 @@ class EncoderDecoder(nn.Module):
     x = layers.constrain(x, ("batch", "length", "embed"))
     x = self.input_dropout(x, deterministic=deterministic)
     h, _ = self._decoder_stack(x, [None] * len(self.decoder_layers), cross_kvs, enc_bias, deterministic)
-    return self._logits(h[:, 1:], first_level=0)
+    logits = self._logits(h[:, 1:], first_level=0)
+    if not return_retrieval:
+      return logits
+    if not self.cfg.use_igr:
+      raise ValueError("return_retrieval needs IGR (ModelConfig.igr_top_k > 0)")
+    target = self.item_representation(batch["target_items"], batch["target_codes"], batch.get("target_text"))
+    return logits, {"query": extras["igr_query"], "target": target}
 
   # ------------------------------------------------------------------ incremental decoding
   def init_decode(self, batch: dict[str, jax.Array]):
     """Runs the encoder once. Returns the per-request context for `decode_step`."""
-    encoded, enc_bias = self.encode(batch["history_items"], batch["history_codes"], batch["history_mask"])
+    encoded, enc_bias, extras = self.encode(batch)
     cross_kvs = tuple(layer.cross_kv(encoded) for layer in self.decoder_layers)
-    return {"cross_kvs": cross_kvs, "enc_bias": enc_bias, "scenario": batch["scenario"]}
+    return {"cross_kvs": cross_kvs, "enc_bias": enc_bias, "instr": extras["instr"]}
 
   def decode_step(self, level: int, prev_codes: jax.Array, cache, context):
     """One beam-search step (the step function contract in docs/design.md).
@@ -232,7 +354,7 @@ class EncoderDecoder(nn.Module):
     Returns (logits [B, w, V] float32, cache).
     """
     if level == 0:
-      x = self._prefix_tokens(context["scenario"])[:, None]  # [B, 1, 2, D]
+      x = self._prefix_tokens(context["instr"])[:, None]  # [B, 1, 2, D]
       caches = [None] * len(self.decoder_layers)
     else:
       ids = self._sid_token_ids(prev_codes[..., None], first_level=level - 1)  # [B, w, 1]

@@ -4,7 +4,8 @@
   * `network`: the pure Flax `EncoderDecoder`;
   * `loss_fn`: next-token cross-entropy over the target's SID path (sum + denominator);
   * `predict`: prefix-constrained beam search over a `PrefixTrie` passed as an argument;
-  * `convert_features`: item-level examples -> model arrays via the SID table.
+  * `convert_features`: item-level examples -> model arrays via the SID table (plus the
+    frozen item text embeddings and the per-example reasoning instruction, when configured).
 """
 
 from __future__ import annotations
@@ -19,14 +20,22 @@ import numpy as np
 from oxyjax import decoding
 from oxyjax import losses
 from oxyjax.data import feature_converter
+from oxyjax.models import moe
 from oxyjax.models.encoder_decoder import EncoderDecoder, ModelConfig
 
 
 class RecModel:
   """A generative recommender: encoder-decoder over behaviours, generating SID paths."""
 
-  def __init__(self, config: ModelConfig, sid_codes: np.ndarray, *, label_smoothing: float = 0.0):
-    """config: architecture (data-dependent fields are filled here); sid_codes [N+1, L]."""
+  def __init__(self, config: ModelConfig, sid_codes: np.ndarray, *, label_smoothing: float = 0.0,
+               item_text_embeddings: np.ndarray | None = None, q2i: losses.Q2IConfig = losses.Q2IConfig(),
+               action_weights: Mapping[int, float] | None = None):
+    """config: architecture (data-dependent fields are filled here); sid_codes [N+1, L].
+
+    item_text_embeddings: [N+1, Dt] frozen text embeddings (row 0 = padding), needed when
+      config.text_dim > 0. q2i: the Q2I loss (needs IGR). action_weights: NTP weight per action
+      type id (PAPER.md section 5: purchase > cart > click), used for examples with an 'action'.
+    """
     sid_codes = np.asarray(sid_codes, np.int32)
     vocab_sizes = tuple(int(x) for x in sid_codes[1:].max(axis=0) + 1)
     if config.sid_vocab_sizes is None:
@@ -38,16 +47,46 @@ class RecModel:
       config = dataclasses.replace(config, num_item_embeddings=int(sid_codes.shape[0]))
     self.config = config
     self.sid_codes = sid_codes
+    if config.text_dim:
+      if item_text_embeddings is None or item_text_embeddings.shape != (sid_codes.shape[0], config.text_dim):
+        got = None if item_text_embeddings is None else item_text_embeddings.shape
+        raise ValueError(f"text_dim={config.text_dim} needs item_text_embeddings of shape "
+                         f"{(sid_codes.shape[0], config.text_dim)}, got {got}")
+      item_text_embeddings = np.asarray(item_text_embeddings, np.float32)
+    self.item_text_embeddings = item_text_embeddings if config.text_dim else None
+    if q2i.weight and not config.use_igr:
+      raise ValueError("the Q2I loss trains the IGR retrieval space: set ModelConfig.igr_top_k > 0")
+    self.q2i = q2i
+    self.action_weights = dict(action_weights) if action_weights else None
     self.label_smoothing = label_smoothing
     self.network = EncoderDecoder(config)
 
   # ---------------------------------------------------------------- features
   def convert_features(self, examples: Mapping[str, np.ndarray], weights=None) -> dict[str, np.ndarray]:
-    return feature_converter.convert(examples, self.sid_codes, weights)
+    """Examples (an ExampleArrays or a dict) -> the model's feature dict (host NumPy)."""
+    ex = examples.as_dict() if hasattr(examples, "as_dict") else examples
+    if self.action_weights and "action" in ex:
+      table = np.ones(max(self.action_weights) + 1, np.float32)
+      for a, w in self.action_weights.items():
+        table[a] = w
+      action_w = table[np.asarray(ex["action"], np.int64)]
+      weights = action_w if weights is None else np.asarray(weights, np.float32) * action_w
+    out = feature_converter.convert(ex, self.sid_codes, weights)
+    if self.item_text_embeddings is not None:
+      out["history_text"] = self.item_text_embeddings[out["history_items"]]
+      out["target_text"] = self.item_text_embeddings[out["target_items"]]
+    if self.config.instruction_dim:
+      b = out["scenario"].shape[0]
+      emb = ex.get("instruction_embedding")
+      out["instruction_embedding"] = (np.zeros((b, self.config.instruction_dim), np.float32) if emb is None
+                                      else np.asarray(emb, np.float32))
+      present = ex.get("instruction_mask")
+      out["instruction_mask"] = np.zeros((b,), bool) if present is None else np.asarray(present, bool)
+    return out
 
   def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
     s, l = self.config.max_history, self.config.num_levels
-    return {
+    out = {
         "history_items": np.ones((batch_size, s), np.int32),
         "history_codes": np.zeros((batch_size, s, l), np.int32),
         "history_mask": np.ones((batch_size, s), bool),
@@ -56,6 +95,13 @@ class RecModel:
         "target_items": np.ones((batch_size,), np.int32),
         "weights": np.ones((batch_size,), np.float32),
     }
+    if self.config.text_dim:
+      out["history_text"] = np.zeros((batch_size, s, self.config.text_dim), np.float32)
+      out["target_text"] = np.zeros((batch_size, self.config.text_dim), np.float32)
+    if self.config.instruction_dim:
+      out["instruction_embedding"] = np.zeros((batch_size, self.config.instruction_dim), np.float32)
+      out["instruction_mask"] = np.zeros((batch_size,), bool)
+    return out
 
   # ---------------------------------------------------------------- training
   def init(self, rng: jax.Array, batch: Mapping[str, Any]):
@@ -66,10 +112,32 @@ class RecModel:
     """Returns (loss_sum, aux) with aux = {'denominator', 'correct'} (token level)."""
     deterministic = dropout_rng is None
     rngs = None if deterministic else {"dropout": dropout_rng}
-    logits = self.network.apply({"params": params}, batch, deterministic=deterministic, rngs=rngs)
+    use_q2i = bool(self.q2i.weight)
+    use_moe = self.config.num_experts > 0  # MoE layers sow their auxiliary losses
+    out = self.network.apply({"params": params}, batch, deterministic=deterministic, rngs=rngs,
+                             return_retrieval=use_q2i, mutable=["intermediates"] if use_moe else False)
+    out, moe_state = out if use_moe else (out, None)
+    logits, retrieval = out if use_q2i else (out, None)
     loss_sum, denom, correct = losses.next_token_cross_entropy(
         logits, batch["target_codes"], batch["weights"], self.label_smoothing)
-    return loss_sum, {"denominator": denom, "correct": correct}
+    aux = {"denominator": denom, "correct": correct}
+    if use_q2i:
+      # A batch-level loss: scaled by the token denominator so that dividing the sum by it
+      # (as the train step does) gives L_NTP + lambda * L_Q2I.
+      q2i, parts = losses.q2i_loss(retrieval["query"], retrieval["target"], batch["weights"],
+                                   variance_weight=self.q2i.variance_weight,
+                                   decorrelation_weight=self.q2i.decorrelation_weight)
+      loss_sum = loss_sum + self.q2i.weight * q2i * jax.lax.stop_gradient(denom)
+      aux.update({"q2i_loss": q2i, **{f"q2i_{k}": v for k, v in parts.items()}})
+    if use_moe:
+      # Batch-level MoE losses (means over MoE layers), scaled by the token denominator like Q2I,
+      # so that loss_sum / denominator = L_NTP + w_aux * L_balance + w_z * L_z.
+      moe_losses = moe.collect_aux_losses(moe_state.get("intermediates"))
+      moe_total = (self.config.moe_aux_loss_weight * moe_losses["moe_aux_loss"]
+                   + self.config.moe_router_z_loss_weight * moe_losses["moe_z_loss"])
+      loss_sum = loss_sum + moe_total * jax.lax.stop_gradient(denom)
+      aux.update(moe_losses)
+    return loss_sum, aux
 
   # ---------------------------------------------------------------- decoding
   def predict(self, params, batch: Mapping[str, jax.Array], trie, *, beam_size: int) -> decoding.BeamSearchOutput:

@@ -119,6 +119,22 @@ def _text_embeddings(ds, cache_dir: Path | None, batch_size: int) -> tuple[np.nd
   return x, dict(info, cached=False)
 
 
+def item_text_embeddings(dataset_name: str, cache_dir: str | os.PathLike | None = None,
+                         batch_size: int = 128) -> np.ndarray:
+  """Frozen all-MiniLM-L6-v2 embeddings of every item's text, [num_items + 1, 384] (row 0 zeros).
+
+  Cached (with a fingerprint of the texts and encoder) in `cache_dir`, by default the same
+  `<repo>/.cache/sid/<dataset>` cache the SID build uses.
+  """
+  from oxyjax.data import readers
+
+  ds = readers.load_dataset(dataset_name)
+  if not _has_text(ds):
+    raise ValueError(f"dataset {dataset_name!r} has no item text (text_dim > 0 needs Industrial or Office)")
+  cache = Path(cache_dir) if cache_dir is not None else default_out_dir(readers.resolve_dataset_name(dataset_name))
+  return _text_embeddings(ds, cache, batch_size)[0]
+
+
 def build_sid_table(dataset_name: str, *, num_levels: int = 3, codebook_size: int | Sequence[int] = 256,
                     embedding: str = "auto", seed: int = 0, out_dir: str | os.PathLike | None = None,
                     **options: Any) -> SIDTable:

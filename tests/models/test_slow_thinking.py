@@ -1,0 +1,244 @@
+"""Reasoning instruction in INSTR, IGR inside the encoder, the Q2I loss, action weights."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+import pytest
+
+from oxyjax import losses
+from oxyjax import partitioning
+from oxyjax import train as train_lib
+from oxyjax.data import pipeline
+from oxyjax.models.encoder_decoder import EncoderDecoder, ModelConfig
+from oxyjax.models.rec_model import RecModel
+
+N_ITEMS, TEXT, INSTR = 40, 16, 12
+CFG = ModelConfig(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1, num_decoder_layers=1,
+                  dropout_rate=0.0, max_history=10, text_dim=TEXT, instruction_dim=INSTR, igr_recent=3,
+                  igr_top_k=3, igr_dim=8, use_trigger_item=True)
+
+
+def _codes(rng):
+  return np.concatenate([np.zeros((1, 3), np.int32),
+                         np.stack([rng.integers(0, 6, N_ITEMS), rng.integers(0, 6, N_ITEMS), np.arange(N_ITEMS)],
+                                  1).astype(np.int32)])
+
+
+def _model(cfg=CFG, q2i_weight=0.0, seed=0):
+  rng = np.random.default_rng(seed)
+  text = rng.normal(size=(N_ITEMS + 1, TEXT)).astype(np.float32)
+  text[0] = 0
+  return RecModel(cfg, _codes(rng), item_text_embeddings=text if cfg.text_dim else None,
+                  q2i=losses.Q2IConfig(weight=q2i_weight))
+
+
+def _examples(b=8, seed=1, max_history=10):
+  rng = np.random.default_rng(seed)
+  hist = np.zeros((b, max_history), np.int32)
+  lengths = rng.integers(1, max_history + 1, b)
+  lengths[0], lengths[1] = max_history, 2  # one full history, one with no long-term pool
+  for i, n in enumerate(lengths):
+    hist[i, :n] = rng.integers(1, N_ITEMS + 1, n)
+  return {"history": hist, "target": rng.integers(1, N_ITEMS + 1, b), "scenario": np.zeros(b, np.int32),
+          "instruction_embedding": rng.normal(size=(b, INSTR)).astype(np.float32),
+          "instruction_mask": np.arange(b) % 2 == 0}
+
+
+def _params(model):
+  return nn.unbox(model.init(jax.random.key(0), model.dummy_batch(2)))
+
+
+# --------------------------------------------------------------------------- Q2I
+
+
+def _q2i_numpy(q, t, w, lam_r, lam_d, eps=1e-8):
+  keep = w > 0
+  q, t = q[keep].astype(np.float64), t[keep].astype(np.float64)
+  q /= np.linalg.norm(q, axis=1, keepdims=True)
+  t /= np.linalg.norm(t, axis=1, keepdims=True)
+  b = len(q)
+  align = -np.mean(np.sum(q * t, axis=1))
+  var = lambda x: np.mean(np.var(x, axis=0))
+  variance = -np.log(var(q) * var(t) + eps)
+  g = q @ q.T
+  decor = (np.sum(g ** 2) - np.sum(np.diag(g) ** 2)) / (b * b - b)
+  return align + lam_r * variance + lam_d * decor
+
+
+def test_q2i_matches_numpy_reference_and_ignores_padding_rows():
+  rng = np.random.default_rng(0)
+  q, t = rng.normal(size=(12, 5)).astype(np.float32), rng.normal(size=(12, 5)).astype(np.float32)
+  w = np.ones(12, np.float32)
+  w[[3, 7]] = 0.0
+  got, parts = losses.q2i_loss(q, t, w, variance_weight=0.3, decorrelation_weight=0.7)
+  np.testing.assert_allclose(float(got), _q2i_numpy(q, t, w, 0.3, 0.7), rtol=1e-5)
+  assert set(parts) == {"alignment", "variance", "decorrelation"}
+  # Whatever the padding rows hold, the loss is the same.
+  q2, t2 = q.copy(), t.copy()
+  q2[[3, 7]], t2[[3, 7]] = 100.0, -5.0
+  got2, _ = losses.q2i_loss(q2, t2, w, variance_weight=0.3, decorrelation_weight=0.7)
+  np.testing.assert_allclose(float(got2), float(got), rtol=1e-6)
+
+
+def test_q2i_alignment_term_prefers_aligned_pairs():
+  rng = np.random.default_rng(1)
+  q = rng.normal(size=(16, 8)).astype(np.float32)
+  w = np.ones(16, np.float32)
+  aligned, _ = losses.q2i_loss(q, q * 2.0, w, variance_weight=0.0, decorrelation_weight=0.0)
+  shuffled, _ = losses.q2i_loss(q, q[::-1], w, variance_weight=0.0, decorrelation_weight=0.0)
+  np.testing.assert_allclose(float(aligned), -1.0, rtol=1e-5)
+  assert float(shuffled) > float(aligned) + 0.5
+
+
+# --------------------------------------------------------------------------- IGR in the encoder
+
+
+def test_igr_keeps_recent_and_selects_only_from_the_long_term_pool():
+  model = _model()
+  params = _params(model)
+  batch = model.convert_features(_examples())
+  _, enc_bias, extras = model.network.apply({"params": params}, batch, method=EncoderDecoder.encode)
+  assert enc_bias.shape[-1] == CFG.encoder_length == 1 + 3 + 3
+  idx = np.asarray(extras["igr_index"])
+  lengths = batch["history_mask"].sum(1)
+  for i, n in enumerate(lengths):
+    chosen = idx[i][idx[i] >= 0]
+    pool = max(n - CFG.igr_recent, 0)
+    assert len(chosen) == min(CFG.igr_top_k, pool)
+    assert len(set(chosen.tolist())) == len(chosen)
+    assert np.all(chosen < pool), (i, chosen, n)  # never a recent behaviour, never padding
+  # Row 1 has 2 behaviours: both recent, an empty pool, and a masked summary token.
+  visible = np.asarray(enc_bias[1, 0, 0] == 0)
+  np.testing.assert_array_equal(visible, [False, False, True, True, False, False, False])
+
+
+def test_igr_selection_follows_the_instruction():
+  """A different reasoning instruction changes which long-term behaviours are kept."""
+  model = _model()
+  params = _params(model)
+  ex = _examples(b=16, seed=3)
+  ex["instruction_mask"][:] = True
+  a = model.network.apply({"params": params}, model.convert_features(ex), method=EncoderDecoder.encode)[2]
+  ex["instruction_embedding"] = np.random.default_rng(9).normal(size=ex["instruction_embedding"].shape) * 5
+  b = model.network.apply({"params": params}, model.convert_features(ex), method=EncoderDecoder.encode)[2]
+  assert not np.array_equal(np.asarray(a["igr_index"]), np.asarray(b["igr_index"]))
+
+
+def test_missing_instruction_uses_the_learned_default():
+  model = _model()
+  params = _params(model)
+  ex = _examples()
+  base = model.network.apply({"params": params}, model.convert_features(ex))
+  ex2 = dict(ex, instruction_embedding=ex["instruction_embedding"] + 3.0)
+  moved = model.network.apply({"params": params}, model.convert_features(ex2))
+  present = ex["instruction_mask"]
+  diff = np.abs(np.asarray(base) - np.asarray(moved)).reshape(len(present), -1).max(1)
+  assert np.all(diff[~present] == 0.0)  # rows without an instruction do not read it
+  assert np.all(diff[present] > 1e-4)  # rows with one do
+  # The default is a trained parameter: it gets a gradient from rows without an instruction.
+  grads = jax.grad(lambda p: model.loss_fn(p, model.convert_features(ex), None)[0])(params)
+  assert float(jnp.abs(grads["instruction"]["default_instruction"]).sum()) > 0
+
+
+def test_only_q2i_trains_the_retrieval_keys():
+  """Top-K is discrete: NTP gives psi_i nothing; Q2I does (PAPER.md section 5)."""
+  batch = _model().convert_features(_examples())
+  for weight, expect_grad in ((0.0, False), (0.5, True)):
+    model = _model(q2i_weight=weight)
+    params = _params(model)
+    g = jax.grad(lambda p: model.loss_fn(p, batch, None)[0])(params)
+    norm = sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(g["item_tower"]))
+    assert (norm > 0) == expect_grad, (weight, norm)
+    # psi_q always learns: the IGR summary token attends with the instruction query.
+    assert sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(g["query_tower"])) > 0
+
+
+def test_incremental_decoding_matches_teacher_forcing_with_igr_and_instructions():
+  model = _model()
+  params = _params(model)
+  batch = model.convert_features(_examples())
+  net = model.network
+  logits = net.apply({"params": params}, batch)
+  ctx = net.apply({"params": params}, batch, method=EncoderDecoder.init_decode)
+  cache, prev = None, jnp.zeros((batch["scenario"].shape[0], 1), jnp.int32)
+  for level in range(3):
+    step_logits, cache = net.apply({"params": params}, level, prev, cache, ctx, method=EncoderDecoder.decode_step)
+    np.testing.assert_allclose(step_logits[:, 0], logits[:, level], atol=1e-4)
+    prev = jnp.asarray(batch["target_codes"][:, level:level + 1])
+
+
+def test_q2i_model_trains_sharded_like_one_device():
+  model = _model(cfg=dataclasses.replace(CFG, dropout_rate=0.1), q2i_weight=0.5)
+  batches = [model.convert_features(_examples(b=16, seed=s)) for s in range(3)]
+  tx, _ = train_lib.make_optimizer(train_lib.OptimizerConfig(learning_rate=1e-2, warmup_steps=1), 10)
+
+  def run(part):
+    def init_state(rng):
+      params = model.init(rng, model.dummy_batch(2))
+      return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    with jax.set_mesh(part.mesh), part.rules_context():
+      boxed = jax.eval_shape(init_state, jax.random.key(0))
+      shardings = part.params_shardings(boxed)
+      state = jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=shardings)(jax.random.key(0))
+      step = jax.jit(train_lib.make_train_step(model, tx, 1),
+                     in_shardings=(shardings, {k: part.data_sharding(v.ndim) for k, v in batches[0].items()},
+                                   part.replicated()), out_shardings=(shardings, part.replicated()))
+      out = []
+      for b in batches:
+        state, m = step(state, part.shard_batch(b), jax.random.key(1))
+        out.append((float(m["loss"]), float(m["q2i_loss"])))
+    return out, jax.device_get(state["params"])
+
+  m1, p1 = run(partitioning.Partitioner({"data": 1}, devices=jax.devices()[:1]))
+  m8, p8 = run(partitioning.Partitioner({"data": 4, "fsdp": 2}))
+  np.testing.assert_allclose(m1, m8, rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), p1, p8)
+
+
+# --------------------------------------------------------------------------- data side
+
+
+def test_example_extras_travel_with_rows():
+  rng = np.random.default_rng(0)
+  arr = pipeline.ExampleArrays.zeros(5, 4)
+  arr.history[:, 0] = np.arange(1, 6)
+  arr.history_len[:] = 1
+  arr.target[:] = np.arange(1, 6)
+  arr = arr.with_extras(instruction_embedding=rng.normal(size=(5, 3)), instruction_mask=np.arange(5) < 2)
+  taken = arr.take([4, 1])
+  np.testing.assert_array_equal(taken.extras["instruction_embedding"], arr.extras["instruction_embedding"][[4, 1]])
+  assert taken.as_dict()["instruction_mask"].tolist() == [False, True]
+  batches = list(pipeline.eval_batches(arr, 4))
+  last, mask = batches[-1]
+  assert mask.tolist() == [True, False, False, False]
+  assert np.all(last.extras["instruction_embedding"][1:] == 0)
+  with pytest.raises(ValueError, match="instruction_mask"):
+    pipeline.ExampleArrays.zeros(5, 4).with_extras(instruction_mask=np.zeros(3, bool))
+
+
+def test_without_a_store_every_example_uses_the_default():
+  arr = pipeline.ExampleArrays.zeros(6, 4)
+  out = train_lib.load_instructions(arr, "industrial", "test", train_lib.InstructionsConfig(store=None), 7,
+                                    log=lambda *a: None)
+  assert out.extras["instruction_embedding"].shape == (6, 7)
+  assert not out.extras["instruction_mask"].any()
+
+
+def test_action_weights_scale_the_next_token_loss():
+  rng = np.random.default_rng(0)
+  cfg = ModelConfig(emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32, num_encoder_layers=1, num_decoder_layers=1,
+                    dropout_rate=0.0, max_history=4)
+  model = RecModel(cfg, _codes(rng), action_weights={0: 1.2, 1: 1.5, 2: 2.0})  # click, cart, purchase
+  ex = {"history": rng.integers(1, N_ITEMS, (3, 4)), "target": np.array([1, 2, 3]), "scenario": np.zeros(3),
+        "action": np.array([2, 0, 1])}
+  batch = model.convert_features(ex)
+  np.testing.assert_allclose(batch["weights"], [2.0, 1.2, 1.5])
+  params = _params(model)
+  loss, aux = model.loss_fn(params, batch, None)
+  per_row = [model.loss_fn(params, {**batch, "weights": np.eye(3, dtype=np.float32)[i]}, None)[0] for i in range(3)]
+  np.testing.assert_allclose(float(loss), float(2.0 * per_row[0] + 1.2 * per_row[1] + 1.5 * per_row[2]), rtol=1e-5)
+  np.testing.assert_allclose(float(aux["denominator"]), 3 * 4.7, rtol=1e-6)
