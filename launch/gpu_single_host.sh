@@ -7,10 +7,9 @@
 #      unless a --gin_binding / --gin.MESH_SHAPE=... of yours sets MESH_SHAPE.
 # --dry_run prints these commands (after a `cd` to the repo root) without running them.
 #
-# Not wired yet: the multi-host runtime initialisation (jax.distributed.initialize, to come
-# in oxyjax/distributed.py, reading JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-# JAX_PROCESS_ID) is not called by oxyjax/train.py. A single host does not need it: this
-# script sets none of those variables. For several hosts use launch/gpu_slurm.sh.
+# One process needs no multi-host runtime: this script sets none of JAX_COORDINATOR_ADDRESS /
+# JAX_NUM_PROCESSES / JAX_PROCESS_ID, so oxyjax.distributed.initialize() is a no-op. For
+# several hosts use launch/gpu_slurm.sh.
 set -euo pipefail
 . "$(dirname "$0")/_common.sh"
 

@@ -14,9 +14,9 @@
 # `.venv/bin/pip install jax[cuda12]==<the jax pin>` once, or pass --setup) must be on a
 # file system every node sees; --workdir (default: this repo) is where the job runs.
 #
-# Not wired yet: the multi-host runtime initialisation is not called by oxyjax/train.py. It is
-# to come in oxyjax/distributed.py, which will read the three JAX_* variables above (the
-# contract this script prepares). Until it lands, each node trains on its own GPUs.
+# oxyjax/train.py's main() calls oxyjax.distributed.initialize(), which reads the three JAX_*
+# variables above (one process per node, every local GPU visible to it); see docs/design.md,
+# "Multi-host".
 # shellcheck disable=SC2016  # single-quoted $ text is for the batch script
 set -euo pipefail
 . "$(dirname "$0")/_common.sh"

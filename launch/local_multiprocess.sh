@@ -8,10 +8,9 @@
 # once they coordinate), and the tail of the failed logs is printed.
 # --dry_run prints the N commands (after a `cd` to the repo root) without running them.
 #
-# Not wired yet: the multi-host runtime initialisation is not called by oxyjax/train.py. It is
-# to come in oxyjax/distributed.py, which will read the three JAX_* variables above (the
-# contract this script prepares). Until it lands, the N processes train independently, each
-# on its own K devices (and with the same MODEL_DIR), so this is not yet a real rehearsal.
+# oxyjax/train.py's main() calls oxyjax.distributed.initialize(), which reads the three JAX_*
+# variables above: the N processes form one JAX job of N*K devices (CPU collectives over
+# gloo), each host reading its own slice of every batch; see docs/design.md, "Multi-host".
 set -euo pipefail
 . "$(dirname "$0")/_common.sh"
 

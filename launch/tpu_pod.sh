@@ -12,11 +12,10 @@
 # --dry_run prints these commands (after a `cd` to the repo root) without running them;
 # gcloud need not be installed for it.
 #
-# Not wired yet: the multi-host runtime initialisation (jax.distributed.initialize) is not
-# called by oxyjax/train.py; it is to come in oxyjax/distributed.py. On Cloud TPU that call
-# needs no arguments (the TPU runtime finds the coordinator, process count and id itself),
-# so this script sets none of JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
-# Until it lands, each worker trains on its own local chips.
+# Multi-host: oxyjax/train.py's main() calls oxyjax.distributed.initialize(), which on Cloud
+# TPU calls jax.distributed.initialize() with no arguments (the TPU runtime finds the
+# coordinator, process count and id itself), so this script sets none of
+# JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID. See docs/design.md, "Multi-host".
 #
 # Worker needs: Python >= 3.11 with venv (setup_env.sh makes .venv with $PYTHON, see
 # --remote_python) and, with --repo_url, git.

@@ -28,6 +28,8 @@ import optax
 import flax.linen as nn
 
 from oxyjax import checkpoints
+from oxyjax import distributed
+from oxyjax import flops as flops_lib
 from oxyjax import losses
 from oxyjax import metrics as metrics_lib
 from oxyjax import partitioning
@@ -81,6 +83,21 @@ class InstructionsConfig:
   store: str | None = None  # instruction store written by `python -m oxyjax.instructions.generate`
   scenario: str = "homepage"
   max_age_s: float | None = None  # None: never stale
+  # Also evaluate each final split on just the examples that carry a generated instruction
+  # (reported as '<split>_with_instruction'); works for models that do not read I_r too, so
+  # that every ablation row is compared on the same examples.
+  evaluate_covered_subset: bool = True
+
+
+def instruction_coverage(dataset: str, split: str, cfg: InstructionsConfig) -> np.ndarray:
+  """[N] bool: which examples of `split` have a fresh generated instruction in the store."""
+  from oxyjax.data import readers
+  from oxyjax.instructions.store import InstructionStore
+
+  ds = readers.load_dataset(dataset)
+  _, present, _ = InstructionStore(cfg.store, create=False).lookup_embeddings(
+      ds, ds.split(split), scenario=cfg.scenario, now=time.time(), max_age_s=cfg.max_age_s)
+  return present
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, Any]:
@@ -126,8 +143,11 @@ def load_instructions(arrays: pipeline.ExampleArrays, dataset: str, split: str, 
     examples = ds.split(split)
     if len(examples) != n:
       raise ValueError(f"{dataset} {split}: {len(examples)} reader examples but {n} rows")
-    emb, present, stats = InstructionStore(cfg.store).lookup_embeddings(
-        ds.name, examples, scenario=cfg.scenario, now=time.time(), max_age_s=cfg.max_age_s)
+    if not os.path.isdir(cfg.store):
+      raise FileNotFoundError(f"instruction store {cfg.store!r} does not exist; write it with "
+                              f"`python -m oxyjax.instructions.generate --dataset={dataset} --store={cfg.store}`")
+    emb, present, stats = InstructionStore(cfg.store, dim=instruction_dim, create=False).lookup_embeddings(
+        ds, examples, scenario=cfg.scenario, now=time.time(), max_age_s=cfg.max_age_s)
     if emb.shape != (n, instruction_dim):
       raise ValueError(f"instruction store {cfg.store}: embeddings {emb.shape}, model expects [{n}, {instruction_dim}]")
     log(f"[oxyjax] {dataset} {split}: {int(present.sum())}/{n} examples carry a generated instruction "
@@ -209,12 +229,25 @@ class Evaluator:
       subset = np.sort(np.random.default_rng(0).choice(len(arrays), max_examples, replace=False))
       arrays = arrays.take(subset)
     acc = metrics_lib.MetricsAccumulator(ks=self.ks)
-    for examples, mask in pipeline.eval_batches(arrays, self.batch_size):
+    # Several processes: each feeds its slice of every global batch (`eval_batches` with the
+    # process index), and the predictions, targets and masks of the whole global batch are
+    # gathered from the sharded arrays, so every host computes the same global metrics.
+    pi, pc = jax.process_index(), jax.process_count()
+    if self.batch_size % pc:
+      raise ValueError(f"eval batch size {self.batch_size} is not divisible by {pc} processes")
+    for examples, mask in pipeline.eval_batches(arrays, self.batch_size, process_index=pi, process_count=pc):
       batch = self.model.convert_features(examples, weights=mask.astype(np.float32))
       with jax.set_mesh(self.partitioner.mesh), self.partitioner.rules_context():
-        out = self._predict(params, self.partitioner.shard_batch(batch), self.trie)
-      items = np.asarray(jax.device_get(out.items))
-      acc.update(items, batch["target_items"], mask=mask)
+        sharded = self.partitioner.shard_batch(batch)
+        out = self._predict(params, sharded, self.trie)
+      if pc == 1:
+        acc.update(np.asarray(jax.device_get(out.items)), batch["target_items"], mask=mask)
+      else:
+        from jax.experimental import multihost_utils
+        g_mask = self.partitioner.shard_batch({"mask": mask})["mask"]
+        items, targets, g_mask = multihost_utils.process_allgather(
+            (out.items, sharded["target_items"], g_mask), tiled=True)
+        acc.update(np.asarray(items), np.asarray(targets), mask=np.asarray(g_mask, bool))
     return acc.result()
 
 
@@ -248,7 +281,7 @@ class ProgressLogger:
       rate = (step - self._step0) / max(now - self._t0, 1e-9)
     eta = (self.total - step) / rate if rate == rate and rate > 0 else float("nan")
     eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "--:--:--"
-    vals = " | ".join(f"{k} {v:.4f}" for k, v in values.items())
+    vals = " | ".join(f"{k} {v:.4f}" if abs(v) < 1e6 else f"{k} {v:.3e}" for k, v in values.items())
     if self.enabled:
       print(f"step {step}/{self.total} | {vals} | {rate:.2f} steps/s | {rate * self.batch_size:.0f} ex/s | "
             f"ETA {eta_s}", flush=True)
@@ -300,6 +333,7 @@ def train(
     init_checkpoint: str | None = None,
     log_every_steps: int = 50,
     stop_after_steps: int | None = None,
+    eval_only: bool = False,
     verbose: bool = True,
 ) -> TrainResult:
   """Trains `model_config` on `dataset` ('beauty', 'sports', 'industrial', 'office').
@@ -313,13 +347,19 @@ def train(
   `length_bucketing` batches examples of similar history length together and trims
   padding columns (fewer encoder FLOPs; a few compiled shapes).
   `stop_after_steps` stops early (after a checkpoint) as if the job were killed: for tests.
+  `eval_only` trains nothing: it evaluates the run in `model_dir` (its best-on-validation
+  weights, else its latest checkpoint) or `init_checkpoint` on `final_eval_splits`, and
+  merges the results into `<model_dir>/run_summary.json`.
   """
   t_start = time.time()
   log = print if verbose else (lambda *a, **k: None)
   if batch_size % grad_accum_steps:
     raise ValueError(f"batch_size {batch_size} is not divisible by grad_accum_steps {grad_accum_steps}")
   part = partitioning.Partitioner(mesh_shape)
-  log(f"[oxyjax] devices: {jax.device_count()} x {jax.devices()[0].platform}; {part}")
+  log(f"[oxyjax] devices: {jax.device_count()} x {jax.devices()[0].platform} ({jax.process_count()} processes); {part}")
+  # Multi-host: decisions every process must share (no-ops for one process).
+  distributed.assert_same_across_hosts(seed, "seed")
+  distributed.assert_same_across_hosts(batch_size, "global batch_size")
   if batch_size % part.data_parallel_size:
     raise ValueError(f"batch_size {batch_size} must be divisible by the data-parallel size {part.data_parallel_size}")
   if (batch_size // grad_accum_steps) % part.data_parallel_size:
@@ -327,6 +367,7 @@ def train(
 
   # ---- data, SIDs, model
   table = load_sid_table(dataset, sid)
+  distributed.assert_same_across_hosts(distributed.checksum(table.codes), "SID table codes checksum")
   text = sid_build.item_text_embeddings(dataset) if model_config.text_dim else None
   model = RecModel(model_config, table.codes, label_smoothing=label_smoothing, item_text_embeddings=text, q2i=q2i)
   cfg = model.config
@@ -403,20 +444,49 @@ def train(
     return {"iterator": it.state(), "best": best, "history": history}
 
   step = int(jax.device_get(state["step"]))
+  if eval_only:
+    if ckpt is None or ckpt.latest_step() is None:
+      if not init_checkpoint:
+        raise ValueError("eval_only needs a model_dir with checkpoints or an init_checkpoint")
+    total_steps = step  # nothing to train
   train_t0, examples_seen = time.time(), 0
   window = []
+  # MFU: model FLOPs of a step (XLA cost analysis of the compiled step for the first batch
+  # shape, else 6 * params * tokens; other shapes, from length bucketing, scaled by their
+  # tokens); timed windows start after this run's first (compiling) step.
+  flops_ref = None  # (FLOPs, tokens) of the first batch shape
+  flops_window = {"t0": None, "flops": 0.0, "steps": 0}
   while step < total_steps:
     host_batch = model.convert_features(next(it))
     if bucketing:
       host_batch = feature_converter.trim_history(host_batch)
     with jax.set_mesh(part.mesh), part.rules_context():
-      state, m = train_step(state, part.shard_batch(host_batch), train_rng)
+      sharded_batch = part.shard_batch(host_batch)
+      state, m = train_step(state, sharded_batch, train_rng)
+      tokens = batch_size * (host_batch["history_items"].shape[1] + cfg.num_levels + 2)
+      if flops_ref is None:  # lowered again, but the compilation is cached
+        flops_ref = flops_lib.train_step_flops(train_step.lower(state, sharded_batch, train_rng).compile(),
+                                               jax.device_count(), num_params=n_params, tokens_per_step=tokens)
+        log(f"[oxyjax] train step {sharded_batch['history_items'].shape}: {flops_ref[0]:.3e} FLOPs ({flops_ref[1]}); "
+            f"device {jax.devices()[0].device_kind}, peak FLOP/s "
+            f"{flops_lib.peak_flops_per_device(jax.devices()[0].device_kind) or 'unknown (no MFU)'}")
+        flops_ref = (flops_ref[0], tokens)
     step += 1
     examples_seen += batch_size
     window.append(m)
+    if flops_window["t0"] is None:
+      jax.block_until_ready(m)
+      flops_window.update(t0=time.time(), flops=0.0, steps=0)
+    else:
+      flops_window["flops"] += flops_ref[0] * tokens / flops_ref[1]
+      flops_window["steps"] += 1
     if step % log_every_steps == 0 or step == total_steps:
       vals = {k: float(np.mean([float(x[k]) for x in window])) for k in window[0]}
       vals["learning_rate"] = float(schedule(step))
+      if flops_window["steps"]:
+        dt = (time.time() - flops_window["t0"]) / flops_window["steps"]
+        vals.update(flops_lib.utilization(flops_window["flops"] / flops_window["steps"], dt, jax.device_count(),
+                                          jax.devices()[0].device_kind))
       logger.progress(step, vals)
       window = []
     if eval_every_steps and (step % eval_every_steps == 0 or step == total_steps):
@@ -433,6 +503,8 @@ def train(
         checkpoints.save_params(best_dir, state["params"], {"step": step, "recall@10": float(score)})
     if ckpt is not None:
       ckpt.save(step, state, data_state(), force=(step == total_steps))
+    if step % log_every_steps == 0:  # the next timed window starts after logging, eval and saving
+      flops_window.update(t0=time.time(), flops=0.0, steps=0)
     if stop_after_steps is not None and step >= stop_after_steps:
       if ckpt is not None:
         ckpt.save(step, state, data_state(), force=True)
@@ -454,14 +526,29 @@ def train(
   results: dict[str, dict[str, float]] = {}
   for split in final_eval_splits:
     arrays = load_split(split)
-    results[split] = evaluator(params, arrays, None)
-    log(f"[oxyjax] {dataset} {split} ({len(arrays)} examples, beam {eval_beam_size}): "
-        + ", ".join(f"{k} {v:.4f}" for k, v in sorted(results[split].items())))
+    evaluated = {split: arrays}
+    if instructions.store and instructions.evaluate_covered_subset:
+      covered = instruction_coverage(dataset, split, instructions)
+      if covered.any():
+        evaluated[f"{split}_with_instruction"] = arrays.take(np.flatnonzero(covered))
+    for name, subset in evaluated.items():
+      results[name] = evaluator(params, subset, None)
+      log(f"[oxyjax] {dataset} {name} ({len(subset)} examples, beam {eval_beam_size}): "
+          + ", ".join(f"{k} {v:.4f}" for k, v in sorted(results[name].items())))
   if model_dir and jax.process_index() == 0 and results:
-    metrics_lib.write_metrics({f"{dataset}/{s}": r for s, r in results.items()}, os.path.join(model_dir, "metrics"))
-    with open(os.path.join(model_dir, "run_summary.json"), "w") as f:
-      json.dump({"dataset": dataset, "steps": step, "train_seconds": train_seconds, "best_step": best["step"],
-                 "parameters": n_params, "results": results, "validation_history": history}, f, indent=1)
+    summary_path = os.path.join(model_dir, "run_summary.json")
+    summary = {"dataset": dataset, "steps": step, "train_seconds": train_seconds, "best_step": best["step"],
+               "parameters": n_params, "results": results, "validation_history": history}
+    if eval_only and os.path.exists(summary_path):  # keep the training record, update the results
+      with open(summary_path) as f:
+        old = json.load(f)
+      summary = {**old, "results": {**old.get("results", {}), **results}}
+    metrics_lib.write_metrics({f"{dataset}/{s}": r for s, r in summary["results"].items()},
+                              os.path.join(model_dir, "metrics"))
+    tmp = summary_path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(summary, f, indent=1)
+    os.replace(tmp, summary_path)
   logger.close()
   if ckpt is not None:
     ckpt.close()
@@ -489,6 +576,8 @@ def main(argv: Sequence[str] | None = None):
   import gin
   from absl import flags
 
+  # Multi-host runtime first, before anything touches a JAX device (no-op for one process).
+  distributed.initialize()
   argv = list(sys.argv if argv is None else argv)
   argv, shorthand = _rewrite_gin_shorthand(argv)
   flags.DEFINE_multi_string("gin_file", None, "Gin config files; later files override earlier ones.")
