@@ -10,7 +10,7 @@ Mesh sizes are given per axis, with -1 meaning "all remaining devices" (MaxText 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -30,6 +30,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("kv", None),
     ("vocab", "tensor"),
     ("expert", "expert"),
+    # MoE: the group axis of dispatched tokens [E, G, C, D], after the expert axis took `expert`.
+    ("expert_group", ("data", "fsdp")),
 )
 
 
@@ -52,6 +54,46 @@ def resolve_mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> dict[
   return sizes
 
 
+def default_granule(device) -> int:
+  """The slice a device belongs to: its TPU slice index, else its process (host)."""
+  idx = getattr(device, "slice_index", None)
+  return int(device.process_index if idx is None else idx)
+
+
+def _device_grid(shape: tuple[int, ...], devices: Sequence[Any]) -> np.ndarray:
+  """Devices of one slice as an array of `shape` (topology-aware on TPU)."""
+  if devices and devices[0].platform == "tpu":
+    from jax.experimental import mesh_utils
+    return mesh_utils.create_device_mesh(shape, list(devices))
+  return np.asarray(devices, dtype=object).reshape(shape)
+
+
+def hybrid_device_grid(ici_sizes: Mapping[str, int], dcn_sizes: Mapping[str, int], devices: Sequence[Any],
+                       granule_of: Callable[[Any], int] = default_granule) -> np.ndarray:
+  """Devices for a multi-slice mesh: every axis is dcn x ici, the DCN factor outermost.
+
+  Devices are grouped into slices by `granule_of` (TPU slice index, else process). Within a
+  slice they form the ICI mesh; the slices tile the DCN mesh, so collectives over an axis
+  with a DCN factor cross slices only at that factor (MaxText's hybrid mesh).
+  """
+  groups: dict[int, list[Any]] = {}
+  for d in devices:
+    groups.setdefault(granule_of(d), []).append(d)
+  n_slices, per_slice = math.prod(dcn_sizes.values()), math.prod(ici_sizes.values())
+  if len(groups) != n_slices:
+    raise ValueError(f"DCN mesh {dict(dcn_sizes)} needs {n_slices} slices, the devices form {len(groups)}")
+  bad = {k: len(v) for k, v in groups.items() if len(v) != per_slice}
+  if bad:
+    raise ValueError(f"ICI mesh {dict(ici_sizes)} needs {per_slice} devices per slice, got {bad}")
+  ici_shape = tuple(ici_sizes[a] for a in MESH_AXES)
+  dcn_shape = tuple(dcn_sizes[a] for a in MESH_AXES)
+  slices = [_device_grid(ici_shape, sorted(groups[k], key=lambda d: d.id)) for k in sorted(groups)]
+  grid = np.stack(slices).reshape(dcn_shape + ici_shape)
+  n = len(MESH_AXES)
+  grid = grid.transpose([j for i in range(n) for j in (i, n + i)])
+  return grid.reshape(tuple(d * i for d, i in zip(dcn_shape, ici_shape)))
+
+
 def strip_boxes(tree):
   """Removes nn.Partitioned metadata boxes without applying sharding constraints."""
   return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
@@ -62,17 +104,30 @@ class Partitioner:
   """Device mesh + logical-axis rules; turns logical annotations into NamedShardings.
 
   Args:
-    mesh_shape: axis sizes, e.g. {'data': -1, 'fsdp': 1, 'tensor': 1}.
+    mesh_shape: axis sizes, e.g. {'data': -1, 'fsdp': 1, 'tensor': 1}; with `dcn_mesh_shape`,
+      the sizes within one slice (ICI).
     rules: logical-axis rules (defaults to DEFAULT_RULES).
     devices: devices to use (defaults to all of jax.devices()).
+    dcn_mesh_shape: multi-slice: axis sizes across slices (DCN), e.g. {'data': 2} for two
+      TPU slices; -1 fills the number of slices. Each mesh axis is then dcn x ici.
+    granule_of: device -> slice id (default: TPU slice index, else process index).
   """
 
   def __init__(self, mesh_shape: Mapping[str, int] | None = None, rules: Sequence[tuple[str, Any]] | None = None,
-               devices: Sequence[Any] | None = None):
+               devices: Sequence[Any] | None = None, dcn_mesh_shape: Mapping[str, int] | None = None,
+               granule_of: Callable[[Any], int] = default_granule):
     devices = list(devices if devices is not None else jax.devices())
-    self.mesh_sizes = resolve_mesh_shape(mesh_shape or {"data": -1}, len(devices))
-    shape = tuple(self.mesh_sizes[a] for a in MESH_AXES)
-    self.mesh = Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    if dcn_mesh_shape:
+      n_slices = len({granule_of(d) for d in devices})
+      self.dcn_sizes = resolve_mesh_shape(dcn_mesh_shape, n_slices)
+      self.ici_sizes = resolve_mesh_shape(mesh_shape or {"data": -1}, len(devices) // n_slices)
+      self.mesh_sizes = {a: self.ici_sizes[a] * self.dcn_sizes[a] for a in MESH_AXES}
+      grid = hybrid_device_grid(self.ici_sizes, self.dcn_sizes, devices, granule_of)
+    else:
+      self.dcn_sizes = None
+      self.mesh_sizes = self.ici_sizes = resolve_mesh_shape(mesh_shape or {"data": -1}, len(devices))
+      grid = _device_grid(tuple(self.mesh_sizes[a] for a in MESH_AXES), devices)
+    self.mesh = Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
     self.rules = tuple(rules or DEFAULT_RULES)
 
   # ---------------------------------------------------------------- shardings
@@ -131,4 +186,5 @@ class Partitioner:
     return nn.logical_axis_rules(self.rules)
 
   def __repr__(self):
-    return f"Partitioner(mesh={self.mesh_sizes}, rules={self.rules})"
+    dcn = f", dcn={self.dcn_sizes}" if self.dcn_sizes else ""
+    return f"Partitioner(mesh={self.mesh_sizes}{dcn}, rules={self.rules})"

@@ -311,6 +311,7 @@ def train(
     optimizer: OptimizerConfig = OptimizerConfig(),
     sid: SIDConfig = SIDConfig(),
     mesh_shape: dict[str, int] | None = None,
+    dcn_mesh_shape: dict[str, int] | None = None,
     model_dir: str | None = None,
     batch_size: int = 256,
     num_train_steps: int | None = None,
@@ -355,7 +356,7 @@ def train(
   log = print if verbose else (lambda *a, **k: None)
   if batch_size % grad_accum_steps:
     raise ValueError(f"batch_size {batch_size} is not divisible by grad_accum_steps {grad_accum_steps}")
-  part = partitioning.Partitioner(mesh_shape)
+  part = partitioning.Partitioner(mesh_shape, dcn_mesh_shape=dcn_mesh_shape)
   log(f"[oxyjax] devices: {jax.device_count()} x {jax.devices()[0].platform} ({jax.process_count()} processes); {part}")
   # Multi-host: decisions every process must share (no-ops for one process).
   distributed.assert_same_across_hosts(seed, "seed")
