@@ -5,6 +5,7 @@ whose test metrics (best-on-validation checkpoint) land in <run_root>/<dataset>/
 Finished rows are skipped, so the script resumes. Then it prints (and with --out writes) the table.
 
   python benchmarks/slow_thinking_ablation.py --datasets=industrial,office
+  python benchmarks/slow_thinking_ablation.py --eval_only --rows=baseline,igr,igr_q2i,full_history
   python benchmarks/slow_thinking_ablation.py --report_only --out=docs/slow_thinking_ablation.md
 
 The instruction rows read the store written by
@@ -32,9 +33,11 @@ ROWS = {
 METRICS = ("recall@10", "ndcg@10", "hr@1")
 
 
-def run_row(dataset: str, row: str, run_root: str, bindings: list[str]) -> str:
+def run_row(dataset: str, row: str, run_root: str, bindings: list[str], eval_only: bool = False) -> str:
   model_dir = os.path.join(run_root, dataset, row)
-  if os.path.exists(os.path.join(model_dir, "run_summary.json")):
+  if eval_only:  # re-evaluate a finished run (e.g. after the store grew): adds test_with_instruction
+    bindings = bindings + ["oxyjax.train.train.eval_only = True", "oxyjax.train.train.final_eval_splits = ['test']"]
+  elif os.path.exists(os.path.join(model_dir, "run_summary.json")):
     print(f"[ablation] {dataset}/{row}: done already ({model_dir})", flush=True)
     return model_dir
   cmd = [sys.executable, "-m", "oxyjax.train", f"--gin_file=gin_configs/slow_thinking/{row}.gin",
@@ -42,7 +45,7 @@ def run_row(dataset: str, row: str, run_root: str, bindings: list[str]) -> str:
   print("[ablation] " + " ".join(cmd), flush=True)
   os.makedirs(model_dir, exist_ok=True)
   t0 = time.time()
-  with open(os.path.join(model_dir, "train.log"), "a") as log:
+  with open(os.path.join(model_dir, "eval.log" if eval_only else "train.log"), "a") as log:
     rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
   if rc:
     raise SystemExit(f"[ablation] {dataset}/{row} failed (exit {rc}); see {model_dir}/train.log")
@@ -51,14 +54,16 @@ def run_row(dataset: str, row: str, run_root: str, bindings: list[str]) -> str:
 
 
 def table(datasets, rows, run_root) -> str:
-  out = ["| dataset | row | " + " | ".join(f"test {m}" for m in METRICS) + " | vs baseline (R@10) | best step | train time |",
-         "|---|---|" + "---|" * (len(METRICS) + 3)]
+  out = ["| dataset | row | " + " | ".join(f"test {m}" for m in METRICS) + " | vs baseline (R@10) | "
+         + " | ".join(f"covered {m}" for m in METRICS) + " | best step | train time |",
+         "|---|---|" + "---|" * (2 * len(METRICS) + 3)]
   for ds in datasets:
     base = None
     for row in rows:
       path = os.path.join(run_root, ds, row, "run_summary.json")
       if not os.path.exists(path):
-        out.append(f"| {ds} | {ROWS[row]} | " + " | ".join("not run" for _ in METRICS) + " | - | - | - |")
+        out.append(f"| {ds} | {ROWS[row]} | " + " | ".join("not run" for _ in METRICS) + " | - | "
+                   + " | ".join("-" for _ in METRICS) + " | - | - |")
         continue
       with open(path) as f:
         s = json.load(f)
@@ -66,8 +71,10 @@ def table(datasets, rows, run_root) -> str:
       if row == "baseline":
         base = test
       rel = f"{test['recall@10'] / base['recall@10']:.3f}x" if base and base["recall@10"] else "-"
+      cov = s["results"].get("test_with_instruction")
+      cov_cells = " | ".join(f"{cov[m]:.4f}" if cov else "-" for m in METRICS)
       out.append(f"| {ds} | {ROWS[row]} | " + " | ".join(f"{test[m]:.4f}" for m in METRICS)
-                 + f" | {rel} | {s['best_step']} | {s['train_seconds'] / 60:.1f} min |")
+                 + f" | {rel} | {cov_cells} | {s['best_step']} | {s['train_seconds'] / 60:.1f} min |")
   return "\n".join(out)
 
 
@@ -78,6 +85,8 @@ def main(argv=None):
   p.add_argument("--run_root", default=os.path.join(ROOT, "runs", "slow_thinking"))
   p.add_argument("--gin_bindings", action="append", default=[], help="extra bindings for every run")
   p.add_argument("--report_only", action="store_true")
+  p.add_argument("--eval_only", action="store_true",
+                 help="re-evaluate finished rows on test (adds the instruction-covered subset)")
   p.add_argument("--out", default=None, help="also write the table (markdown) here")
   args = p.parse_args(argv)
   datasets, rows = args.datasets.split(","), args.rows.split(",")
@@ -87,7 +96,7 @@ def main(argv=None):
   if not args.report_only:
     for ds in datasets:
       for row in rows:
-        run_row(ds, row, args.run_root, args.gin_bindings)
+        run_row(ds, row, args.run_root, args.gin_bindings, args.eval_only)
   text = table(datasets, rows, args.run_root)
   print(text)
   if args.out:
