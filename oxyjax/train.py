@@ -499,7 +499,10 @@ def train(
       log(f"[oxyjax] step {step} validation (random {eval_max_examples}): "
           + ", ".join(f"{k} {v:.4f}" for k, v in sorted(res.items())))
       score = res.get("recall@10", res.get(f"recall@{max(evaluator.ks)}", 0.0))
-      if score > best["score"] and best_dir:
+      improved = score > best["score"]
+      if jax.process_count() > 1:  # a host-0 decision: every host saves (or not) together
+        improved = bool(distributed.broadcast_from_host0(np.asarray(improved)))
+      if improved and best_dir:
         best = {"score": float(score), "step": step}
         checkpoints.save_params(best_dir, state["params"], {"step": step, "recall@10": float(score)})
     if ckpt is not None:

@@ -14,6 +14,7 @@ from oxyjax import train as train_lib
 from oxyjax.data import pipeline
 from oxyjax.models.encoder_decoder import EncoderDecoder, ModelConfig
 from oxyjax.models.rec_model import RecModel
+from tests.test_train_step import _run
 
 N_ITEMS, TEXT, INSTR = 40, 16, 12
 CFG = ModelConfig(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1, num_decoder_layers=1,
@@ -171,31 +172,12 @@ def test_incremental_decoding_matches_teacher_forcing_with_igr_and_instructions(
 
 
 def test_q2i_model_trains_sharded_like_one_device():
+  """The loss includes the batch-level Q2I term: the same on 8 devices as on one."""
   model = _model(cfg=dataclasses.replace(CFG, dropout_rate=0.1), q2i_weight=0.5)
   batches = [model.convert_features(_examples(b=16, seed=s)) for s in range(3)]
-  tx, _ = train_lib.make_optimizer(train_lib.OptimizerConfig(learning_rate=1e-2, warmup_steps=1), 10)
-
-  def run(part):
-    def init_state(rng):
-      params = model.init(rng, model.dummy_batch(2))
-      return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-
-    with jax.set_mesh(part.mesh), part.rules_context():
-      boxed = jax.eval_shape(init_state, jax.random.key(0))
-      shardings = part.params_shardings(boxed)
-      state = jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=shardings)(jax.random.key(0))
-      step = jax.jit(train_lib.make_train_step(model, tx, 1),
-                     in_shardings=(shardings, {k: part.data_sharding(v.ndim) for k, v in batches[0].items()},
-                                   part.replicated()), out_shardings=(shardings, part.replicated()))
-      out = []
-      for b in batches:
-        state, m = step(state, part.shard_batch(b), jax.random.key(1))
-        out.append((float(m["loss"]), float(m["q2i_loss"])))
-    return out, jax.device_get(state["params"])
-
-  m1, p1 = run(partitioning.Partitioner({"data": 1}, devices=jax.devices()[:1]))
-  m8, p8 = run(partitioning.Partitioner({"data": 4, "fsdp": 2}))
-  np.testing.assert_allclose(m1, m8, rtol=1e-4)
+  p1, l1, _ = _run(model, batches, partitioning.Partitioner({"data": 1}, devices=jax.devices()[:1]))
+  p8, l8, _ = _run(model, batches, partitioning.Partitioner({"data": 4, "fsdp": 2}))
+  np.testing.assert_allclose(l1, l8, rtol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), p1, p8)
 
 
