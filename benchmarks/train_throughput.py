@@ -72,6 +72,9 @@ def main():
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--peak_tflops", type=float, default=None, help="override the device peak for MFU")
   ap.add_argument("--out", default=None, help="write the results as JSON here")
+  ap.add_argument("--bucket_multiple", type=int, default=4,
+                  help="length bucketing trims batches to a multiple of this many history columns: "
+                       "larger = fewer compiled shapes (less compile memory), more padding")
   ap.add_argument("--no_bucketing", action="store_true",
                   help="pad every batch to the full history (as the peer does) instead of length bucketing")
   args = ap.parse_args()
@@ -103,9 +106,12 @@ def main():
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
 
   times, real_tokens, padded_tokens, flops = [], [], [], []
-  # Compile every bucket width once, ahead of timing (trim_history keeps multiples of 4
-  # columns); the same executables are timed and give the FLOP counts.
-  widths = range(4, cfg.max_history + 1, 4) if bucketing else [cfg.max_history]
+  # Compile every bucket width once, ahead of timing (trim_history keeps multiples of
+  # --bucket_multiple columns); the same executables are timed and give the FLOP counts.
+  m_ = args.bucket_multiple
+  # Widest first: its compilation is the memory peak, reached before the narrower executables exist.
+  widths = sorted({min(w, cfg.max_history) for w in range(m_, cfg.max_history + m_, m_)}, reverse=True) if bucketing \
+      else [cfg.max_history]
   compiled, flops_by_width = {}, {}
   for w in widths:
     warm = {k: (v[:, :w] if k.startswith("history") else v) for k, v in dummy.items()}
@@ -121,7 +127,7 @@ def main():
     ex = next(it)
     batch = model.convert_features(ex)
     if bucketing:
-      batch = feature_converter.trim_history(batch)
+      batch = feature_converter.trim_history(batch, multiple=args.bucket_multiple)
     width = batch["history_mask"].shape[1]
     t = time.perf_counter()
     with jax.set_mesh(part.mesh), part.rules_context():
@@ -152,7 +158,7 @@ def main():
       "enc_tokens_per_s_real": float(np.sum(real_tokens) / np.sum(times)),
       "enc_tokens_per_s_padded": float(np.sum(padded_tokens) / np.sum(times)),
       "padding_fraction": 1 - float(np.sum(real_tokens)) / float(np.sum(padded_tokens)),
-      "length_bucketing": bucketing,
+      "length_bucketing": bucketing, "bucket_multiple": args.bucket_multiple if bucketing else None,
       "model_flops_per_step": flops_per_step, "peak_flops": peak, "mfu": float(np.sum(flops) / np.sum(times)) / peak,
       "peak_rss_gb": peak_gb, "rss_after_training_steps_gb": steady_gb, "steps_timed": args.steps,
   }

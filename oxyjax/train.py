@@ -323,6 +323,7 @@ def train(
     instructions: InstructionsConfig = InstructionsConfig(),
     data_source: str = "seqio",
     length_bucketing: bool = True,
+    bucket_multiple: int = 4,
     eval_every_steps: int = 0,
     eval_max_examples: int | None = 2000,
     eval_batch_size: int = 256,
@@ -346,7 +347,8 @@ def train(
   `eval_every_steps` > 0 evaluates on (up to `eval_max_examples` of) validation and keeps the
   best weights by validation recall@10; the final test evaluation uses those weights.
   `length_bucketing` batches examples of similar history length together and trims
-  padding columns (fewer encoder FLOPs; a few compiled shapes).
+  padding columns to a multiple of `bucket_multiple` (fewer encoder FLOPs; a few compiled
+  shapes: a larger multiple compiles fewer shapes and needs less compile-time memory).
   `stop_after_steps` stops early (after a checkpoint) as if the job were killed: for tests.
   `eval_only` trains nothing: it evaluates the run in `model_dir` (its best-on-validation
   weights, else its latest checkpoint) or `init_checkpoint` on `final_eval_splits`, and
@@ -460,7 +462,7 @@ def train(
   while step < total_steps:
     host_batch = model.convert_features(next(it))
     if bucketing:
-      host_batch = feature_converter.trim_history(host_batch)
+      host_batch = feature_converter.trim_history(host_batch, multiple=bucket_multiple)
     with jax.set_mesh(part.mesh), part.rules_context():
       sharded_batch = part.shard_batch(host_batch)
       state, m = train_step(state, sharded_batch, train_rng)
