@@ -534,7 +534,9 @@ def train(
     arrays = load_split(split)
     evaluated = {split: arrays}
     if instructions.store and instructions.evaluate_covered_subset:
-      covered = instruction_coverage(dataset, split, instructions)
+      covered = arrays.extras.get("instruction_mask")  # already looked up when the model reads I_r
+      if covered is None:
+        covered = instruction_coverage(dataset, split, instructions)
       if covered.any():
         evaluated[f"{split}_with_instruction"] = arrays.take(np.flatnonzero(covered))
     for name, subset in evaluated.items():
