@@ -75,6 +75,10 @@ def main():
   ap.add_argument("--bucket_multiple", type=int, default=4,
                   help="length bucketing trims batches to a multiple of this many history columns: "
                        "larger = fewer compiled shapes (less compile memory), more padding")
+  ap.add_argument("--grad_accum", type=int, default=1,
+                  help="gradient accumulation: the batch runs as this many microbatches (same update, less memory)")
+  ap.add_argument("--remat_policy", default=None, choices=["none", "full", "minimal"],
+                  help="ModelConfig.remat_policy (default: the model config's, 'none' for the peer shape)")
   ap.add_argument("--no_bucketing", action="store_true",
                   help="pad every batch to the full history (as the peer does) instead of length bucketing")
   args = ap.parse_args()
@@ -82,6 +86,8 @@ def main():
   cfg = model_config_from_gin(args.model_gin)
   import dataclasses
   cfg = dataclasses.replace(cfg, dtype=args.dtype)
+  if args.remat_policy:
+    cfg = dataclasses.replace(cfg, remat_policy=args.remat_policy)
   table = train_lib.load_sid_table(args.dataset, train_lib.SIDConfig())
   model = RecModel(cfg, table.codes)
   arrays = pipeline.load_split(args.dataset, "train", cfg.max_history, source="readers")
@@ -99,7 +105,7 @@ def main():
     boxed = jax.eval_shape(init_state, jax.random.key(0))
     shardings = part.params_shardings(boxed)
     state = jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=shardings)(jax.random.key(0))
-    step_fn = jax.jit(train_lib.make_train_step(model, tx, 1),
+    step_fn = jax.jit(train_lib.make_train_step(model, tx, args.grad_accum),
                       in_shardings=(shardings, {k: part.data_sharding(v.ndim) for k, v in dummy.items()},
                                     part.replicated()),
                       out_shardings=(shardings, part.replicated()), donate_argnums=(0,))
@@ -112,7 +118,7 @@ def main():
   # Widest first: its compilation is the memory peak, reached before the narrower executables exist.
   widths = sorted({min(w, cfg.max_history) for w in range(m_, cfg.max_history + m_, m_)}, reverse=True) if bucketing \
       else [cfg.max_history]
-  compiled, flops_by_width = {}, {}
+  compiled, flops_by_width, temp_gb = {}, {}, {}
   for w in widths:
     warm = {k: (v[:, :w] if k.startswith("history") else v) for k, v in dummy.items()}
     with jax.set_mesh(part.mesh), part.rules_context():
@@ -121,6 +127,7 @@ def main():
     c = compiled[w].cost_analysis()
     c = c[0] if isinstance(c, (list, tuple)) else c
     flops_by_width[w] = float(c.get("flops", float("nan"))) if c else float("nan")
+    temp_gb[w] = compiled[w].memory_analysis().temp_size_in_bytes / 1e9
   jax.block_until_ready(m["loss"])
   warmup = 2
   for i in range(args.steps + warmup):
@@ -158,13 +165,14 @@ def main():
       "enc_tokens_per_s_real": float(np.sum(real_tokens) / np.sum(times)),
       "enc_tokens_per_s_padded": float(np.sum(padded_tokens) / np.sum(times)),
       "padding_fraction": 1 - float(np.sum(real_tokens)) / float(np.sum(padded_tokens)),
+      "remat_policy": cfg.remat_policy, "xla_temp_gb_widest": temp_gb[widths[0]],
       "length_bucketing": bucketing, "bucket_multiple": args.bucket_multiple if bucketing else None,
       "model_flops_per_step": flops_per_step, "peak_flops": peak, "mfu": float(np.sum(flops) / np.sum(times)) / peak,
       "peak_rss_gb": peak_gb, "rss_after_training_steps_gb": steady_gb, "steps_timed": args.steps,
   }
   print(f"\n## Training throughput ({res['device']}, {args.dataset}, batch {args.batch_size}, "
         f"{res['parameters_M']:.1f}M params, {args.dtype}, length bucketing {'on' if bucketing else 'off'}, "
-        f"{args.steps} timed steps)\n")
+        f"{args.steps} timed steps, remat {cfg.remat_policy})\n")
   print("| metric | oxyjax | peer (BENCHMARKS.md) | ratio |")
   print("|---|---|---|---|")
   rows = [("training step, median (s)", step_s, PEER["step_s"], PEER["step_s"] / step_s),
@@ -176,6 +184,7 @@ def main():
   for name, ours, peer, ratio in rows:
     print(f"| {name} | {ours:.3f} | {peer} | {ratio:.2f}x |")
   print(f"| MFU (XLA flops / step time / peak {peak / 1e9:.0f} GFLOP/s) | {res['mfu'] * 100:.1f}% | - | - |")
+  print(f"| XLA temporaries of the widest step (GB, memory_analysis) | {temp_gb[widths[0]]:.3f} | - | - |")
   print(f"| encoder padding fraction | {res['padding_fraction'] * 100:.0f}% | 65% | - |")
   if args.out:
     with open(args.out, "w") as f:

@@ -65,6 +65,11 @@ class ModelConfig:
   moe_router_z_loss_weight: float = 0.0  # router z-loss weight (ST-MoE uses 1e-3)
   moe_eval_capacity_factor: float = 2.0  # capacity factor when deterministic (eval, decoding); <= 0: no drops
   moe_group_size: int = 512  # tokens per routing group (whole rows); <= 0: one group per row
+  # Rematerialisation of each encoder/decoder layer in the backward pass (MaxText's
+  # remat_policy): 'none' keeps every activation; 'full' keeps only each layer's input and
+  # recomputes the rest (least memory, about one more forward pass); 'minimal' keeps the
+  # matmul outputs and recomputes the elementwise work (norms, GELU, dropout masks, softmax).
+  remat_policy: str = "none"
 
   @property
   def use_igr(self) -> bool:
@@ -86,6 +91,23 @@ class ModelConfig:
   @property
   def jnp_dtype(self):
     return jnp.dtype(self.dtype)
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _maybe_remat(layer_cls, cfg: ModelConfig, deterministic_argnum: int):
+  """`layer_cls` wrapped in nn.remat per cfg.remat_policy (parameter names are unchanged)."""
+  if cfg.remat_policy not in REMAT_POLICIES:
+    raise ValueError(f"ModelConfig.remat_policy={cfg.remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}")
+  if cfg.remat_policy == "none":
+    return layer_cls
+  # static_argnums counts `self` as 0; `deterministic` is a Python bool that selects dropout.
+  return nn.remat(layer_cls, static_argnums=(deterministic_argnum,), policy=REMAT_POLICIES[cfg.remat_policy])
 
 
 def _causal_bias(t_new: int, t_total: int) -> jax.Array:
@@ -184,9 +206,11 @@ class EncoderDecoder(nn.Module):
       self.igr_wv = self.param("igr_wv", kv_init, (cfg.emb_dim, cfg.num_heads, cfg.head_dim), jnp.float32)
       self.igr_summary_out = instruction.Dense(cfg.emb_dim, (None, "embed"), use_bias=False, dtype=dt)
       self.segment_embed = layers.Embed(3, cfg.emb_dim, dt, small)  # IGR summary / recent / retrieved
-    self.encoder_layers = [EncoderLayer(cfg) for _ in range(cfg.num_encoder_layers)]
+    encoder_layer = _maybe_remat(EncoderLayer, cfg, 3)  # (self, x, bias, deterministic)
+    decoder_layer = _maybe_remat(DecoderLayer, cfg, 6)  # (self, x, cache, k, v, bias, deterministic)
+    self.encoder_layers = [encoder_layer(cfg) for _ in range(cfg.num_encoder_layers)]
     self.encoder_norm = layers.RMSNorm(dtype=dt)
-    self.decoder_layers = [DecoderLayer(cfg) for _ in range(cfg.num_decoder_layers)]
+    self.decoder_layers = [decoder_layer(cfg) for _ in range(cfg.num_decoder_layers)]
     self.decoder_norm = layers.RMSNorm(dtype=dt)
     self.output_kernel = self.param(
         "output_kernel", nn.with_logical_partitioning(layers.default_kernel_init, (None, "embed", "vocab")),
