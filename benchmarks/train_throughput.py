@@ -74,7 +74,7 @@ def main():
   ap.add_argument("--out", default=None, help="write the results as JSON here")
   ap.add_argument("--bucket_multiple", type=int, default=4,
                   help="length bucketing trims batches to a multiple of this many history columns: "
-                       "larger = fewer compiled shapes (less compile memory), more padding")
+                       "larger = fewer compiled shapes held in memory, more padding")
   ap.add_argument("--grad_accum", type=int, default=1,
                   help="gradient accumulation: the batch runs as this many microbatches (same update, less memory)")
   ap.add_argument("--remat_policy", default=None, choices=["none", "full", "minimal"],
@@ -115,7 +115,8 @@ def main():
   # Compile every bucket width once, ahead of timing (trim_history keeps multiples of
   # --bucket_multiple columns); the same executables are timed and give the FLOP counts.
   m_ = args.bucket_multiple
-  # Widest first: its compilation is the memory peak, reached before the narrower executables exist.
+  # Widest first: its first run allocates the largest XLA temporaries (the process's memory peak),
+  # reached before the narrower executables exist.
   widths = sorted({min(w, cfg.max_history) for w in range(m_, cfg.max_history + m_, m_)}, reverse=True) if bucketing \
       else [cfg.max_history]
   compiled, flops_by_width, temp_gb = {}, {}, {}

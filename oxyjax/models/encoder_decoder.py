@@ -104,10 +104,11 @@ def _maybe_remat(layer_cls, cfg: ModelConfig, deterministic_argnum: int):
   """`layer_cls` wrapped in nn.remat per cfg.remat_policy (parameter names are unchanged)."""
   if cfg.remat_policy not in REMAT_POLICIES:
     raise ValueError(f"ModelConfig.remat_policy={cfg.remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}")
-  if cfg.remat_policy == "none":
+  policy = REMAT_POLICIES[cfg.remat_policy]
+  if policy is None:
     return layer_cls
   # static_argnums counts `self` as 0; `deterministic` is a Python bool that selects dropout.
-  return nn.remat(layer_cls, static_argnums=(deterministic_argnum,), policy=REMAT_POLICIES[cfg.remat_policy])
+  return nn.remat(layer_cls, static_argnums=(deterministic_argnum,), policy=policy)
 
 
 def _causal_bias(t_new: int, t_total: int) -> jax.Array:

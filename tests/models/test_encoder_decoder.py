@@ -1,4 +1,6 @@
-"""The network: teacher forcing vs incremental decoding, logical axes, masking."""
+"""The network: teacher forcing vs incremental decoding, logical axes, masking, remat."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -101,7 +103,6 @@ def test_history_order_matters(net_params):
 @pytest.mark.parametrize("policy", ["full", "minimal"])
 def test_remat_gives_the_same_loss_gradients_and_parameter_names(policy):
   """Rematerialised layers recompute the forward pass (dropout masks included) exactly."""
-  import dataclasses
   base = dataclasses.replace(CFG, dropout_rate=0.3)
   batch = _batch(3)
   results = []
@@ -124,7 +125,6 @@ def test_remat_gives_the_same_loss_gradients_and_parameter_names(policy):
 
 
 def test_unknown_remat_policy_is_rejected():
-  import dataclasses
   net = EncoderDecoder(dataclasses.replace(CFG, remat_policy="everything"))
   with pytest.raises(ValueError, match="remat_policy"):
     net.init(jax.random.key(0), _batch())
