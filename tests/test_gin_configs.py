@@ -1,0 +1,63 @@
+"""Every experiment and slow-thinking gin file parses, and its bindings build the configs."""
+
+import glob
+import os
+
+import gin
+import pytest
+
+from oxyjax import train as train_lib
+from oxyjax.models.encoder_decoder import ModelConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "gin_configs")
+FILES = sorted(os.path.relpath(p, CONFIGS) for d in ("experiments", "slow_thinking")
+               for p in glob.glob(os.path.join(CONFIGS, d, "*.gin")))
+
+
+def _parse(rel_path, bindings=()):
+  gin.clear_config()
+  gin.add_config_file_search_path(CONFIGS)
+  # DATASET is set by every experiment file; the slow-thinking rows leave it to the command line.
+  required = ["MODEL_DIR = '/tmp/oxyjax_gin_test'"]
+  if rel_path.startswith("slow_thinking/"):
+    required.append("DATASET = 'office'")
+  gin.parse_config_files_and_bindings([os.path.join(CONFIGS, rel_path)], required + list(bindings))
+
+
+def _value(name):
+  """A bound parameter's value, following a macro (`%NAME`) to what it is set to."""
+  value = gin.query_parameter(name)
+  return gin.query_parameter(str(value)) if str(value).startswith("%") else value
+
+
+@pytest.fixture(autouse=True)
+def _clean_gin():
+  yield
+  gin.clear_config()
+
+
+def test_the_config_files_are_found():
+  assert "experiments/beauty.gin" in FILES and "experiments/sports.gin" in FILES
+  assert any(f.startswith("slow_thinking/") for f in FILES)
+
+
+@pytest.mark.parametrize("rel_path", FILES)
+def test_config_file_parses_and_builds(rel_path):
+  _parse(rel_path)
+  model_cfg = gin.get_configurable(ModelConfig)()
+  opt_cfg = gin.get_configurable(train_lib.OptimizerConfig)()
+  assert isinstance(model_cfg, ModelConfig) and isinstance(opt_cfg, train_lib.OptimizerConfig)
+  assert _value("oxyjax.train.train.dataset") in ("beauty", "sports", "industrial", "office")
+  assert _value("oxyjax.train.train.num_epochs") > 0
+
+
+def test_a_misspelt_binding_is_rejected():
+  with pytest.raises(Exception, match="weight_decy"):
+    _parse("experiments/beauty.gin", ["oxyjax.train.OptimizerConfig.weight_decy = 0.1"])
+
+
+def test_command_line_bindings_override_the_experiment_file():
+  _parse("experiments/beauty.gin", ["oxyjax.train.OptimizerConfig.weight_decay = 0.5", "NUM_EPOCHS = 2.0"])
+  assert gin.get_configurable(train_lib.OptimizerConfig)().weight_decay == 0.5
+  assert _value("oxyjax.train.train.num_epochs") == 2.0
