@@ -24,10 +24,17 @@ def main():
   ap.add_argument("--out", default="docs/training_curves.png")
   args = ap.parse_args()
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+  datasets = []
+  for run in args.runs:
+    with open(os.path.join(run, "run_summary.json")) as f:
+      datasets.append(json.load(f)["dataset"])
   for run, log in zip(args.runs, args.logs):
     with open(os.path.join(run, "run_summary.json")) as f:
       s = json.load(f)
+    # The dataset, plus the run directory when several runs of one dataset share the plot.
     name = s["dataset"]
+    if datasets.count(name) > 1:
+      name = f"{name} ({os.path.basename(os.path.normpath(run))})"
     steps, losses = [], []
     for line in open(log):
       m = re.match(r"step (\d+)/\d+ \|.*\| loss ([0-9.]+) \|", line)
