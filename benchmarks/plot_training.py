@@ -24,13 +24,12 @@ def main():
   ap.add_argument("--out", default="docs/training_curves.png")
   args = ap.parse_args()
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-  datasets = []
+  summaries = []
   for run in args.runs:
     with open(os.path.join(run, "run_summary.json")) as f:
-      datasets.append(json.load(f)["dataset"])
-  for run, log in zip(args.runs, args.logs):
-    with open(os.path.join(run, "run_summary.json")) as f:
-      s = json.load(f)
+      summaries.append(json.load(f))
+  datasets = [s["dataset"] for s in summaries]
+  for run, log, s in zip(args.runs, args.logs, summaries):
     # The dataset, plus the run directory when several runs of one dataset share the plot.
     name = s["dataset"]
     if datasets.count(name) > 1:
