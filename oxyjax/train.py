@@ -57,6 +57,11 @@ class OptimizerConfig:
   b2: float = 0.98
   eps: float = 1e-8
   grad_clip_norm: float = 1.0
+  # > 0: also keep an exponential moving average of the weights (Polyak averaging), with the
+  # warm-up d_t = min(ema_decay, (1 + t) / (10 + t)). Evaluation, the best-on-validation
+  # checkpoint and the final metrics then use the average; the raw weights are still scored
+  # at every evaluation (logged as validation_raw/...).
+  ema_decay: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,9 +178,18 @@ def load_sid_table(dataset: str, cfg: SIDConfig):
 
 
 # ====================================================================== steps
-def make_train_step(model: RecModel, tx: optax.GradientTransformation, grad_accum_steps: int):
+def ema_update(ema_params, new_params, step, decay: float):
+  """One Polyak-averaging step: d = min(decay, (1 + step) / (10 + step)) (step counts from 0)."""
+  t = jnp.asarray(step, jnp.float32)
+  d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+  return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema_params, new_params)
+
+
+def make_train_step(model: RecModel, tx: optax.GradientTransformation, grad_accum_steps: int,
+                    ema_decay: float = 0.0):
   """(state, batch, rng) -> (state, metrics). Microbatches are interleaved rows (row i goes to
-  microbatch i % A) so that each device's shard of the batch is split locally."""
+  microbatch i % A) so that each device's shard of the batch is split locally. With
+  `ema_decay` > 0 the state also carries `ema_params`, updated after every step."""
 
   def train_step(state, batch, rng):
     params = state["params"]
@@ -205,7 +219,10 @@ def make_train_step(model: RecModel, tx: optax.GradientTransformation, grad_accu
     metrics = {"loss": loss_sum / denom, "token_accuracy": aux["correct"] / denom, "grad_norm": optax.global_norm(grads)}
     # Any other auxiliary scalar (Q2I parts, MoE load balance) is averaged over microbatches.
     metrics.update({k: v / a for k, v in aux.items() if k not in ("denominator", "correct")})
-    return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+    new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+    if ema_decay > 0:
+      new_state["ema_params"] = ema_update(state["ema_params"], new_params, state["step"], ema_decay)
+    return new_state, metrics
 
   return train_step
 
@@ -400,7 +417,10 @@ def train(
 
   def init_state(rng):
     params = model.init(rng, dummy)
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    if optimizer.ema_decay > 0:
+      state["ema_params"] = params
+    return state
 
   init_rng, train_rng = jax.random.split(jax.random.key(seed))
   with jax.set_mesh(part.mesh), part.rules_context():
@@ -430,10 +450,12 @@ def train(
     if init_checkpoint:
       params, meta = checkpoints.load_params(init_checkpoint, state_sharded["params"])
       state = {**state, "params": params}
+      if "ema_params" in state:
+        state["ema_params"] = jax.tree.map(jnp.copy, params)
       log(f"[oxyjax] loaded weights from {init_checkpoint} ({meta})")
 
   train_step = jax.jit(
-      make_train_step(model, tx, grad_accum_steps),
+      make_train_step(model, tx, grad_accum_steps, optimizer.ema_decay),
       in_shardings=(shardings, {k: part.data_sharding(np.ndim(v)) for k, v in dummy.items()}, part.replicated()),
       out_shardings=(shardings, part.replicated()),
       donate_argnums=(0,),
@@ -495,9 +517,15 @@ def train(
     if eval_every_steps and (step % eval_every_steps == 0 or step == total_steps):
       if valid_arrays is None:
         valid_arrays = load_split("validation")
-      res = evaluator(state["params"], valid_arrays, eval_max_examples)
+      res = evaluator(state.get("ema_params", state["params"]), valid_arrays, eval_max_examples)
       history.append({"step": step, **res})
       logger.scalars(step, res, "validation/")
+      if "ema_params" in state:  # the raw weights too, to see what the average buys
+        raw = evaluator(state["params"], valid_arrays, eval_max_examples)
+        history[-1].update({f"raw_{k}": v for k, v in raw.items()})
+        logger.scalars(step, raw, "validation_raw/")
+        log(f"[oxyjax] step {step} validation, raw weights: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in sorted(raw.items()) if k.startswith(("recall", "ndcg"))))
       log(f"[oxyjax] step {step} validation (random {eval_max_examples}): "
           + ", ".join(f"{k} {v:.4f}" for k, v in sorted(res.items())))
       score = res.get("recall@10", res.get(f"recall@{max(evaluator.ks)}", 0.0))
@@ -506,7 +534,8 @@ def train(
         improved = bool(distributed.broadcast_from_host0(np.asarray(improved)))
       if improved and best_dir:
         best = {"score": float(score), "step": step}
-        checkpoints.save_params(best_dir, state["params"], {"step": step, "recall@10": float(score)})
+        checkpoints.save_params(best_dir, state.get("ema_params", state["params"]),
+                                {"step": step, "recall@10": float(score), "ema": "ema_params" in state})
     if ckpt is not None:
       ckpt.save(step, state, data_state(), force=(step == total_steps))
     if step % log_every_steps == 0:  # the next timed window starts after logging, eval and saving
@@ -525,7 +554,7 @@ def train(
       f"({examples_seen / max(train_seconds, 1e-9):.0f} examples/s this run)")
 
   # ---- final evaluation on the best-on-validation weights
-  params = state["params"]
+  params = state.get("ema_params", state["params"])
   if best["step"] is not None and best_dir:
     params, _ = checkpoints.load_params(best_dir, state_sharded["params"])
     log(f"[oxyjax] final evaluation uses the best validation checkpoint (step {best['step']})")

@@ -32,17 +32,23 @@ def _train(model_dir, sid_cfg, **kw):
   return train_lib.train(**args)
 
 
-def test_resume_after_a_crash_reaches_the_same_parameters(tmp_path, sid_cfg):
-  straight = _train(tmp_path / "straight", sid_cfg)
-  crashed = _train(tmp_path / "resumed", sid_cfg, stop_after_steps=3)  # "killed" after step 3
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_after_a_crash_reaches_the_same_parameters(tmp_path, sid_cfg, ema_decay):
+  opt = train_lib.OptimizerConfig(ema_decay=ema_decay)
+  straight = _train(tmp_path / "straight", sid_cfg, optimizer=opt)
+  crashed = _train(tmp_path / "resumed", sid_cfg, optimizer=opt, stop_after_steps=3)  # "killed" after step 3
   assert crashed.final_step == 3
-  resumed = _train(tmp_path / "resumed", sid_cfg)  # same command again: resumes from step 3
+  resumed = _train(tmp_path / "resumed", sid_cfg, optimizer=opt)  # same command again: resumes from step 3
   assert resumed.final_step == 6
   a, b = jax.device_get(straight.state), jax.device_get(resumed.state)
-  jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a["params"], b["params"])
-  jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a["opt_state"], b["opt_state"])
+  assert ("ema_params" in a) == (ema_decay > 0) == ("ema_params" in b)
+  for key in a:  # params, opt_state, step and (with EMA) the averaged weights
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a[key], b[key])
+  if ema_decay:  # the average lags the weights: it is a different tree, restored as such
+    gaps = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a["params"], a["ema_params"]))
+    assert max(gaps) > 0
   # A run that did not restore the data position would have seen different batches:
-  other = _train(tmp_path / "other_seed", sid_cfg, seed=1)
+  other = _train(tmp_path / "other_seed", sid_cfg, optimizer=opt, seed=1)
   diff = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a["params"],
                                       jax.device_get(other.state["params"])))
   assert max(diff) > 0

@@ -90,3 +90,22 @@ def test_bfloat16_computation_keeps_float32_parameters_and_learns():
   assert all(np.isfinite(losses))
   assert losses[-1] < losses[0] - 0.2, losses
   assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("float32")}
+
+
+def test_ema_of_the_weights_follows_the_polyak_recurrence():
+  model, batches = _model_and_batches(n_batches=4)
+  part = partitioning.Partitioner({"data": 1}, devices=jax.devices()[:1])
+  tx, _ = train_lib.make_optimizer(train_lib.OptimizerConfig(learning_rate=1e-2, warmup_steps=1), 10)
+  params = nn.unbox(model.init(jax.random.key(0), model.dummy_batch(2)))
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+           "ema_params": params}
+  step = jax.jit(train_lib.make_train_step(model, tx, 1, ema_decay=0.5))
+  expected = jax.device_get(params)
+  for t, b in enumerate(batches):
+    state, _ = step(state, b, jax.random.key(1))
+    d = min(0.5, (1 + t) / (10 + t))  # 0.1, 0.18, 0.25, 0.31: the warm-up, not yet 0.5
+    expected = jax.tree.map(lambda e, p: d * e + (1 - d) * p, expected, jax.device_get(state["params"]))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               jax.device_get(state["ema_params"]), expected)
+  gaps = jax.tree.leaves(jax.tree.map(lambda e, p: float(np.abs(e - p).max()), state["ema_params"], state["params"]))
+  assert max(gaps) > 1e-4  # the average really lags the weights
