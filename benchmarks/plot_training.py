@@ -43,6 +43,9 @@ def main():
     ax1.plot(steps, losses, label=name)
     h = s["validation_history"]
     ax2.plot([x["step"] for x in h], [x["recall@10"] for x in h], marker="o", label=f"{name} (validation subset)")
+    if h and "raw_recall@10" in h[0]:  # a weight-averaged (EMA) run also scored its raw weights
+      ax2.plot([x["step"] for x in h], [x["raw_recall@10"] for x in h], ls=":", marker=".",
+               color=ax2.lines[-1].get_color(), label=f"{name} raw weights (validation subset)")
     if "test" in s["results"]:
       ax2.axhline(s["results"]["test"]["recall@10"], ls="--", lw=1, color=ax2.lines[-1].get_color(),
                   label=f"{name} test (best ckpt)")

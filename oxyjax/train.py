@@ -526,7 +526,8 @@ def train(
         logger.scalars(step, raw, "validation_raw/")
         log(f"[oxyjax] step {step} validation, raw weights: "
             + ", ".join(f"{k} {v:.4f}" for k, v in sorted(raw.items()) if k.startswith(("recall", "ndcg"))))
-      log(f"[oxyjax] step {step} validation (random {eval_max_examples}): "
+      log(f"[oxyjax] step {step} validation (random {eval_max_examples}"
+          f"{', EMA weights' if 'ema_params' in state else ''}): "
           + ", ".join(f"{k} {v:.4f}" for k, v in sorted(res.items())))
       score = res.get("recall@10", res.get(f"recall@{max(evaluator.ks)}", 0.0))
       improved = score > best["score"]
