@@ -45,9 +45,23 @@ class Checkpointer:
         force=force)
 
   def restore(self, step: int, abstract_state):
-    """abstract_state: ShapeDtypeStructs with shardings. Returns (state, data_state)."""
-    out = self.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    """abstract_state: ShapeDtypeStructs with shardings. Returns (state, data_state).
+
+    A checkpoint whose tree differs from `abstract_state` (another model shape or optimizer,
+    or weight averaging switched on or off since the run started) raises a ValueError naming
+    the checkpoint and the first differing entry, instead of Orbax's dump of both trees."""
+    try:
+      out = self.manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    except ValueError as e:
+      lines = str(e).splitlines()
+      if not lines or "do not match" not in lines[0]:
+        raise
+      where = lines[1].strip().rstrip(":") if len(lines) > 1 else "?"
+      raise ValueError(
+          f"{os.path.join(self.directory, str(step))}: the saved train state does not match this run's at "
+          f"'{where}' (a different model shape or optimizer, or OptimizerConfig.ema_decay switched on or off "
+          "since the run started). Use a new model_dir, or init_checkpoint to load only the weights.") from None
     return out["state"], out["data"]
 
   def wait(self):

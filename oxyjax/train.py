@@ -543,8 +543,10 @@ def train(
       flops_window.update(t0=time.time(), flops=0.0, steps=0)
     if stop_after_steps is not None and step >= stop_after_steps:
       if ckpt is not None:
-        ckpt.save(step, state, data_state(), force=True)
         ckpt.wait()
+        if ckpt.latest_step() != step:  # not already saved on the periodic interval
+          ckpt.save(step, state, data_state(), force=True)
+          ckpt.wait()
       log(f"[oxyjax] stopping early at step {step} (stop_after_steps)")
       logger.close()
       return TrainResult(state, step, None, None, best["step"], time.time() - t_start, history)

@@ -54,6 +54,13 @@ def test_resume_after_a_crash_reaches_the_same_parameters(tmp_path, sid_cfg, ema
   assert max(diff) > 0
 
 
+def test_resuming_with_a_different_train_state_names_the_checkpoint(tmp_path, sid_cfg):
+  # Stopping on a periodic-save step must not save that step twice.
+  assert _train(tmp_path / "run", sid_cfg, stop_after_steps=2).final_step == 2
+  with pytest.raises(ValueError, match=r"run/checkpoints/2: the saved train state does not match .*'ema_params'"):
+    _train(tmp_path / "run", sid_cfg, optimizer=train_lib.OptimizerConfig(ema_decay=0.9))
+
+
 def test_tiny_gin_config_runs_train_end_to_end(tmp_path):
   model_dir = tmp_path / "run"
   env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="--xla_force_host_platform_device_count=2")
