@@ -71,16 +71,22 @@ class Checkpointer:
     self.manager.close()
 
 
-def save_params(directory: str, params, metadata: dict[str, Any]):
+def save_params(directory: str, params, metadata: dict[str, Any]) -> bool:
   """Saves a parameter tree (e.g. the best-on-validation weights), replacing an older one only
-  once the new save is complete."""
+  once the new save is complete. Returns False, saving nothing, when `directory` already holds
+  this step: a run restarted from an earlier checkpoint reaches the same step again, and the
+  weights saved before the restart stay."""
   mngr = ocp.CheckpointManager(os.path.abspath(directory),
                                options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
   step = int(metadata.get("step", 0))
+  if step in mngr.all_steps():
+    mngr.close()
+    return False
   mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(metadata)),
             force=True)
   mngr.wait_until_finished()
   mngr.close()
+  return True
 
 
 def load_params(directory: str, abstract_params=None):

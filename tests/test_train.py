@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -59,6 +60,17 @@ def test_resuming_with_a_different_train_state_names_the_checkpoint(tmp_path, si
   assert _train(tmp_path / "run", sid_cfg, stop_after_steps=2).final_step == 2
   with pytest.raises(ValueError, match=r"run/checkpoints/2: the saved train state does not match .*'ema_params'"):
     _train(tmp_path / "run", sid_cfg, optimizer=train_lib.OptimizerConfig(ema_decay=0.9))
+
+
+def test_restart_that_reaches_a_saved_best_step_again_keeps_it(tmp_path, sid_cfg):
+  # Killed after the best weights of step 2 were saved but before any train-state checkpoint
+  # survived: the rerun starts over, reaches step 2 again and must not crash on best/2.
+  kw = dict(eval_every_steps=2, eval_max_examples=64, checkpoint_every_steps=4)
+  assert _train(tmp_path / "run", sid_cfg, stop_after_steps=3, **kw).best_step == 2
+  shutil.rmtree(tmp_path / "run" / "checkpoints" / "3")
+  rerun = _train(tmp_path / "run", sid_cfg, **kw)
+  assert rerun.final_step == 6 and rerun.best_step in (2, 4, 6)
+  assert len(os.listdir(tmp_path / "run" / "best")) == 1
 
 
 def test_tiny_gin_config_runs_train_end_to_end(tmp_path):
