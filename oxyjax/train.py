@@ -185,6 +185,11 @@ def ema_update(ema_params, new_params, step, decay: float):
   return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema_params, new_params)
 
 
+def _eval_params(state):
+  """The weights that evaluation and the best checkpoint use: the EMA when there is one."""
+  return state.get("ema_params", state["params"])
+
+
 def make_train_step(model: RecModel, tx: optax.GradientTransformation, grad_accum_steps: int,
                     ema_decay: float = 0.0):
   """(state, batch, rng) -> (state, metrics). Microbatches are interleaved rows (row i goes to
@@ -517,7 +522,7 @@ def train(
     if eval_every_steps and (step % eval_every_steps == 0 or step == total_steps):
       if valid_arrays is None:
         valid_arrays = load_split("validation")
-      res = evaluator(state.get("ema_params", state["params"]), valid_arrays, eval_max_examples)
+      res = evaluator(_eval_params(state), valid_arrays, eval_max_examples)
       history.append({"step": step, **res})
       logger.scalars(step, res, "validation/")
       if "ema_params" in state:  # the raw weights too, to see what the average buys
@@ -535,18 +540,16 @@ def train(
         improved = bool(distributed.broadcast_from_host0(np.asarray(improved)))
       if improved and best_dir:
         best = {"score": float(score), "step": step}
-        checkpoints.save_params(best_dir, state.get("ema_params", state["params"]),
+        checkpoints.save_params(best_dir, _eval_params(state),
                                 {"step": step, "recall@10": float(score), "ema": "ema_params" in state})
-    if ckpt is not None:
-      ckpt.save(step, state, data_state(), force=(step == total_steps))
+    stopping = stop_after_steps is not None and step >= stop_after_steps
+    if ckpt is not None:  # one save per step: on the interval, at the end, or when stopping early
+      ckpt.save(step, state, data_state(), force=(step == total_steps or stopping))
     if step % log_every_steps == 0:  # the next timed window starts after logging, eval and saving
       flops_window.update(t0=time.time(), flops=0.0, steps=0)
-    if stop_after_steps is not None and step >= stop_after_steps:
+    if stopping:
       if ckpt is not None:
         ckpt.wait()
-        if ckpt.latest_step() != step:  # not already saved on the periodic interval
-          ckpt.save(step, state, data_state(), force=True)
-          ckpt.wait()
       log(f"[oxyjax] stopping early at step {step} (stop_after_steps)")
       logger.close()
       return TrainResult(state, step, None, None, best["step"], time.time() - t_start, history)
@@ -557,7 +560,7 @@ def train(
       f"({examples_seen / max(train_seconds, 1e-9):.0f} examples/s this run)")
 
   # ---- final evaluation on the best-on-validation weights
-  params = state.get("ema_params", state["params"])
+  params = _eval_params(state)
   if best["step"] is not None and best_dir:
     params, _ = checkpoints.load_params(best_dir, state_sharded["params"])
     log(f"[oxyjax] final evaluation uses the best validation checkpoint (step {best['step']})")
