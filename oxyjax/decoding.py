@@ -19,7 +19,11 @@ business); at level ``l > 0`` it holds the code each beam chose at level ``l - 1
 surviving beam (a ``w = 1`` cache is thereby broadcast to ``beam_size``).
 
 Scores are sums over levels of ``log_softmax`` over the full level vocabulary, taken only
-at the codes the trie allows. A path whose score is ``-inf`` is never returned (so a step
+at the codes the trie allows (``normalize="vocab"``, the default: the path's joint
+log-probability under the model, so the ranking equals that of the model's distribution
+conditioned on a valid item). ``normalize="valid"`` instead takes each level's
+``log_softmax`` over the trie's children of the beam's prefix only (a locally normalised
+distribution over valid items: an only child scores 0). A path whose score is ``-inf`` is never returned (so a step
 function may also forbid codes by giving them ``-inf`` logits); when fewer than
 ``beam_size`` paths are available, the remaining beams have item ``-1``, codes ``-1`` and
 score ``-inf``. Returned beams are distinct valid paths sorted by score, best first.
@@ -75,6 +79,7 @@ def beam_search(
     batch_size: int,
     beam_size: int,
     return_cache: bool = False,
+    normalize: str = "vocab",
 ) -> BeamSearchOutput:
   """Prefix-constrained beam search: the ``beam_size`` best valid paths per batch row.
 
@@ -87,6 +92,8 @@ def beam_search(
     beam_size: ``W`` (any positive size; may exceed the number of items).
     return_cache: also return the cache after the last step, reordered to the returned
       beams (costs one more gather per leaf).
+    normalize: ``"vocab"`` (log-softmax over the level's full vocabulary) or ``"valid"``
+      (over the prefix's valid children only); see the module docstring.
 
   Returns:
     `BeamSearchOutput` with ``items [B, W]``, ``codes [B, W, L]``, ``scores [B, W]``,
@@ -95,6 +102,8 @@ def beam_search(
   B, W, L = int(batch_size), int(beam_size), trie.num_levels
   if W < 1 or B < 1:
     raise ValueError(f"batch_size and beam_size must be positive, got {B}, {W}")
+  if normalize not in ("vocab", "valid"):
+    raise ValueError(f"normalize must be 'vocab' or 'valid', got {normalize!r}")
   num_edges = trie.child_code.shape[0]
 
   # Live beams: node in the trie, score, and the codes chosen so far.
@@ -115,17 +124,23 @@ def beam_search(
       raise ValueError(f"step_fn(level={level}) returned logits {logits.shape}, "
                        f"expected {(B, w)} + (V >= {vocab},)")
     logits = logits.astype(jnp.float32)
-    # log_softmax taken only where needed: logits[child] - logsumexp(logits).
-    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [B, w, 1]
 
     k = trie.max_children[level]
     start = trie.child_start[node]  # [B, w]
     count = trie.child_start[node + 1] - start
     offs = jnp.arange(k, dtype=jnp.int32)
     edge = jnp.minimum(start[..., None] + offs, num_edges - 1)  # [B, w, k]
-    valid = (offs < count[..., None]) & (score[..., None] > neg_inf)
+    is_child = offs < count[..., None]
+    valid = is_child & (score[..., None] > neg_inf)
     code = trie.child_code[edge]  # [B, w, k]
-    lp = jnp.take_along_axis(logits, code, axis=-1, mode="clip") - lse
+    child_logits = jnp.take_along_axis(logits, code, axis=-1, mode="clip")  # [B, w, k]
+    # log_softmax taken only where needed: logits[child] - logsumexp(logits) over the
+    # vocabulary, or over the valid children (a dead beam's -inf gives NaN, dropped below).
+    if normalize == "vocab":
+      lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [B, w, 1]
+    else:
+      lse = jax.nn.logsumexp(jnp.where(is_child, child_logits, neg_inf), axis=-1, keepdims=True)
+    lp = child_logits - lse
     # NaN (a broken step function) must not take a beam: treat it as -inf.
     cand = jnp.where(valid & ~jnp.isnan(lp), score[..., None] + lp, neg_inf)  # [B, w, k]
     if w > 1 and k > W:
@@ -173,14 +188,15 @@ def exhaustive_topk(
     trie: PrefixTrie,
     k: int,
     *,
-    normalize: bool = True,
+    normalize: bool | str = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Brute-force reference (NumPy, one example): scores every valid path, keeps the top ``k``.
 
   Args:
     logprob_fn: ``(level, prefixes [P, level] int) -> [P, V_level]`` scores of the next
       code after each prefix. With ``normalize=True`` these are logits and are
-      log-softmaxed over the full vocabulary (what `beam_search` does with step logits).
+      log-softmaxed over the full vocabulary (what `beam_search` does with step logits);
+      with ``normalize="valid"`` over each prefix's valid next codes only.
     trie: the valid paths.
     k: how many to return.
 
@@ -193,7 +209,13 @@ def exhaustive_topk(
   for level in range(trie.num_levels):
     prefixes = codes[:, :level]
     scores = np.asarray(logprob_fn(level, prefixes), dtype=np.float64)
-    if normalize:
+    if normalize == "valid":  # mask each path's row to the codes that follow its prefix
+      allowed = np.zeros(scores.shape, bool)
+      for prefix in {tuple(p) for p in prefixes.tolist()}:
+        rows = np.all(prefixes == np.asarray(prefix, dtype=prefixes.dtype), axis=1)
+        allowed[np.ix_(rows, np.unique(codes[rows, level]))] = True
+      scores = _log_softmax_np(np.where(allowed, scores, -np.inf))
+    elif normalize:
       scores = _log_softmax_np(scores)
     total += np.take_along_axis(scores, codes[:, level:level + 1].astype(np.int64), axis=1)[:, 0]
   keep = np.flatnonzero(total > -np.inf)

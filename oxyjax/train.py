@@ -237,12 +237,13 @@ class Evaluator:
   """Runs constrained beam search over a split and computes full-catalogue metrics."""
 
   def __init__(self, model: RecModel, partitioner: partitioning.Partitioner, trie: PrefixTrie, *,
-               beam_size: int, batch_size: int, ks: Sequence[int] = (1, 5, 10, 20)):
+               beam_size: int, batch_size: int, ks: Sequence[int] = (1, 5, 10, 20),
+               score_normalization: str = "vocab"):
     self.model, self.partitioner, self.trie = model, partitioner, trie
     self.beam_size, self.ks = beam_size, tuple(k for k in ks if k <= beam_size)
     dp = partitioner.data_parallel_size
     self.batch_size = max(dp, int(math.ceil(batch_size / dp)) * dp)
-    self._predict = jax.jit(functools.partial(model.predict, beam_size=beam_size))
+    self._predict = jax.jit(functools.partial(model.predict, beam_size=beam_size, normalize=score_normalization))
 
   def __call__(self, params, arrays: pipeline.ExampleArrays, max_examples: int | None = None) -> dict[str, float]:
     if max_examples is not None and len(arrays) > max_examples:
@@ -350,6 +351,7 @@ def train(
     eval_max_examples: int | None = 2000,
     eval_batch_size: int = 256,
     eval_beam_size: int = 20,
+    eval_score_normalization: str = "vocab",
     final_eval_splits: Sequence[str] = ("validation", "test"),
     checkpoint_every_steps: int = 1000,
     keep_checkpoints: int = 3,
@@ -368,6 +370,8 @@ def train(
   `checkpoint_every_steps` and at the end, and a rerun resumes from the latest one.
   `eval_every_steps` > 0 evaluates on (up to `eval_max_examples` of) validation and keeps the
   best weights by validation recall@10; the final test evaluation uses those weights.
+  `eval_score_normalization` ('vocab' or 'valid') is the beam search's per-level
+  normalisation (`decoding.beam_search`).
   `length_bucketing` batches examples of similar history length together and trims
   padding columns to a multiple of `bucket_multiple` (fewer encoder FLOPs; a few compiled
   shapes: a larger multiple compiles fewer shapes and needs less compile-time memory).
@@ -465,7 +469,8 @@ def train(
       out_shardings=(shardings, part.replicated()),
       donate_argnums=(0,),
   )
-  evaluator = Evaluator(model, part, trie, beam_size=eval_beam_size, batch_size=eval_batch_size)
+  evaluator = Evaluator(model, part, trie, beam_size=eval_beam_size, batch_size=eval_batch_size,
+                        score_normalization=eval_score_normalization)
   valid_arrays = None
   logger = ProgressLogger(model_dir if jax.process_index() == 0 else None, total_steps, batch_size,
                           enabled=verbose and jax.process_index() == 0)

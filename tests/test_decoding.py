@@ -81,10 +81,10 @@ class PrefixHashLogits:
     return fn
 
 
-def run_search(step_cls, trie, rng, batch, beam, return_cache=False):
+def run_search(step_cls, trie, rng, batch, beam, return_cache=False, normalize="vocab"):
   fn = step_cls(rng, batch, trie.vocab_sizes)
   search = jax.jit(lambda t, c: beam_search(fn.step, c, t, batch_size=batch, beam_size=beam,
-                                            return_cache=return_cache))
+                                            return_cache=return_cache, normalize=normalize))
   out = jax.tree_util.tree_map(np.asarray, search(trie, fn.init_cache(batch, trie.num_levels)))
   return fn, out
 
@@ -107,10 +107,10 @@ def check_valid(out, trie, batch, beam):
     assert (out.items[b][~live] == -1).all() and (out.codes[b][~live] == -1).all()
 
 
-def check_exact(fn, out, trie, batch, beam):
+def check_exact(fn, out, trie, batch, beam, normalize=True):
   """Beam covering every item: the result is the exhaustive top set with equal scores."""
   for b in range(batch):
-    ref_items, ref_codes, ref_scores = exhaustive_topk(fn.reference(b), trie, beam)
+    ref_items, ref_codes, ref_scores = exhaustive_topk(fn.reference(b), trie, beam, normalize=normalize)
     live = out.items[b] >= 0
     assert sorted(out.items[b][live].tolist()) == sorted(ref_items[ref_items >= 0].tolist())
     got = dict(zip(out.items[b][live].tolist(), out.scores[b][live].tolist()))
@@ -171,6 +171,46 @@ def test_beam_search_valid_and_exact(case, step_cls):
     np.testing.assert_array_equal(out.cache["path"][..., : L - 1][live], out.codes[..., : L - 1][live])
     assert out.cache["path"].shape == (batch, beam, L)
     assert (out.cache["steps"] == L).all()
+
+
+@pytest.mark.parametrize("case", CASES[:6] + CASES[8:], ids=lambda c: f"seed{c[0]}")
+def test_valid_normalization_is_a_distribution_over_items(case):
+  """normalize='valid': each level's softmax runs over the prefix's children, so the
+  exhaustive scores of all items sum to 1, an only child adds 0, and a beam wide enough
+  returns exactly the reference's top set and scores."""
+  seed, n, vocab, skew, batch, beam = case
+  rng = np.random.default_rng(seed)
+  trie, _, _ = random_trie(rng, n, vocab, skew)
+  fn, out = run_search(PrefixHashLogits, trie, rng, batch, beam, normalize="valid")
+  check_valid(out, trie, batch, beam)
+  for b in range(batch):
+    items, codes, scores = exhaustive_topk(fn.reference(b), trie, trie.num_items, normalize="valid")
+    assert np.exp(scores[items >= 0]).sum() == pytest.approx(1.0, abs=1e-6)
+    # differs from the vocabulary-normalised ranking's scores (each level loses the invalid mass)
+    _, _, vocab_scores = exhaustive_topk(fn.reference(b), trie, trie.num_items)
+    assert np.exp(vocab_scores[vocab_scores > -np.inf]).sum() < 1.0 - 1e-3
+  trie_codes, _ = trie.paths()
+  widest = max(len({tuple(r) for r in trie_codes[:, :d].tolist()}) for d in range(trie.num_levels))
+  if beam >= widest:
+    check_exact(fn, out, trie, batch, beam, normalize="valid")
+
+
+def test_valid_normalization_only_child_scores_zero():
+  """A trie where every item is its prefix's only child at the last level: that level
+  contributes 0 under 'valid' and log p(code) < 0 under 'vocab'."""
+  codes = np.array([[0, 1], [1, 0], [2, 1]], np.int32)
+  trie = PrefixTrie.from_codes(codes, np.array([1, 2, 3]), (3, 2))
+  logits = [jnp.log(jnp.array([0.5, 0.3, 0.2])), jnp.log(jnp.array([0.5, 0.5]))]
+
+  def step(level, prev, cache):
+    return jnp.broadcast_to(logits[level], prev.shape + logits[level].shape), cache
+
+  for normalize, want in [("valid", np.log([0.5, 0.3, 0.2])), ("vocab", np.log([0.25, 0.15, 0.1]))]:
+    out = beam_search(step, None, trie, batch_size=1, beam_size=3, normalize=normalize)
+    np.testing.assert_array_equal(np.asarray(out.items[0]), [1, 2, 3])
+    np.testing.assert_allclose(np.asarray(out.scores[0]), want, rtol=1e-5)
+  with pytest.raises(ValueError, match="normalize"):
+    beam_search(step, None, trie, batch_size=1, beam_size=3, normalize="softmax")
 
 
 def test_beam_512_on_a_bigger_trie():

@@ -140,12 +140,15 @@ class RecModel:
     return loss_sum, aux
 
   # ---------------------------------------------------------------- decoding
-  def predict(self, params, batch: Mapping[str, jax.Array], trie, *, beam_size: int) -> decoding.BeamSearchOutput:
-    """Top-`beam_size` distinct valid items per example, by constrained beam search."""
+  def predict(self, params, batch: Mapping[str, jax.Array], trie, *, beam_size: int,
+              normalize: str = "vocab") -> decoding.BeamSearchOutput:
+    """Top-`beam_size` distinct valid items per example, by constrained beam search
+    (`normalize`: how each level's scores are normalised, see `decoding.beam_search`)."""
     context = self.network.apply({"params": params}, batch, method=EncoderDecoder.init_decode)
 
     def step_fn(level, prev_codes, cache):
       return self.network.apply({"params": params}, level, prev_codes, cache, context,
                                 method=EncoderDecoder.decode_step)
 
-    return decoding.beam_search(step_fn, None, trie, batch_size=batch["scenario"].shape[0], beam_size=beam_size)
+    return decoding.beam_search(step_fn, None, trie, batch_size=batch["scenario"].shape[0], beam_size=beam_size,
+                                normalize=normalize)
