@@ -23,10 +23,10 @@ at the codes the trie allows (``normalize="vocab"``, the default: the path's joi
 log-probability under the model, so the ranking equals that of the model's distribution
 conditioned on a valid item). ``normalize="valid"`` instead takes each level's
 ``log_softmax`` over the trie's children of the beam's prefix only (a locally normalised
-distribution over valid items: an only child scores 0). A path whose score is ``-inf`` is never returned (so a step
-function may also forbid codes by giving them ``-inf`` logits); when fewer than
-``beam_size`` paths are available, the remaining beams have item ``-1``, codes ``-1`` and
-score ``-inf``. Returned beams are distinct valid paths sorted by score, best first.
+distribution over valid items: an only child scores 0). A path whose score is ``-inf`` is
+never returned (so a step function may also forbid codes by giving them ``-inf`` logits);
+when fewer than ``beam_size`` paths are available, the remaining beams have item ``-1``,
+codes ``-1`` and score ``-inf``. Returned beams are distinct valid paths sorted by score, best first.
 """
 
 from __future__ import annotations

@@ -176,8 +176,8 @@ def test_beam_search_valid_and_exact(case, step_cls):
 @pytest.mark.parametrize("case", CASES[:6] + CASES[8:], ids=lambda c: f"seed{c[0]}")
 def test_valid_normalization_is_a_distribution_over_items(case):
   """normalize='valid': each level's softmax runs over the prefix's children, so the
-  exhaustive scores of all items sum to 1, an only child adds 0, and a beam wide enough
-  returns exactly the reference's top set and scores."""
+  exhaustive scores of all items sum to 1 (the vocabulary-normalised ones do not), and a
+  beam wide enough returns exactly the reference's top set and scores."""
   seed, n, vocab, skew, batch, beam = case
   rng = np.random.default_rng(seed)
   trie, _, _ = random_trie(rng, n, vocab, skew)
