@@ -9,7 +9,7 @@ Every history row is valid (the worst case for full attention, the usual one for
 
   python benchmarks/igr_kernel.py                                  # the full table (quiet machine!)
   python benchmarks/igr_kernel.py --lengths 256 --ks 32 --reps 2   # smoke test
-  python benchmarks/igr_kernel.py --implementation pallas          # on GPU / TPU
+  python benchmarks/igr_kernel.py --implementation pallas          # on GPU / TPU (never run there yet)
 
 Target (issue): >= 8x faster than full attention at L=4096, K=128 on CPU.
 """

@@ -2,14 +2,17 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from oxyjax.kernels.igr_attention import _batch_mesh_axes
 from oxyjax.kernels.igr_attention import full_attention_reference
 from oxyjax.kernels.igr_attention import igr_attention
 from oxyjax.kernels.igr_attention import igr_attention_reference
+from oxyjax.partitioning import Partitioner
 
 IMPLS = {
     "xla_absorb": dict(implementation="xla", absorb=True),
@@ -236,3 +239,131 @@ def test_bad_arguments():
     igr_attention(*args_of(x), k=9)
   with pytest.raises(ValueError, match="implementation"):
     igr_attention(*args_of(x), k=2, implementation="cuda")
+
+
+# ----------------------------------------------------------------------------- default, mesh
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+def test_default_is_xla_on_every_platform(monkeypatch, backend):
+  """'auto' (the default, ModelConfig's too) never traces a Pallas kernel, whatever the backend."""
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  # A history length used by no other test or parameter: igr_attention is a jit, and a trace
+  # cached under another (patched) backend would be reused.
+  x = make_inputs(9, 2, 19 + ["cpu", "gpu", "tpu"].index(backend), 16, 8, 1, 1, 16)
+  jaxpr = str(jax.make_jaxpr(functools.partial(igr_attention, k=3))(*args_of(x)))
+  assert "pallas_call" not in jaxpr
+  # (sanity: the check sees the kernel when it is asked for)
+  jaxpr = str(jax.make_jaxpr(functools.partial(igr_attention, k=3, implementation="pallas", interpret=True))(
+      *args_of(x)))
+  assert "pallas_call" in jaxpr
+
+
+def test_batch_mesh_axes():
+  assert _batch_mesh_axes(16) == ()  # no mesh: the kernel is called directly
+  part = Partitioner({"data": 4, "fsdp": 2})
+  with jax.set_mesh(part.mesh):  # no rules context: DEFAULT_RULES, batch -> (data, fsdp, expert)
+    assert _batch_mesh_axes(16) == ("data", "fsdp")  # expert has size 1
+    assert _batch_mesh_axes(4) == ("data",)  # fsdp no longer divides the batch
+    assert _batch_mesh_axes(6) == ()
+    with nn.logical_axis_rules((("batch", "fsdp"),)):
+      assert _batch_mesh_axes(16) == ("fsdp",)
+
+
+MESH_B, MESH_K = 16, 8
+
+
+def _mesh_inputs():
+  # B=16 rows: 2 per device on an 8-way batch split. Per row: all valid, fewer valid than K,
+  # no valid behaviour at all, more than K valid.
+  x = make_inputs(12, MESH_B, 48, 16, 8, 3, 2, 16, valid=[48, 3, 0, 20] * 4)
+  # topk_idx is compared exactly: the inputs must not put two distinct float32 scores within
+  # rounding of each other among the first K+1 of a row. Scores are cosines (|s| <= 1) from
+  # 8-term float32 sums, so the two float32 formulations differ by ~1e-7; require 1e-5.
+  s = numpy_igr(x, MESH_K + 1)[2]
+  with np.errstate(invalid="ignore"):  # -inf - -inf among padded slots
+    gaps = -np.diff(s, axis=1)
+  assert np.all(np.isnan(gaps) | (gaps > 1e-5)), np.nanmin(gaps)
+  return x
+
+
+def _sharded(part, x):
+  """history, mask, query, keys, q sharded over the batch mesh axes; wk, wv replicated."""
+  return tuple(jax.device_put(jnp.asarray(x[n]), part.data_sharding(np.ndim(x[n])) if n not in ("wk", "wv")
+                              else part.replicated()) for n in ARGS)
+
+
+def _collectives(hlo):
+  return {c: hlo.count(c + "(") + hlo.count(c + "-start(")
+          for c in ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")}
+
+
+# Tolerances (float32): every output element is a few short float32 contractions (d=16 for
+# the projection, Dh=16 for the logits, K=8 for the weighted sum) over O(1) terms, evaluated
+# in a different order by the kernel (per head, padded K) than by the reference einsums;
+# each sum carries about n * 2^-24 ~ 1e-6 relative rounding. 1e-5 leaves a 10x margin for
+# different SIMD widths / FMA use (AVX2 vs AVX-512) without hiding a wrong row or head,
+# which is O(1) off. The wk/wv gradients also sum over the 16 rows (across the 8 shards, in
+# another order than on one device), hence 1e-4 relative there, as in test_gradients.
+# Measured on the CI CPU: outputs within 5e-7, scores 1.2e-7, gradients 4e-6 absolute (the
+# wk/wv gradients reach 12 in magnitude, so that is 3e-7 relative).
+@pytest.mark.parametrize("variant", ["gpu", "tpu"])
+def test_pallas_under_an_8_device_mesh_matches_reference(variant):
+  """Pallas (interpret) through the shard_map wrapper, inside jit, batch sharded data=4 x fsdp=2."""
+  part = Partitioner({"data": 4, "fsdp": 2})
+  x = _mesh_inputs()
+  ref = igr_attention_reference(*args_of(x), k=MESH_K)
+  f = jax.jit(functools.partial(igr_attention, k=MESH_K, implementation="pallas", pallas_variant=variant,
+                                interpret=True))
+  with jax.set_mesh(part.mesh), part.rules_context():
+    args = _sharded(part, x)
+    compiled = f.lower(*args).compile()
+    got = compiled(*args)
+  assert_same(got, ref)
+  # Each device ran on its own rows: nothing was gathered, the outputs stay batch-sharded.
+  # (Without the wrapper the compiled program all-gathers the batch and returns replicated
+  # outputs; the 'tpu' variant's interpreter callbacks are pinned to device 0.)
+  assert _collectives(compiled.as_text()) == dict.fromkeys(_collectives(""), 0)
+  for a in got:
+    assert a.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp")), a.sharding
+
+
+def _mesh_loss(fn, kw, ct, ct_s):
+  def loss(history, retrieval_query, history_keys, q, wk, wv, mask):
+    out, _, scores, sel = fn(history, mask, retrieval_query, history_keys, q, wk, wv, k=MESH_K, **kw)
+    # topk_scores is -inf on masked slots: they are left out of the loss.
+    return jnp.sum(out * ct) + jnp.sum(jnp.where(sel, scores, 0.0) * ct_s)
+  return loss
+
+
+@pytest.mark.parametrize("mesh", [{"data": 4, "fsdp": 2}, {"data": 2, "fsdp": 2, "tensor": 2}],
+                         ids=["data4_fsdp2", "data2_fsdp2_tensor2"])
+def test_pallas_gradients_under_an_8_device_mesh_match_reference(mesh):
+  """Gradients through the shard_map wrapper (forward kernel + XLA custom_vjp backward).
+
+  With tensor=2 the rows are computed twice (the tensor axis does not shard the batch):
+  shard_map's transpose must not double the replicated weights' gradients. Both Pallas
+  variants share the backward pass; 'gpu' stands for it.
+  """
+  part = Partitioner(mesh)
+  x = _mesh_inputs()
+  rng = np.random.default_rng(13)
+  ct = jnp.asarray(rng.normal(size=x["q"].shape).astype(np.float32))
+  ct_s = jnp.asarray(rng.normal(size=(MESH_B, MESH_K)).astype(np.float32))
+  names = ("history", "retrieval_query", "history_keys", "q", "wk", "wv")
+  grad = lambda fn, kw: jax.jit(jax.grad(_mesh_loss(fn, kw, ct, ct_s), argnums=tuple(range(6))))
+  want = grad(igr_attention_reference, {})(*(jnp.asarray(x[n]) for n in names), jnp.asarray(x["history_mask"]))
+  kw = dict(implementation="pallas", pallas_variant="gpu", interpret=True)
+  with jax.set_mesh(part.mesh), part.rules_context():
+    sharded = dict(zip(ARGS, _sharded(part, x)))
+    args = tuple(sharded[n] for n in names) + (sharded["history_mask"],)
+    compiled = grad(igr_attention, kw).lower(*args).compile()
+    got = compiled(*args)
+  # Per-device rows forward and backward: no gather; the only collectives are the all-reduces
+  # that sum the replicated wk/wv gradients over the batch shards.
+  counts = _collectives(compiled.as_text())
+  assert counts["all-gather"] == counts["all-to-all"] == counts["collective-permute"] == 0, counts
+  for n, a, b_ in zip(names, got, want):
+    assert np.abs(np.asarray(b_)).max() > 0, n  # every input gets a gradient (scores reach query/keys)
+    rtol = 1e-4 if n in ("wk", "wv") else 1e-5
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=rtol, atol=1e-5, err_msg=n)

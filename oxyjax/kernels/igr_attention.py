@@ -45,18 +45,34 @@ Gradients
     XLA formulation over the same K gathered rows.
 
 Implementations (`igr_attention(..., implementation=)`):
-  * 'xla': scoring without materialising normalised keys, `lax.top_k`, one row gather of
-    [B, K, d], then attention over the K rows. Two exact algebraic forms, picked statically
-    by FLOP count (`absorb=None`): project the K rows to keys/values (one matmul with wk|wv
-    concatenated), or fold wk into the queries and wv after the weighted sum (cheaper when
-    Tq*H is small against K, the IGR serving case). Nothing of size [B, L, H, Dh] exists.
-  * 'pallas': the selection stays in XLA; one Pallas kernel gathers the K rows and runs the
-    attention. Two variants: 'gpu' (Triton style: grid (B, H), one vector gather load of the
-    K rows, Tq and K padded to powers of two >= 16; needs d and Dh powers of two >= 16) and
-    'tpu' (Mosaic style: indices scalar-prefetched to SMEM, K row DMAs from HBM into a VMEM
-    scratch, grid (B,), Tq and K padded to multiples of 8). Both are tested on CPU in
-    interpret mode only; they have not been run on a real GPU/TPU yet.
-  * 'auto': 'pallas' on GPU (when the shapes qualify) and TPU, 'xla' on CPU.
+  * 'xla' (and the default, 'auto', on every platform): scoring without materialising
+    normalised keys, `lax.top_k`, one row gather of [B, K, d], then attention over the K rows.
+    Two exact algebraic forms, picked statically by FLOP count (`absorb=None`): project the K
+    rows to keys/values (one matmul with wk|wv concatenated), or fold wk into the queries and
+    wv after the weighted sum (cheaper when Tq*H is small against K, the IGR serving case).
+    Nothing of size [B, L, H, Dh] exists. Under a mesh it is ordinary XLA, partitioned by
+    the compiler like the rest of the model (on 8 CPU devices XLA all-gathers the [B, L]
+    scores for `lax.top_k`'s TopK call; the K-row attention stays per device).
+  * 'pallas' (only when asked for): the selection stays in XLA; one Pallas kernel gathers the
+    K rows and runs the attention. Two variants: 'gpu' (Triton style: grid (B, H), one vector
+    gather load of the K rows, Tq and K padded to powers of two >= 16; written for d and Dh
+    powers of two >= 16) and 'tpu' (Mosaic style: indices scalar-prefetched to SMEM, K row
+    DMAs from HBM into a VMEM scratch, grid (B,), Tq and K padded to multiples of 8). Both
+    have run only in interpret mode on CPU (the tests); neither has been compiled for, or
+    run on, a real GPU/TPU, so neither is known to lower, to be correct there or to be
+    faster than 'xla'. That is why 'auto' does not pick them.
+    Inside a mesh (`jax.set_mesh`, the trainer's context) the Pallas path (selection and
+    kernel) runs under `jax.shard_map` over the mesh axes that shard the logical 'batch'
+    axis (the active flax logical-axis rules, else `oxyjax.partitioning.DEFAULT_RULES`):
+    each device runs the selection, the kernel and its XLA backward pass on its own rows,
+    with no collective, since every row is independent (the gradients of the replicated
+    wk/wv are summed over the batch shards by shard_map's transpose). Without the wrapper,
+    on 8 CPU devices in interpret mode, the program all-gathers the whole batch (history
+    included) onto every device and returns the attention output replicated, and the 'tpu'
+    variant's interpreter callbacks are pinned to device 0; a compiled kernel would be an
+    opaque custom call to XLA's partitioner, which is expected to replicate it likewise (not
+    seen: no device run). Outside a mesh, or when no batch mesh axis divides B, the path
+    runs unwrapped.
 
 `igr_attention_reference` is the readable plain-jnp definition; `full_attention_reference`
 attends over the whole history (all L rows projected) and exists for the benchmark only.
@@ -68,11 +84,16 @@ import functools
 import math
 import numbers
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+
+from oxyjax.partitioning import DEFAULT_RULES
 
 _EPS = 1e-12
 
@@ -361,26 +382,68 @@ def _attend_pallas_bwd(scale, variant, interpret, res, g):
 _attend_pallas.defvjp(_attend_pallas_fwd, _attend_pallas_bwd)
 
 
+def _batch_mesh_axes(batch: int) -> tuple[str, ...]:
+  """Mesh axes of the current (abstract) mesh that shard the logical 'batch' axis.
+
+  The axes come from the active flax logical-axis rules (`Partitioner.rules_context()`), or
+  from `oxyjax.partitioning.DEFAULT_RULES` when none are active. Axes missing from the mesh,
+  of size 1 or already manual (inside an enclosing shard_map) are skipped; the axes are kept
+  in order while their product divides `batch`. () outside a mesh.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  axes = nn.logical_to_mesh_axes(("batch",), nn.get_logical_axis_rules() or DEFAULT_RULES)[0]
+  if axes is None:
+    return ()
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+  kept, shards = [], 1
+  for a in axes:
+    if a not in types or types[a] == AxisType.Manual or mesh.shape[a] == 1:
+      continue
+    if batch % (shards * mesh.shape[a]):
+      break
+    kept.append(a)
+    shards *= mesh.shape[a]
+  return tuple(kept)
+
+
+def _igr_pallas(history, history_mask, retrieval_query, history_keys, q, wk, wv, k, scale, variant, interpret):
+  idx, scores, mask = igr_select(history_mask, retrieval_query, history_keys, k)
+  return _attend_pallas(history, idx, mask, q, wk, wv, scale, variant, interpret), idx, scores, mask
+
+
+def _igr_pallas_on_mesh(history, history_mask, retrieval_query, history_keys, q, wk, wv, k, scale, variant,
+                        interpret):
+  """The Pallas path, run per batch shard under `jax.shard_map` when a mesh shards the batch.
+
+  The selection goes inside too: XLA does not partition `lax.top_k` over a sharded batch on
+  CPU (it all-gathers the [B, L] scores and runs the TopK custom call on the whole batch).
+  """
+  run = functools.partial(_igr_pallas, k=k, scale=scale, variant=variant, interpret=interpret)
+  axes = _batch_mesh_axes(history.shape[0])
+  if not axes:
+    return run(history, history_mask, retrieval_query, history_keys, q, wk, wv)
+  rows = P(axes)
+  # check_vma=False: pallas_call and the custom_vjp are not typed for varying manual axes.
+  # shard_map's transpose then psums the cotangents of the replicated wk/wv over the axes
+  # their spec does not mention (and divides the output cotangents by the size of the mesh
+  # axes the outputs are replicated over), which is the batch sum their gradient needs.
+  return jax.shard_map(run, in_specs=(rows,) * 5 + (P(), P()), out_specs=(rows,) * 4,
+                       check_vma=False)(history, history_mask, retrieval_query, history_keys, q, wk, wv)
+
+
 # ----------------------------------------------------------------------------- public op
 
 
-def _gpu_shapes_ok(history, q):
-  pow2 = lambda n: n >= 16 and n & (n - 1) == 0
-  return pow2(history.shape[-1]) and pow2(q.shape[-1])
-
-
-def _resolve(implementation, pallas_variant, history, q):
-  backend = jax.default_backend()
-  if implementation == "auto":
-    if backend == "tpu":
-      return "pallas", "tpu"
-    if backend == "gpu" and _gpu_shapes_ok(history, q):
-      return "pallas", "gpu"
-    return "xla", None
-  if implementation == "xla":
+def _resolve(implementation, pallas_variant):
+  if implementation in ("auto", "xla"):
+    # 'auto' is XLA on every platform: the Pallas kernels have never been compiled for a
+    # GPU/TPU. Make 'auto' pick them only after a device run shows them correct and faster.
     return "xla", None
   if implementation == "pallas":
-    return "pallas", pallas_variant or ("tpu" if backend == "tpu" else "gpu")
+    return "pallas", pallas_variant or ("tpu" if jax.default_backend() == "tpu" else "gpu")
   raise ValueError(f"implementation must be 'auto', 'xla' or 'pallas', got {implementation!r}")
 
 
@@ -393,7 +456,8 @@ def igr_attention(history, history_mask, retrieval_query, history_keys, q, wk, w
 
   Args:
     k: number of behaviours kept (static Python int, 1 <= k <= L).
-    implementation: 'auto' | 'xla' | 'pallas'.
+    implementation: 'auto' (= 'xla', on every platform) | 'xla' | 'pallas'. 'pallas' has
+      only run in interpret mode on CPU, never compiled for a GPU/TPU.
     scale: logit scale; default 1/sqrt(Dh).
     absorb: 'xla' only: fold wk/wv into the queries/output (True), project the K rows (False),
       or pick by FLOP count (None).
@@ -401,15 +465,14 @@ def igr_attention(history, history_mask, retrieval_query, history_keys, q, wk, w
     interpret: run the Pallas kernel in interpret mode; default True on CPU.
   """
   _check_shapes(history, history_mask, retrieval_query, history_keys, q, wk, wv, k)
-  impl, variant = _resolve(implementation, pallas_variant, history, q)
+  impl, variant = _resolve(implementation, pallas_variant)
   s = _scale(q, scale)
-  idx, scores, mask = igr_select(history_mask, retrieval_query, history_keys, k)
-  if impl == "xla":
-    if absorb is None:
-      absorb = _absorb_is_cheaper(q.shape[1], q.shape[2], q.shape[3], history.shape[-1], k)
-    out = _attend_xla(history, idx, mask, q, wk, wv, s, absorb)
-  else:
+  if impl == "pallas":
     if interpret is None:
       interpret = jax.default_backend() == "cpu"
-    out = _attend_pallas(history, idx, mask, q, wk, wv, s, variant, bool(interpret))
-  return out, idx, scores, mask
+    return _igr_pallas_on_mesh(history, history_mask, retrieval_query, history_keys, q, wk, wv, k, s, variant,
+                               bool(interpret))
+  idx, scores, mask = igr_select(history_mask, retrieval_query, history_keys, k)
+  if absorb is None:
+    absorb = _absorb_is_cheaper(q.shape[1], q.shape[2], q.shape[3], history.shape[-1], k)
+  return _attend_xla(history, idx, mask, q, wk, wv, s, absorb), idx, scores, mask

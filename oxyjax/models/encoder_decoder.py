@@ -49,7 +49,9 @@ class ModelConfig:
   igr_recent: int = 0  # IGR: the most recent behaviours always kept (0 = IGR off: all max_history)
   igr_top_k: int = 0  # IGR: long-term behaviours kept by instruction relevance
   igr_dim: int = 64  # IGR: width of the retrieval space shared by psi_q and psi_i
-  igr_implementation: str = "auto"  # gathered IGR attention: auto | xla | pallas (oxyjax.kernels)
+  # Gathered IGR attention (oxyjax.kernels.igr_attention): 'auto' = 'xla' on every platform;
+  # 'pallas' only when asked (run only in interpret mode on CPU, never compiled for a GPU/TPU).
+  igr_implementation: str = "auto"
   # I_s = (scenario, trigger item): take the most recent behaviour as the trigger item (the
   # item-to-item reading of next-item prediction); False: the scenario alone (homepage-like).
   use_trigger_item: bool = False
