@@ -9,7 +9,7 @@ import numpy as np
 
 from oxyjax import train as train_lib
 from oxyjax.data import readers
-from oxyjax.instructions import generate
+from oxyjax.instructions import generate, prompt
 from oxyjax.instructions.llm import BackendError
 from oxyjax.instructions.store import InstructionRecord, InstructionStore, record_key
 from oxyjax.models.encoder_decoder import ModelConfig
@@ -59,9 +59,11 @@ def test_backend_down_then_training_continues_and_covered_subset_is_evaluated(tm
   # The backend comes back for a few users: their test examples now carry an instruction.
   rng = np.random.default_rng(0)
   covered = [3, 10, 17, 25]
+  # (the context key of the example's prompt: a lookup serves only records whose context still matches)
   store.put([InstructionRecord(*record_key(ds, ds.test[i]), text=f"needs item {i}",
                                embedding=rng.normal(size=384).astype(np.float32), model_version="test",
-                               created_at=1e9, context_key="x") for i in covered])
+                               created_at=1e9, context_key=prompt.context_key(prompt.context_for_example(ds, ds.test[i])))
+             for i in covered])
   present = train_lib.instruction_coverage("industrial", "test", train_lib.InstructionsConfig(store=str(tmp_path / "store")))
   assert np.flatnonzero(present).tolist() == covered
   loaded = train_lib.load_instructions(

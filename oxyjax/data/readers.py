@@ -200,10 +200,41 @@ def dataset_files(name: str, data_dir: os.PathLike | str | None = None) -> list[
     return [p / f for f in _AMAZON2018_FILES]
 
 
+_FP_CACHE: dict[tuple, str] = {}
+_FP_LOCK = threading.Lock()
+
+
 def dataset_fingerprint(name: str, data_dir: os.PathLike | str | None = None) -> str:
-    """Hash of the reader version and the raw files' contents (keys prepared caches)."""
-    h = hashlib.sha256(f"{resolve_dataset_name(name)}|{READER_VERSION}".encode())
-    for p in dataset_files(name, data_dir):
+    """Content fingerprint of a dataset: 16 hex chars of a SHA-256 over the dataset name,
+    ``READER_VERSION`` and the bytes of every raw file it is read from (:func:`dataset_files`).
+
+    It keys every cache built from the data (prepared TFDS data, SID tables, item
+    embeddings; docs/design.md, "Caches and their keys"): editing a raw file, pointing
+    ``OXYJAX_DATA_DIR`` at other files or bumping ``READER_VERSION`` changes it; the same
+    bytes in another directory give the same fingerprint.  The files are streamed (1 MiB
+    chunks); the result is memoised in-process on the files' (path, size, mtime, inode), so
+    repeated calls cost a few ``stat`` calls (an edit that keeps all four is not seen).
+    """
+    key_name = resolve_dataset_name(name)
+    files = dataset_files(key_name, data_dir)
+
+    def stamp() -> tuple:
+        out = []
+        for p in files:
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                raise DataError(p, "file not found") from None
+            out.append((str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino))
+        return tuple(out)
+
+    memo_key = (key_name, READER_VERSION, stamp())
+    with _FP_LOCK:
+        hit = _FP_CACHE.get(memo_key)
+    if hit is not None:
+        return hit
+    h = hashlib.sha256(f"{key_name}|{READER_VERSION}".encode())
+    for p in files:
         try:
             with open(p, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -211,7 +242,11 @@ def dataset_fingerprint(name: str, data_dir: os.PathLike | str | None = None) ->
         except FileNotFoundError:
             raise DataError(p, "file not found") from None
         h.update(b"\0")
-    return h.hexdigest()[:16]
+    fp = h.hexdigest()[:16]
+    if stamp() == memo_key[2]:  # not memoised if a file changed while it was being read
+        with _FP_LOCK:
+            _FP_CACHE[memo_key] = fp
+    return fp
 
 
 # --------------------------------------------------------------------------- helpers
@@ -622,8 +657,11 @@ def load_dataset(name: str, data_dir: os.PathLike | str | None = None) -> Sequen
 
 
 def clear_cache() -> None:
+    """Forget the in-process dataset and fingerprint caches."""
     with _CACHE_LOCK:
         _CACHE.clear()
+    with _FP_LOCK:
+        _FP_CACHE.clear()
 
 
 # (users, items, interactions) from the table of the data README (amazon2014).

@@ -27,6 +27,7 @@ have; so the mixture is not registered.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Optional
@@ -48,6 +49,8 @@ __all__ = [
     "get_task",
 ]
 
+log = logging.getLogger(__name__)
+
 TASK_NAMES = {key: f"oxyjax_{key}" for key in readers.DATASETS}
 
 
@@ -60,7 +63,12 @@ class PreparedTfdsDataSource(seqio.TfdsDataSource):
     """A ``seqio.TfdsDataSource`` over an oxyjax builder, prepared lazily on first use.
 
     ``data_dir`` / ``tfds_dir`` default to the environment / repo defaults, resolved at
-    first use (not at import), so setting ``OXYJAX_DATA_DIR`` before using a task works.
+    every use (not at import), so setting ``OXYJAX_DATA_DIR`` before using a task works.
+    Every use also checks the raw data's fingerprint (``readers.dataset_fingerprint``,
+    memoised on the files' size/mtime) against the one the held builder was prepared from:
+    when the raw files changed (edited, or ``OXYJAX_DATA_DIR`` now points at other files)
+    the source switches to the builder prepared for the new content instead of serving the
+    old records.
     """
 
     def __init__(
@@ -74,27 +82,34 @@ class PreparedTfdsDataSource(seqio.TfdsDataSource):
         self._tfds_dir = tfds_dir
         self._loader = None
         self._builder = None
+        self._fingerprint = None  # of the raw data the held builder was prepared from
         self._lock = threading.Lock()
         # Skip TfdsDataSource.__init__ (it wants the tfds name/dir now); set its state.
         seqio.DataSource.__init__(self, splits=readers.SPLITS, caching_permitted=True)
 
     def builder(self):
-        """The prepared TFDS builder (prepares on first call)."""
+        """The TFDS builder prepared from the raw data as it is now (prepares when needed)."""
+        fingerprint = readers.dataset_fingerprint(self._dataset_key, self._raw_data_dir)
         with self._lock:
-            if self._builder is None:
-                self._builder = tfds_builders.prepare(
-                    self._dataset_key, self._raw_data_dir, self._tfds_dir
-                )
+            if self._builder is None or self._fingerprint != fingerprint:
+                if self._builder is not None:
+                    log.info("%s: raw data changed (fingerprint %s -> %s); using its own prepared data",
+                             self._dataset_key, self._fingerprint, fingerprint)
+                b = tfds_builders.prepare(self._dataset_key, self._raw_data_dir, self._tfds_dir)
+                self._builder, self._loader = b, None
+                self._fingerprint = b.info.metadata.get("fingerprint")
             return self._builder
 
     @property
     def tfds_dataset(self) -> seqio.utils.LazyTfdsLoader:
-        if self._loader is None:
-            b = self.builder()
-            self._loader = seqio.utils.LazyTfdsLoader(
-                f"{b.name}:{b.version}", data_dir=os.fspath(b.data_dir_root)
-            )
-        return self._loader
+        self.builder()  # re-prepares (and drops the loader) when the raw data changed
+        with self._lock:
+            if self._loader is None:
+                b = self._builder
+                self._loader = seqio.utils.LazyTfdsLoader(
+                    f"{b.name}:{b.version}", data_dir=os.fspath(b.data_dir_root)
+                )
+            return self._loader
 
     @property
     def splits(self):

@@ -87,8 +87,10 @@ class _OxyjaxSequenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=
     RELEASE_NOTES = {"1.0.0": "user/history/target/scenario examples from oxyjax.data.readers."}
     DATASET_KEY = ""
 
-    def __init__(self, *, raw_data_dir: Optional[os.PathLike | str] = None, **kwargs):
+    def __init__(self, *, raw_data_dir: Optional[os.PathLike | str] = None,
+                 expected_fingerprint: Optional[str] = None, **kwargs):
         self._raw_data_dir = raw_data_dir
+        self._expected_fingerprint = expected_fingerprint
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -114,10 +116,17 @@ class _OxyjaxSequenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download
         ds = readers.load_dataset(self.DATASET_KEY, self._raw_data_dir)
+        fingerprint = readers.dataset_fingerprint(self.DATASET_KEY, self._raw_data_dir)
+        if self._expected_fingerprint is not None and fingerprint != self._expected_fingerprint:
+            # The raw files changed since the target directory was named: do not write the new
+            # content under the old fingerprint.
+            raise ValueError(
+                f"{self.DATASET_KEY}: raw data changed while preparing (fingerprint "
+                f"{self._expected_fingerprint} -> {fingerprint}); run again")
         self.info.metadata.update(
             num_items=ds.num_items,
             num_users=ds.num_users,
-            fingerprint=readers.dataset_fingerprint(self.DATASET_KEY, self._raw_data_dir),
+            fingerprint=fingerprint,
             reader_version=readers.READER_VERSION,
         )
         return {split: self._generate_examples(ds.split(split)) for split in readers.SPLITS}
@@ -185,16 +194,19 @@ def prepare(
 ) -> _OxyjaxSequenceBuilder:
     """Prepare ``name`` (once) and return its builder, ready for ``as_dataset``.
 
-    Reuses a prepared directory when one exists for the same data and reader version.
+    Reuses a prepared directory when one exists for the same data and reader version
+    (the directory is named by the fingerprint); raises ``ValueError`` naming the directory
+    if the prepared data there records another fingerprint (a copied or renamed directory).
     """
     key = readers.resolve_dataset_name(name)
     cls = BUILDERS[key]
     root = prepared_dir(key, data_dir, tfds_dir)
     builder = cls(raw_data_dir=data_dir, data_dir=str(root))
     if builder.is_prepared():
-        return builder
+        return _check_fingerprint(builder, root)
     with _file_lock(root.parent / f".{root.name}.lock"):
-        builder = cls(raw_data_dir=data_dir, data_dir=str(root))
+        builder = cls(raw_data_dir=data_dir, data_dir=str(root),
+                      expected_fingerprint=root.name.rsplit("-", 1)[-1])
         if not builder.is_prepared():  # nobody prepared it while we waited
             t0 = time.perf_counter()
             builder.download_and_prepare(
@@ -207,4 +219,15 @@ def prepare(
             )
             log.info("prepared TFDS %s in %s (%.1fs)", builder.name, root, time.perf_counter() - t0)
             builder = cls(raw_data_dir=data_dir, data_dir=str(root))
+    return _check_fingerprint(builder, root)
+
+
+def _check_fingerprint(builder: _OxyjaxSequenceBuilder, root: Path) -> _OxyjaxSequenceBuilder:
+    expected = root.name.rsplit("-", 1)[-1]
+    got = builder.info.metadata.get("fingerprint")
+    if got != expected:
+        raise ValueError(
+            f"prepared TFDS data {builder.data_dir} records data fingerprint {got!r}, but its "
+            f"directory {root} is for fingerprint {expected!r}: it was prepared from other raw "
+            f"files; delete {root} to prepare it again")
     return builder

@@ -166,7 +166,7 @@ def run_job(dataset, examples: Sequence, store: InstructionStore, backend: Backe
       pending.append(InstructionRecord(
           dataset=key[0], user=key[1], cutoff=key[2], scenario=key[3], history_key=key[4],
           text=texts[i], embedding=emb[i], model_version=str(backend.version),
-          created_at=created, context_key=ck, status=status))
+          created_at=created, context_key=ck, status=status, max_items=max_items))
       if status == "generated":
         stats.generated += 1
       else:

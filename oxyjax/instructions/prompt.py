@@ -120,18 +120,26 @@ def _item_strings(dataset, item: int) -> tuple[str, str]:
 
 
 def _context(dataset, items: Sequence[int], scenario: str, max_items: int,
-             trigger_item: Optional[int]) -> UserContext:
+             trigger_item: Optional[int], item_cache: Optional[dict] = None) -> UserContext:
   if dataset.item_meta is None:
     raise ValueError(f"dataset {dataset.name!r} has no item text: instructions need titles "
                      "(use industrial or office)")
+
+  def strings(i: int) -> tuple[str, str]:
+    if item_cache is None:
+      return _item_strings(dataset, i)
+    if i not in item_cache:
+      item_cache[i] = _item_strings(dataset, i)
+    return item_cache[i]
+
   recent = [int(i) for i in items if int(i) > 0][-max_items:] if max_items > 0 else []
-  trigger = None if trigger_item is None else _item_strings(dataset, int(trigger_item))[0]
-  return UserContext(items=tuple(_item_strings(dataset, i) for i in recent),
+  trigger = None if trigger_item is None else strings(int(trigger_item))[0]
+  return UserContext(items=tuple(strings(i) for i in recent),
                      scenario=sanitize_text(scenario, 32) or "homepage", trigger=trigger)
 
 
 def context_for_example(dataset, example, scenario: str = "homepage", max_items: int = 5,
-                        trigger_item: Optional[int] = None) -> UserContext:
+                        trigger_item: Optional[int] = None, item_cache: Optional[dict] = None) -> UserContext:
   """The prompt context of ``example``: built from ``example.history`` only (never the target).
 
   Args:
@@ -141,8 +149,10 @@ def context_for_example(dataset, example, scenario: str = "homepage", max_items:
     max_items: most recent history items to show (oldest first).
     trigger_item: item index of the trigger item (item-to-item, cart, ...), if any. The caller
       must not pass the target here.
+    item_cache: optional dict (item index -> sanitised strings), reused across calls on the
+      same ``dataset`` to skip re-sanitising its titles (``InstructionStore.lookup_embeddings``).
   """
-  return _context(dataset, example.history, scenario, max_items, trigger_item)
+  return _context(dataset, example.history, scenario, max_items, trigger_item, item_cache)
 
 
 def leaky_context_for_example(dataset, example, scenario: str = "homepage",

