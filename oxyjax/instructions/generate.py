@@ -24,7 +24,6 @@ end-to-end instructions/s (LLM + embedding + store writes, model loading exclude
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import sys
@@ -36,6 +35,8 @@ import numpy as np
 from oxyjax.instructions import prompt as prompt_lib
 from oxyjax.instructions.llm import Backend, BackendError
 from oxyjax.instructions.store import InstructionRecord, InstructionStore, needs_refresh, record_key
+
+PROG = "python -m oxyjax.instructions.generate"
 
 __all__ = ["JobStats", "select_examples", "run_job", "main"]
 
@@ -181,43 +182,44 @@ def run_job(dataset, examples: Sequence, store: InstructionStore, backend: Backe
   return stats
 
 
-def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m oxyjax.instructions.generate", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--dataset", required=True, help="industrial or office (datasets with item text)")
-  p.add_argument("--splits", default="test,validation", help="comma-separated: validation,test")
-  p.add_argument("--train_fraction", type=float, default=0.0,
-                 help="seeded random fraction of training examples to add")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--user_fraction", type=float, default=1.0,
-                 help="keep only a seeded random subset of users (all their selected examples)")
-  p.add_argument("--max_examples", type=int, default=None, help="keep the first N selected examples")
-  p.add_argument("--store", default=".cache/instructions", help="store directory")
-  p.add_argument("--scenario", default="homepage")
-  p.add_argument("--max_items", type=int, default=5, help="recent history items in the prompt")
-  p.add_argument("--backend", default="smollm", help="smollm | openai (gin: make_backend)")
-  p.add_argument("--base_url", default=None, help="openai backend: server root URL")
-  p.add_argument("--model", default=None, help="openai backend: model name")
-  p.add_argument("--batch_size", type=int, default=32)
-  p.add_argument("--max_new_tokens", type=int, default=None, help="smollm backend")
-  p.add_argument("--chunk_size", type=int, default=256, help="records per atomic store write")
-  p.add_argument("--max_age_s", type=float, default=None,
-                 help="regenerate records older than this (default: never by age)")
-  p.add_argument("--gin_file", action="append", default=[], help="gin files (configure make_backend etc.)")
-  p.add_argument("--gin_bindings", action="append", default=[], help="gin bindings")
-  return p.parse_args(argv)
+def _define_flags() -> None:
+  from absl import flags
+
+  from oxyjax import cli
+
+  flags.DEFINE_string("dataset", None, "industrial or office (datasets with item text)", required=True)
+  flags.DEFINE_string("splits", "test,validation", "comma-separated: validation,test")
+  flags.DEFINE_float("train_fraction", 0.0, "seeded random fraction of training examples to add")
+  flags.DEFINE_integer("seed", 0, "seed of the example and user selection")
+  flags.DEFINE_float("user_fraction", 1.0, "keep only a seeded random subset of users (all their selected examples)")
+  flags.DEFINE_integer("max_examples", None, "keep the first N selected examples")
+  flags.DEFINE_string("store", ".cache/instructions", "store directory")
+  flags.DEFINE_string("scenario", "homepage", "scenario the instructions are written for")
+  flags.DEFINE_integer("max_items", 5, "recent history items in the prompt")
+  flags.DEFINE_string("backend", "smollm", "smollm | openai (gin: make_backend)")
+  flags.DEFINE_string("base_url", None, "openai backend: server root URL")
+  flags.DEFINE_string("model", None, "openai backend: model name")
+  flags.DEFINE_integer("batch_size", 32, "prompts per LLM call")
+  flags.DEFINE_integer("max_new_tokens", None, "smollm backend")
+  flags.DEFINE_integer("chunk_size", 256, "records per atomic store write")
+  flags.DEFINE_float("max_age_s", None, "regenerate records older than this (default: never by age)")
+  cli.define_gin_flags()  # gin files configure make_backend, SmolLMBackend, OpenAIBackend
 
 
-def main(argv: Optional[Sequence[str]] = None) -> JobStats:
-  import gin
+def main(argv: Sequence[str]) -> JobStats:
+  """The job, with the flags `cli.run` parsed (`python -m oxyjax.instructions.generate --help`)."""
+  from absl import flags
+
+  from oxyjax import cli
   from oxyjax.data.readers import load_dataset
   from oxyjax.instructions.llm import make_backend
   from oxyjax.sid.embeddings import SentenceEncoder
 
-  args = _parse_args(argv)
+  if len(argv) > 1:
+    raise SystemExit(f"{PROG}: unexpected arguments {argv[1:]} (see --help)")
+  args = flags.FLAGS
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  if args.gin_file or args.gin_bindings:
-    gin.parse_config_files_and_bindings(args.gin_file, args.gin_bindings)
+  cli.parse_gin(args)
   t_load = time.time()
   dataset = load_dataset(args.dataset)
   splits = [s.strip() for s in args.splits.split(",") if s.strip()]
@@ -248,8 +250,15 @@ def main(argv: Optional[Sequence[str]] = None) -> JobStats:
   return stats
 
 
+def run() -> None:
+  from oxyjax import cli
+
+  _define_flags()
+  cli.run(main, PROG)
+
+
 if __name__ == "__main__":
   # Re-import under the package name so gin bindings refer to oxyjax.instructions.*.
   from oxyjax.instructions import generate as _generate_module
 
-  _generate_module.main()
+  _generate_module.run()
