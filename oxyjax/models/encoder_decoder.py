@@ -61,12 +61,13 @@ class ModelConfig:
   # Mixture of experts (issue 3; oxyjax/models/moe.py, docs/design.md 'MoE').
   num_experts: int = 0  # experts per MoE FFN; 0 = dense MlpBlock everywhere
   num_experts_per_token: int = 1  # top-k
-  expert_capacity_factor: float = 1.25  # training: slots per expert = ceil(k * S * factor / E) per group
+  # Training only: slots per expert = ceil(k * S * factor / E) per group of S tokens. Inference
+  # (deterministic) routes each row alone with no drops, so it is batch-independent (moe.py).
+  expert_capacity_factor: float = 1.25
   moe_aux_loss_weight: float = 0.01  # load-balancing loss weight (mean over MoE layers)
   moe_every_n_layers: int = 1  # layer i is MoE when i % n == n - 1 (1: every layer)
   moe_router_z_loss_weight: float = 0.0  # router z-loss weight (ST-MoE uses 1e-3)
-  moe_eval_capacity_factor: float = 2.0  # capacity factor when deterministic (eval, decoding); <= 0: no drops
-  moe_group_size: int = 512  # tokens per routing group (whole rows); <= 0: one group per row
+  moe_group_size: int = 512  # training: tokens per routing group (whole rows); <= 0: one group per row
   # Rematerialisation of each encoder/decoder layer in the backward pass (MaxText's
   # remat_policy): 'none' keeps every activation; 'full' keeps only each layer's input and
   # recomputes the rest (least memory, about one more forward pass); 'minimal' keeps the

@@ -12,15 +12,27 @@ Routing (per token, in float32): p = softmax(x W_router); the k experts with the
 chosen; the gates are p of the chosen experts, renormalised to sum to 1 when k > 1 (GShard
 top-2); with k = 1 the gate is the raw probability (Switch), so the router gets a gradient.
 
-Capacity: tokens are split into groups (whole rows of the leading dims, at most `group_size`
-tokens per group, never straddling two shards of the batch; `group_size` <= 0: one group per
-row). The grouping, and so the routing, is the same on any mesh where every batch shard holds
-a multiple of the group's rows (otherwise groups shrink to fit a shard). Every expert takes at most
-C = min(S, ceil(k * S * capacity_factor / E)) tokens per group of S tokens. Slots are
-filled choice-major (all first choices of a group, in token order, before any second
-choice), as in GShard. An assignment beyond capacity is dropped: its gate contributes
-nothing, and a token dropped by all its choices gets a zero output, i.e. it passes through
-the layer's residual connection unchanged. `capacity_factor <= 0` means no dropping (C = S).
+Groups and capacity. Training (`deterministic=False`): tokens are split into groups (whole rows
+of the leading dims, at most `group_size` tokens per group, never straddling two shards of the
+batch; `group_size` <= 0: one group per row). The grouping, and so the routing, is the same on
+any mesh where every batch shard holds a multiple of the group's rows (otherwise groups shrink
+to fit a shard). Every expert takes at most C = min(S, ceil(k * S * capacity_factor / E)) tokens
+per group of S tokens. Slots are filled choice-major (all first choices of a group, in token
+order, before any second choice), as in GShard. An assignment beyond capacity is dropped: its
+gate contributes nothing, and a token dropped by all its choices gets a zero output, i.e. it
+passes through the layer's residual connection unchanged. `capacity_factor <= 0` means no
+dropping (C = S). So in training one row's output depends on the other rows of its group
+(which tokens got the slots): the standard trade of capacity-limited MoE training.
+
+Inference (`deterministic=True`: evaluation, teacher-forced scoring, beam-search decoding) is
+batch-independent: every row is its own group (S = the row's T tokens) and nothing is dropped
+(C = S), so each token's output is sum over its top-k experts of gate * expert(x), a function
+of that token alone. A row's scores then do not depend on the batch size, on its position, on
+padding rows or on its neighbours (tests/models/test_batch_independence.py), and incremental
+decoding equals teacher forcing. Cost: the dispatch tensors are [rows, T, E, T] (memory
+O(tokens * E * T), not O(tokens * group_size)), and the experts run on E * T slots per row, i.e.
+E / k times the FLOPs of the k active experts (the unused slots hold zeros); a sorted / ragged
+grouped matmul would remove that overhead.
 
 The dispatch mask [G, S, E, C] (0/1) and combine weights [G, S, E, C] (gates) turn the
 token->expert routing into two einsums, so the layer is jit-friendly (static shapes) and
@@ -32,6 +44,8 @@ Auxiliary losses (sown into the "intermediates" collection, unweighted, one per 
       f_e = fraction of the group's k*S top-k assignments (before capacity) that chose e and
       P_e = mean router probability of e; equals 1 for a perfectly uniform router.
   moe_z_loss:   router z-loss (ST-MoE), mean over tokens of logsumexp(router logits)^2.
+When deterministic the groups are single rows, so moe_aux_loss is then the per-row statistic
+averaged over rows (typically larger than the training value for the same router; a diagnostic).
 `collect_aux_losses` averages each over the MoE layers of a model.
 """
 
@@ -133,30 +147,34 @@ class MoeBlock(nn.Module):
   mlp_dim: int
   num_experts: int
   num_experts_per_token: int = 1
-  capacity_factor: float = 1.25
-  eval_capacity_factor: float = 2.0
-  group_size: int = 512
+  capacity_factor: float = 1.25  # training only; inference never drops (module docstring)
+  group_size: int = 512  # training only; inference routes each row alone
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    """x [..., T, D] -> [..., T, D]. Training (not deterministic): grouped routing with
+    capacity, rows of a group compete for slots. Deterministic: one group per row, no drops."""
     d, e, k = x.shape[-1], self.num_experts, self.num_experts_per_token
     if not 1 <= k <= e:
       raise ValueError(f"num_experts_per_token={k} must be in [1, num_experts={e}]")
     lead_shape, t = x.shape[:-2], x.shape[-2]
     rows = math.prod(lead_shape)
-    # Leading dim 0 is the (sharded) batch, so each batch shard holds a contiguous block of rows.
-    shards = batch_shards()
-    r = rows_per_group(rows, t, self.group_size, shards if lead_shape and lead_shape[0] % shards == 0 else 1)
+    if deterministic:
+      # Batch-independent inference: each row routed alone, no capacity (C = S = T).
+      r = 1
+    else:
+      # Leading dim 0 is the (sharded) batch, so each batch shard holds a contiguous block of rows.
+      shards = batch_shards()
+      r = rows_per_group(rows, t, self.group_size, shards if lead_shape and lead_shape[0] % shards == 0 else 1)
     g, s = rows // r, r * t
     xg = layers.constrain(x.reshape(g, s, d), ("batch", "length", "embed"))
 
     router = self.param("router", nn.with_logical_partitioning(layers.default_kernel_init, ("embed", None)),
                         (d, e), jnp.float32)
     logits = jnp.einsum("gsd,de->gse", xg.astype(jnp.float32), router)
-    cf = self.eval_capacity_factor if deterministic else self.capacity_factor
-    capacity = expert_capacity(s, e, k, cf)
+    capacity = s if deterministic else expert_capacity(s, e, k, self.capacity_factor)
     dispatch, combine, probs, top_i, _ = route(logits, k, capacity)
     self.sow("intermediates", "moe_aux_loss", load_balancing_loss(probs, top_i))
     self.sow("intermediates", "moe_z_loss", router_z_loss(logits))
@@ -199,8 +217,9 @@ def layer_uses_moe(cfg, layer_name: str | None) -> bool:
 def make_mlp(cfg, layer_name: str | None, dtype, name: str | None = None):
   """MlpBlock or MoeBlock for one encoder/decoder layer, following the ModelConfig."""
   if layer_uses_moe(cfg, layer_name):
-    return MoeBlock(cfg.mlp_dim, cfg.num_experts, cfg.num_experts_per_token, cfg.expert_capacity_factor,
-                    cfg.moe_eval_capacity_factor, cfg.moe_group_size, cfg.dropout_rate, dtype, name=name)
+    return MoeBlock(cfg.mlp_dim, cfg.num_experts, num_experts_per_token=cfg.num_experts_per_token,
+                    capacity_factor=cfg.expert_capacity_factor, group_size=cfg.moe_group_size,
+                    dropout_rate=cfg.dropout_rate, dtype=dtype, name=name)
   return layers.MlpBlock(cfg.mlp_dim, cfg.dropout_rate, dtype, name=name)
 
 

@@ -99,9 +99,11 @@ def test_uniform_router_balance_loss_is_one_and_overflow_passes_through():
 
 
 def test_moe_block_matches_dense_reference_without_drops():
-  """No dropping (capacity factor <= 0): y = sum over the top-k experts of gate * expert(x)."""
+  """Inference (deterministic) never drops, whatever the training capacity and group size:
+  y = sum over the top-k experts of gate * expert(x), token by token."""
   e, k, d, m = 4, 2, 6, 5
-  block = moe.MoeBlock(mlp_dim=m, num_experts=e, num_experts_per_token=k, eval_capacity_factor=0.0, group_size=10)
+  # In training these would drop: groups of one 5-token row, 10 assignments for 4 experts x C = 2.
+  block = moe.MoeBlock(mlp_dim=m, num_experts=e, num_experts_per_token=k, capacity_factor=0.5, group_size=10)
   x = jax.random.normal(jax.random.key(0), (3, 5, d))
   params = nn.unbox(jax.jit(block.init)(jax.random.key(1), x)["params"])
   y = np.asarray(jax.jit(block.apply)({"params": params}, x))
@@ -175,8 +177,9 @@ def test_moe_parameters_and_aux_loss_in_loss_fn():
 
 
 def test_moe_decoding_matches_teacher_forcing():
-  """Incremental decoding through MoE layers (no drops at eval) equals teacher forcing."""
-  cfg = dataclasses.replace(MOE_CFG, moe_eval_capacity_factor=0.0, dropout_rate=0.0)
+  """Incremental decoding through MoE layers equals teacher forcing: inference routes each row
+  alone and drops nothing, so a token's FFN output does not depend on how it is batched."""
+  cfg = dataclasses.replace(MOE_CFG, dropout_rate=0.0)
   model, batches = _moe_model_and_batches(cfg)
   net, batch = model.network, {k: jnp.asarray(v) for k, v in batches[0].items()}
   params = nn.unbox(_init(model))
