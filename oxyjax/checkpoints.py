@@ -1,21 +1,138 @@
 """Orbax checkpointing: the train state and the data iterator position, saved together.
 
 Restore order (MaxText style), decided in `train.py`:
-  1. the latest checkpoint in `model_dir/checkpoints` (resume this run), else
+  1. the latest readable checkpoint in `model_dir/checkpoints` (resume this run), else
   2. `init_checkpoint` (load given weights), else
   3. fresh initialisation.
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
-crash mid-save leaves the previous good checkpoint as the latest one.
+crash mid-save leaves the previous good checkpoint as the latest one. A finished checkpoint
+whose files are damaged (truncated, missing, undecodable) is set aside, never deleted: moved
+to `model_dir/checkpoints_unreadable/<step>-<UTC time>` with one log line naming it, and the
+next older one is tried (`Checkpointer.restore_latest`; the same rule for the best weights,
+`load_params`). A checkpoint that reads but does not fit this run (another model or
+optimizer) is not damage: `CheckpointMismatchError`, nothing is moved.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+
+
+UNREADABLE_DIR = "checkpoints_unreadable"  # beside `checkpoints/` and `best/`: where unreadable steps go
+
+
+class CheckpointMismatchError(ValueError):
+  """The saved train state is another tree or shape than this run's (a different model or
+  optimizer, weight averaging switched on or off): not damage, so nothing is set aside."""
+
+
+class UnreadableCheckpointError(RuntimeError):
+  """A checkpoint is unreadable and no readable one is left, or it could not be set aside."""
+
+
+def _error_chain(e: BaseException | None) -> list[BaseException]:
+  chain: list[BaseException] = []
+  while e is not None and len(chain) < 32 and not any(e is x for x in chain):
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  return chain
+
+
+def _first_line(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  line = lines[0].strip() if lines else ""
+  line = line.split(" See full TensorStore details")[0]  # Orbax's wrapper: the spec dump adds nothing
+  return f"{type(e).__name__}: {line}".rstrip(": ")
+
+
+# TensorStore raises ValueError("<absl status code>: ...") when a file does not read or decode.
+_TENSORSTORE_READ_CODES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "FAILED_PRECONDITION", "INVALID_ARGUMENT")
+
+
+def is_unreadable_error(e: BaseException) -> bool:
+  """Whether `e`, raised while restoring a checkpoint, says the checkpoint's files are damaged
+  or missing: a TensorStore read or decode error (also as wrapped by Orbax: "Encountered error
+  while reading array ..."), a JSON file that does not parse, a missing file or item. Not: a
+  train state that does not match this run's, running out of memory, anything else (a bug, a
+  wrong target): those propagate, and no checkpoint is set aside for them."""
+  chain = _error_chain(e)
+  if any(isinstance(x, (CheckpointMismatchError, MemoryError)) or "RESOURCE_EXHAUSTED" in str(x) for x in chain):
+    return False
+  for x in chain:
+    msg = str(x).lstrip()
+    if isinstance(x, (OSError, json.JSONDecodeError, UnicodeDecodeError)):  # OSError: FileNotFoundError too
+      return True
+    if msg.startswith(_TENSORSTORE_READ_CODES) or msg.startswith("Encountered error while reading") \
+        or msg.startswith("Found incomplete checkpoint"):
+      return True
+    if isinstance(x, KeyError) and "was not found in the checkpoint" in msg:
+      return True
+  return False
+
+
+def _describe(e: BaseException, limit: int = 500) -> str:
+  """The error's first line and, when it wraps others (Orbax wraps TensorStore's), the innermost one's."""
+  chain = _error_chain(e)
+  text = _first_line(chain[0]) + (f" <- {_first_line(chain[-1])}" if len(chain) > 1 else "")
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def set_aside(path: str, aside_dir: str, name: str) -> str:
+  """Moves the directory `path` to `aside_dir/<name>-<UTC time>` (never deletes); returns where."""
+  os.makedirs(aside_dir, exist_ok=True)
+  dest = os.path.join(aside_dir, f"{name}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}")
+  base, n = dest, 1
+  while os.path.exists(dest):
+    dest, n = f"{base}-{n}", n + 1
+  os.rename(path, dest)
+  return dest
+
+
+def _restore_newest_readable(manager: ocp.CheckpointManager, restore: Callable[[int], Any], *, what: str,
+                             aside_dir: str, aside_prefix: str = "", log=print) -> tuple[Any, int]:
+  """`((step, restore(step)) or None, number of steps set aside)`, trying the manager's steps
+  newest first. A step whose files do not read (`is_unreadable_error`) is logged in one line,
+  moved to `aside_dir/<aside_prefix><step>-<UTC time>` and the next older one is tried; any
+  other error propagates. With several processes nothing is moved (the hosts would have to
+  agree on it first): UnreadableCheckpointError names the step to move away by hand."""
+  moved = 0
+  while (step := manager.latest_step()) is not None:
+    try:
+      return (step, restore(step)), moved
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_unreadable_error(e):
+        raise
+      reason = _describe(e)
+    _set_aside_step(manager, step, reason, what=what, aside_dir=aside_dir, aside_prefix=aside_prefix, log=log)
+    moved += 1
+  return None, moved
+
+
+def _set_aside_step(manager: ocp.CheckpointManager, step: int, reason: str, *, what: str, aside_dir: str,
+                    aside_prefix: str, log=print) -> None:
+  """Moves the unreadable `step` out of `manager`'s directory (see `_restore_newest_readable`)."""
+  path = os.path.join(str(manager.directory), str(step))
+  if jax.process_count() > 1:
+    raise UnreadableCheckpointError(
+        f"{what} {path} is unreadable ({reason}). With several processes it is not set aside automatically: "
+        f"move it out of {manager.directory} (e.g. into {aside_dir}) and restart.")
+  try:
+    dest = set_aside(path, aside_dir, f"{aside_prefix}{step}")
+  except OSError as move_error:
+    raise UnreadableCheckpointError(
+        f"{what} {path} is unreadable ({reason}) and could not be moved to {aside_dir} "
+        f"({_first_line(move_error)}): move it away by hand and restart.") from None
+  manager.reload()
+  older = manager.latest_step()
+  log(f"[oxyjax] {what} {path} is unreadable ({reason}); moved it to {dest}; "
+      + (f"trying step {older}" if older is not None else "no older one is left"))
 
 
 def abstract_with_shardings(abstract_tree, shardings):
@@ -28,6 +145,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, save_every_steps: int = 1000, async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    self.unreadable_dir = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -47,22 +165,49 @@ class Checkpointer:
   def restore(self, step: int, abstract_state):
     """abstract_state: ShapeDtypeStructs with shardings. Returns (state, data_state).
 
-    A checkpoint whose tree differs from `abstract_state` (another model shape or optimizer,
-    or weight averaging switched on or off since the run started) raises a ValueError naming
-    the checkpoint and the first differing entry, instead of Orbax's dump of both trees."""
+    A checkpoint whose tree or array shapes differ from `abstract_state` (another model shape
+    or optimizer, or weight averaging switched on or off since the run started) raises
+    CheckpointMismatchError (a ValueError) naming the checkpoint and the first differing entry
+    (or the shapes), instead of Orbax's dump of both trees."""
     try:
       out = self.manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     except ValueError as e:
       lines = str(e).splitlines()
-      if not lines or "do not match" not in lines[0]:
+      first = lines[0] if lines else ""
+      if "do not match" in first:
+        where = f"at '{lines[1].strip().rstrip(':') if len(lines) > 1 else '?'}'"
+      elif "is not compatible with the stored shape" in first:  # same tree, another array shape
+        where = f"({first.split('. Truncating')[0].strip()})"
+      else:
         raise
-      where = lines[1].strip().rstrip(":") if len(lines) > 1 else "?"
-      raise ValueError(
-          f"{os.path.join(self.directory, str(step))}: the saved train state does not match this run's at "
-          f"'{where}' (a different model shape or optimizer, or OptimizerConfig.ema_decay switched on or off "
+      raise CheckpointMismatchError(
+          f"{os.path.join(self.directory, str(step))}: the saved train state does not match this run's "
+          f"{where} (a different model shape or optimizer, or OptimizerConfig.ema_decay switched on or off "
           "since the run started). Use a new model_dir, or init_checkpoint to load only the weights.") from None
     return out["state"], out["data"]
+
+  def restore_latest(self, abstract_state, log=print):
+    """`(step, state, data_state)` of the newest readable checkpoint, or None when there is none.
+
+    The newest step is tried first. One whose files do not read (a truncated or missing array
+    file, a JSON that does not parse: `is_unreadable_error`) is logged in one line naming its
+    directory and the error, moved to `<model_dir>/checkpoints_unreadable/<step>-<UTC time>`
+    (outside this manager's directory, so Orbax no longer lists it; nothing is deleted), and
+    the next older step is tried. None when no readable checkpoint is left (logged when some
+    were set aside: the caller then initialises afresh). A checkpoint that reads but does not
+    fit `abstract_state` raises CheckpointMismatchError, and any other error propagates: neither
+    sets anything aside. With several processes an unreadable checkpoint raises
+    UnreadableCheckpointError instead of being moved."""
+    found, moved = _restore_newest_readable(self.manager, lambda step: self.restore(step, abstract_state),
+                                            what="checkpoint", aside_dir=self.unreadable_dir, log=log)
+    if found is None:
+      if moved:
+        log(f"[oxyjax] no readable checkpoint left in {self.directory} ({moved} set aside in "
+            f"{self.unreadable_dir}): starting from scratch")
+      return None
+    step, (state, data_state) = found
+    return step, state, data_state
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -71,17 +216,20 @@ class Checkpointer:
     self.manager.close()
 
 
-def save_params(directory: str, params, metadata: dict[str, Any]) -> bool:
+def save_params(directory: str, params, metadata: dict[str, Any], *, log=print) -> bool:
   """Saves a parameter tree (e.g. the best-on-validation weights), replacing an older one only
   once the new save is complete. Returns False, saving nothing, when `directory` already holds
   this step: a run restarted from an earlier checkpoint reaches the same step again, and the
-  weights saved before the restart stay."""
+  weights saved before the restart stay, unless they no longer read: then they are set aside
+  (`load_params`) and saved again."""
   mngr = ocp.CheckpointManager(os.path.abspath(directory),
                                options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
   step = int(metadata.get("step", 0))
   if step in mngr.all_steps():
-    mngr.close()
-    return False
+    if _params_readable(mngr, step, params, log=log):
+      mngr.close()
+      return False
+    # else the unreadable copy of `step` was set aside: save it again
   mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(metadata)),
             force=True)
   mngr.wait_until_finished()
@@ -89,13 +237,75 @@ def save_params(directory: str, params, metadata: dict[str, Any]) -> bool:
   return True
 
 
-def load_params(directory: str, abstract_params=None):
-  """Loads the parameters saved by `save_params` (latest). Returns (params, metadata)."""
-  mngr = ocp.CheckpointManager(os.path.abspath(directory))
-  step = mngr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no parameter checkpoint under {directory}")
+def _params_aside(directory: str) -> tuple[str, str]:
+  """Where unreadable parameter steps of `directory` go: `<parent>/checkpoints_unreadable/<name>-<step>-<time>`."""
+  directory = os.path.abspath(directory)
+  return os.path.join(os.path.dirname(directory), UNREADABLE_DIR), os.path.basename(directory) + "-"
+
+
+def _restore_params(mngr: ocp.CheckpointManager, step: int, abstract_params):
   args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore())
   out = mngr.restore(step, args=args)
-  mngr.close()
   return out["params"], out["meta"]
+
+
+def _params_readable(mngr: ocp.CheckpointManager, step: int, params, log=print) -> bool:
+  """Whether `step` of a `save_params` directory reads (into `params`' shapes); if not, it is set aside."""
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                          params)
+  try:
+    _restore_params(mngr, step, abstract)
+    return True
+  except Exception as e:  # pylint: disable=broad-except
+    if not is_unreadable_error(e):
+      raise
+    reason = _describe(e)
+  aside_dir, prefix = _params_aside(str(mngr.directory))
+  _set_aside_step(mngr, step, reason, what="parameter checkpoint", aside_dir=aside_dir, aside_prefix=prefix, log=log)
+  return False
+
+
+def load_params(directory: str, abstract_params=None, *, log=print):
+  """Loads the parameters saved by `save_params` (latest readable). Returns (params, metadata).
+
+  The newest step is tried first; one whose files do not read is logged, set aside to
+  `<parent>/checkpoints_unreadable/<name>-<step>-<UTC time>` (e.g. `best-6-...`, never deleted)
+  and the next older one tried. FileNotFoundError when `directory` holds no step,
+  UnreadableCheckpointError (one line, naming it) when none of them reads."""
+  mngr = ocp.CheckpointManager(os.path.abspath(directory))
+  try:
+    if mngr.latest_step() is None:
+      raise FileNotFoundError(f"no parameter checkpoint under {directory}")
+    aside_dir, prefix = _params_aside(directory)
+    found, moved = _restore_newest_readable(mngr, lambda step: _restore_params(mngr, step, abstract_params),
+                                            what="parameter checkpoint", aside_dir=aside_dir, aside_prefix=prefix,
+                                            log=log)
+  finally:
+    mngr.close()
+  if found is None:
+    raise UnreadableCheckpointError(f"no readable parameter checkpoint left under {directory} "
+                                    f"({moved} unreadable, set aside in {aside_dir})")
+  return found[1]
+
+
+def check_best(directory: str | None, best: dict[str, Any], abstract_params, log=print) -> dict[str, Any]:
+  """At a resume: `best` (the restored {"score", "step"} of the best-on-validation weights in
+  `directory`, saved by `save_params`) when they still read. Else, their newest step set aside
+  (`load_params`), the best of what is left there, or no best at all ({"score": -1.0, "step":
+  None}, logged): the next improvement on validation saves new weights, and without one the
+  final evaluation uses the final weights instead of dying on unreadable ones."""
+  if not directory or best.get("step") is None:
+    return best
+  mngr = ocp.CheckpointManager(os.path.abspath(directory)) if os.path.isdir(directory) else None
+  newest = mngr.latest_step() if mngr is not None else None
+  if mngr is not None:
+    mngr.close()
+  try:
+    _, meta = load_params(directory, abstract_params, log=log)
+  except (FileNotFoundError, UnreadableCheckpointError) as e:
+    log(f"[oxyjax] the best weights of step {best['step']} are gone ({e}): the next improvement on validation "
+        "saves new ones, else the final evaluation uses the final weights")
+    return {"score": -1.0, "step": None}
+  if int(meta.get("step", -1)) == newest:
+    return best
+  return {"score": float(meta.get("recall@10", -1.0)), "step": int(meta["step"])}

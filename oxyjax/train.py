@@ -446,11 +446,11 @@ def train(
   best_dir = os.path.join(model_dir, "best") if model_dir else None
   history: list[dict[str, float]] = []
   best = {"score": -1.0, "step": None}
-  if ckpt is not None and ckpt.latest_step() is not None:
-    step0 = ckpt.latest_step()
-    state, data_state = ckpt.restore(step0, state_sharded)
+  restored = ckpt.restore_latest(state_sharded, log=log) if ckpt is not None else None  # unreadable ones set aside
+  if restored is not None:
+    step0, state, data_state = restored
     it.restore(data_state["iterator"])
-    best = data_state.get("best", best)
+    best = checkpoints.check_best(best_dir, data_state.get("best", best), state_sharded["params"], log=log)
     history = data_state.get("history", [])
     log(f"[oxyjax] resumed from {ckpt.directory} step {step0}")
   else:
