@@ -288,24 +288,111 @@ def load_params(directory: str, abstract_params=None, *, log=print):
   return found[1]
 
 
-def check_best(directory: str | None, best: dict[str, Any], abstract_params, log=print) -> dict[str, Any]:
-  """At a resume: `best` (the restored {"score", "step"} of the best-on-validation weights in
-  `directory`, saved by `save_params`) when they still read. Else, their newest step set aside
-  (`load_params`), the best of what is left there, or no best at all ({"score": -1.0, "step":
-  None}, logged): the next improvement on validation saves new weights, and without one the
-  final evaluation uses the final weights instead of dying on unreadable ones."""
-  if not directory or best.get("step") is None:
-    return best
-  mngr = ocp.CheckpointManager(os.path.abspath(directory)) if os.path.isdir(directory) else None
-  newest = mngr.latest_step() if mngr is not None else None
-  if mngr is not None:
-    mngr.close()
+def has_checkpoint(directory: str | None) -> bool:
+  """Whether `directory` holds at least one finished Orbax step."""
+  if not directory or not os.path.isdir(directory):
+    return False
+  mngr = ocp.CheckpointManager(os.path.abspath(directory))
   try:
-    _, meta = load_params(directory, abstract_params, log=log)
-  except (FileNotFoundError, UnreadableCheckpointError) as e:
-    log(f"[oxyjax] the best weights of step {best['step']} are gone ({e}): the next improvement on validation "
-        "saves new ones, else the final evaluation uses the final weights")
-    return {"score": -1.0, "step": None}
-  if int(meta.get("step", -1)) == newest:
-    return best
-  return {"score": float(meta.get("recall@10", -1.0)), "step": int(meta["step"])}
+    return mngr.latest_step() is not None
+  finally:
+    mngr.close()
+
+
+def restore_latest_params(directory: str, abstract_params, log=print):
+  """The evaluation weights (`ema_params` when the run keeps an average, else `params`) of the
+  newest train checkpoint under `directory`, read without the optimizer state or the data
+  position (Orbax partial restore). Returns (step, params) or None."""
+  if not has_checkpoint(directory):
+    return None
+  mngr = ocp.CheckpointManager(os.path.abspath(directory))
+  try:
+    step = mngr.latest_step()
+    for key in ("ema_params", "params"):
+      target = {key: abstract_params}
+      try:
+        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target),
+            partial_restore=True)))
+      except (KeyError, ValueError):
+        if key == "params":
+          raise
+        continue  # no average in this run
+      return step, out["state"][key]
+  finally:
+    mngr.close()
+
+
+class BestCheckpointer:
+  """The best weights by a validation metric, kept by Orbax (`best_fn`, `max_to_keep=1`).
+
+  `maybe_save(step, params, metrics)` writes only when `metrics[metric]` is strictly higher
+  than the best kept so far (the first evaluation always is), so the earlier of two equal
+  scores stays; the best step and its metric are read back from Orbax's own metadata, so a
+  restarted run knows them without any bookkeeping of ours. A restarted run that reaches an
+  already-saved step again keeps what is there (same weights: the run is deterministic).
+  Multi-host: the decision is process 0's, broadcast, and every process saves together."""
+
+  def __init__(self, directory: str, *, metric: str = "recall@10", log=print):
+    self.directory, self.metric, self.log = os.path.abspath(directory), metric, log
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m[metric], best_mode="max",
+                                             keep_checkpoints_without_metrics=False, create=True))
+
+  def best_step(self) -> int | None:
+    return self.manager.best_step()
+
+  def best_metric(self) -> float | None:
+    step = self.best_step()
+    if step is None:
+      return None
+    m = self.manager.metrics(step)
+    return None if m is None else float(m[self.metric])
+
+  def maybe_save(self, step: int, params, metrics: dict[str, Any]) -> bool:
+    from oxyjax import distributed
+
+    best = self.best_metric()
+    improved = best is None or float(metrics[self.metric]) > best
+    if jax.process_count() > 1:  # a host-0 decision: every host saves (or not) together
+      import numpy as np
+      improved = bool(distributed.broadcast_from_host0(np.asarray(improved)))
+    if not improved:
+      return False
+    if step in self.manager.all_steps() and _params_readable(self.manager, step, params, log=self.log):
+      return False  # a restarted run reached this step again: the same weights are there
+    meta = {"step": int(step), **{k: (float(v) if not isinstance(v, bool) else v) for k, v in metrics.items()}}
+    self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                    meta=ocp.args.JsonSave(meta)),
+                      metrics={k: v for k, v in meta.items() if k != "step"}, force=True)
+    self.manager.wait_until_finished()
+    return True
+
+  def restore(self, abstract_params):
+    """(params, metadata) of the best step. Unreadable ones are set aside (the recovery rule of
+    `load_params`); UnreadableCheckpointError when none is left."""
+    if self.best_step() is None:
+      raise FileNotFoundError(f"no best checkpoint under {self.directory}")
+    aside_dir, prefix = _params_aside(self.directory)
+    found, moved = _restore_newest_readable(self.manager, lambda step: _restore_params(self.manager, step, abstract_params),
+                                            what="best-weights checkpoint", aside_dir=aside_dir, aside_prefix=prefix,
+                                            log=self.log)
+    if found is None:
+      raise UnreadableCheckpointError(f"the best weights under {self.directory} are unreadable "
+                                      f"({moved} set aside in {aside_dir})")
+    return found[1]
+
+  def verify(self, abstract_params) -> int | None:
+    """At a resume: the best step when its weights still read; else they are set aside (logged)
+    and the run has no best yet: the next evaluation saves new best weights."""
+    if self.best_step() is None:
+      return None
+    try:
+      self.restore(abstract_params)
+    except UnreadableCheckpointError as e:
+      self.log(f"[oxyjax] {e}: the next evaluation saves new best weights")
+    return self.best_step()
+
+  def close(self):
+    self.manager.close()

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_ROOT = os.path.join(REPO_ROOT, "gin_configs")
 
+HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")
 _GIN_SHORTHAND: list[str] = []  # bindings from --gin.NAME=VALUE, kept aside from absl's flags
 
 
@@ -66,6 +67,10 @@ def parse_flags(argv: Sequence[str], prog: str) -> list[str]:
   except flags.Error as e:
     print(f"{prog}: {e} (see --help)", file=sys.stderr)
     sys.exit(2)
+  except SystemExit as e:  # absl's help flags print the usage and exit 1; asked-for help is a success
+    if e.code == 1 and any(a.split("=")[0] in HELP_FLAGS for a in argv[1:]):
+      sys.exit(0)
+    raise
 
 
 def run(main: Callable[[Sequence[str]], object], prog: str) -> None:

@@ -318,9 +318,17 @@ def test_unreadable_best_weights_are_set_aside_and_the_run_goes_on(tmp_path):
   assert len(logs) == 1 and "no older one is left" in logs[0]
   aside = os.listdir(tmp_path / "checkpoints_unreadable")
   assert len(aside) == 2 and all(re.fullmatch(r"best-4-\d{8}T\d{6}Z(-\d+)?", n) for n in aside), aside
-  # At a resume, a best step whose weights are gone is forgotten (the final evaluation then
-  # uses the final weights) instead of failing at the end of the run.
-  assert checkpoints.check_best(best_dir, {"score": 0.5, "step": 4}, _abstract(params)) == {"score": -1.0,
-                                                                                            "step": None}
-  checkpoints.save_params(best_dir, params, {"step": 6, "recall@10": 0.6})
-  assert checkpoints.check_best(best_dir, {"score": 0.6, "step": 6}, _abstract(params)) == {"score": 0.6, "step": 6}
+  # The run's best-weights tracker (Orbax best_fn): at a resume, a best step whose weights no
+  # longer read is set aside and forgotten (the next evaluation saves new best weights, and
+  # the final evaluation never dies on unreadable ones).
+  tracker_dir = str(tmp_path / "run" / "best")
+  best = checkpoints.BestCheckpointer(tracker_dir, log=lambda *a: None)
+  assert best.maybe_save(4, params, {"recall@10": 0.5}) and best.best_step() == 4
+  assert not best.maybe_save(6, params, {"recall@10": 0.5})  # not strictly better: the earlier stays
+  _truncate_largest_array(os.path.join(tracker_dir, "4"))
+  best = checkpoints.BestCheckpointer(tracker_dir, log=logs.append)  # the restarted run
+  assert best.verify(_abstract(params)) is None and best.best_metric() is None
+  assert any(n.startswith("best-4-") for n in os.listdir(tmp_path / "run" / "checkpoints_unreadable"))
+  assert best.maybe_save(6, _tree(6)["params"], {"recall@10": 0.4})
+  restored, meta = best.restore(_abstract(params))
+  assert best.best_step() == 6 and meta["step"] == 6 and float(restored["b"][0]) == 6.0

@@ -1,0 +1,195 @@
+"""Set-up shared by every loop and evaluation: the partitioner, the model artifact, the model,
+the decoder's constraint and the split loader, built once and passed down (MaxText's
+`setup_train_loop`).
+
+Two ways in:
+  * `setup(dataset=..., model_config=..., sid=...)`: a training run. Reads the dataset, gets
+    its SID table (built or loaded, keyed by the data's content), and builds the artifact.
+  * `from_artifact(artifact)`: evaluation and serving. Everything comes from the artifact;
+    only the split being evaluated is read (and checked against the data fingerprint the
+    artifact was built from).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from oxyjax import distributed
+from oxyjax import losses
+from oxyjax import partitioning
+from oxyjax.artifact import ModelArtifact
+from oxyjax.data import pipeline
+from oxyjax.models.encoder_decoder import ModelConfig
+from oxyjax.sid.trie import PrefixTrie
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT_ENCODER = "all-MiniLM-L6-v2"
+
+
+@dataclasses.dataclass(frozen=True)
+class SIDConfig:
+  """How the semantic-ID table is obtained: loaded from `path`, or built and cached."""
+
+  path: str | None = None
+  num_levels: int = 3
+  codebook_size: int = 256
+  embedding: str = "auto"  # auto | text | collaborative
+  balance: str = "residual"  # which k-means levels use balanced assignment: residual | none | all
+  seed: int = 0
+  cache_dir: str | None = None  # default: <repo>/.cache/sid/<dataset>_<data fingerprint>_<settings>
+
+
+@dataclasses.dataclass(frozen=True)
+class InstructionsConfig:
+  """Reasoning instructions I_r (PAPER.md section 1) read from the near-line store.
+
+  Examples whose instruction is missing, stale (older than `max_age_s`) or a fallback get
+  the model's learned default instruction; the counts are logged per split.
+  """
+
+  store: str | None = None  # instruction store written by `python -m oxyjax.instructions.generate`
+  scenario: str = "homepage"
+  max_age_s: float | None = None  # None: never stale
+  # Also evaluate each final split on just the examples that carry a generated instruction
+  # (reported as '<split>_with_instruction'); works for models that do not read I_r too, so
+  # that every ablation row is compared on the same examples.
+  evaluate_covered_subset: bool = True
+
+
+def load_sid_table(dataset: str, cfg: SIDConfig):
+  """The SID table of `dataset`: from cfg.path, else built once and cached under a key of the
+  data's content and the settings (`sid.build.load_or_build_sid_table`)."""
+  from oxyjax.sid import build as sid_build
+
+  return sid_build.load_or_build_sid_table(
+      dataset, path=cfg.path, num_levels=cfg.num_levels, codebook_size=cfg.codebook_size, embedding=cfg.embedding,
+      balance=cfg.balance, seed=cfg.seed, cache_dir=cfg.cache_dir)
+
+
+def _store_lookup(dataset: str, split: str, cfg: InstructionsConfig, dim: int | None = None):
+  from oxyjax.data import readers
+  from oxyjax.instructions.store import InstructionStore
+
+  if not os.path.isdir(cfg.store):
+    raise FileNotFoundError(f"instruction store {cfg.store!r} does not exist; write it with "
+                            f"`python -m oxyjax.instructions.generate --dataset={dataset} --store={cfg.store}`")
+  ds = readers.load_dataset(dataset)
+  examples = ds.split(split)
+  store = InstructionStore(cfg.store, dim=dim, create=False) if dim else InstructionStore(cfg.store, create=False)
+  emb, present, stats = store.lookup_embeddings(ds, examples, scenario=cfg.scenario, now=time.time(),
+                                                max_age_s=cfg.max_age_s)
+  return len(examples), emb, present, stats
+
+
+def instruction_coverage(dataset: str, split: str, cfg: InstructionsConfig) -> np.ndarray:
+  """[N] bool: which examples of `split` have a fresh generated instruction in the store."""
+  return _store_lookup(dataset, split, cfg)[2]
+
+
+def load_instructions(arrays: pipeline.ExampleArrays, dataset: str, split: str, cfg: InstructionsConfig,
+                      instruction_dim: int, log=print) -> pipeline.ExampleArrays:
+  """Attaches `instruction_embedding` [N, Dr] and `instruction_mask` [N] to a split's arrays.
+
+  Rows follow the reader's order (as `pipeline.load_split` does), so row i is the split's
+  i-th example. Without a store every row uses the learned default.
+  """
+  n = len(arrays)
+  if not cfg.store:
+    emb, present = np.zeros((n, instruction_dim), np.float32), np.zeros((n,), bool)
+    log(f"[oxyjax] {dataset} {split}: no instruction store; all {n} examples use the learned default instruction")
+  else:
+    n_reader, emb, present, stats = _store_lookup(dataset, split, cfg, instruction_dim)
+    if n_reader != n:
+      raise ValueError(f"{dataset} {split}: {n_reader} reader examples but {n} rows")
+    if emb.shape != (n, instruction_dim):
+      raise ValueError(f"instruction store {cfg.store}: embeddings {emb.shape}, model expects [{n}, {instruction_dim}]")
+    log(f"[oxyjax] {dataset} {split}: {int(present.sum())}/{n} examples carry a generated instruction "
+        f"({stats}); the rest use the learned default")
+  return arrays.with_extras(instruction_embedding=np.asarray(emb, np.float32), instruction_mask=np.asarray(present, bool))
+
+
+def instruction_settings(cfg: InstructionsConfig, instruction_dim: int) -> dict[str, Any]:
+  """What the artifact records of the instructions: where they come from and how they are read."""
+  return {**dataclasses.asdict(cfg), "instruction_dim": instruction_dim,
+          "encoder": TEXT_ENCODER if instruction_dim else None}
+
+
+@dataclasses.dataclass
+class Experiment:
+  """One dataset's model, artifact, partitioner and data, shared by training and evaluation."""
+
+  dataset: str
+  artifact: ModelArtifact
+  model: Any  # RecModel
+  partitioner: partitioning.Partitioner
+  instructions: InstructionsConfig = InstructionsConfig()
+  data_source: str = "seqio"
+  log: Callable[..., None] = print
+
+  def __post_init__(self):
+    self._tries: dict[str, PrefixTrie] = {}
+
+  @property
+  def config(self) -> ModelConfig:
+    return self.model.config
+
+  def trie(self, pool: str = "all") -> PrefixTrie:
+    if pool not in self._tries:
+      self._tries[pool] = self.artifact.trie(pool)
+    return self._tries[pool]
+
+  def check_data(self) -> None:
+    """The data on disk is the data the artifact was built from (item indices would shift otherwise)."""
+    from oxyjax.data import readers
+
+    want = self.artifact.data_fingerprint
+    if want is None:
+      return
+    got = readers.dataset_fingerprint(self.dataset)
+    if got != want:
+      raise ValueError(f"dataset {self.dataset!r} in {readers.default_data_dir()} has fingerprint {got}, but the "
+                       f"model artifact {self.artifact.directory or ''} was built from data with fingerprint {want}: "
+                       "its item index does not fit this data")
+
+  def load_split(self, split: str) -> pipeline.ExampleArrays:
+    """A split's examples (with their instructions when the model reads I_r)."""
+    arrays = pipeline.load_split(self.dataset, split, self.config.max_history, source=self.data_source)
+    if self.config.instruction_dim:
+      arrays = load_instructions(arrays, self.dataset, split, self.instructions, self.config.instruction_dim, self.log)
+    return arrays
+
+
+def setup(*, dataset: str, model_config: ModelConfig, sid: SIDConfig, instructions: InstructionsConfig,
+          partitioner: partitioning.Partitioner, label_smoothing: float = 0.0,
+          q2i: losses.Q2IConfig = losses.Q2IConfig(), data_source: str = "seqio", log=print) -> Experiment:
+  """A training run's experiment: SID table, item text, model and artifact from the dataset."""
+  from oxyjax.data import readers
+  from oxyjax.sid import build as sid_build
+  from oxyjax.models.rec_model import RecModel
+
+  ds = readers.load_dataset(dataset)
+  table = load_sid_table(dataset, sid)
+  distributed.assert_same_across_hosts(distributed.checksum(table.codes), "SID table codes checksum")
+  text = sid_build.item_text_embeddings(dataset) if model_config.text_dim else None
+  model = RecModel(model_config, table.codes, label_smoothing=label_smoothing, item_text_embeddings=text, q2i=q2i)
+  artifact = ModelArtifact.from_dataset(
+      ds, table, model.config, data_fingerprint=readers.dataset_fingerprint(dataset),
+      sid_settings={k: v for k, v in dataclasses.asdict(sid).items() if k != "cache_dir"},
+      instructions=instruction_settings(instructions, model.config.instruction_dim), item_text_embeddings=text)
+  return Experiment(ds.name, artifact, model, partitioner, instructions, data_source, log)
+
+
+def from_artifact(artifact: ModelArtifact, *, partitioner: partitioning.Partitioner,
+                  instructions: InstructionsConfig | None = None, data_source: str = "seqio",
+                  log=print) -> Experiment:
+  """An evaluation's experiment: the model and its constraint from the artifact alone.
+  `instructions` defaults to the settings the artifact was trained with."""
+  if instructions is None:
+    fields = {f.name for f in dataclasses.fields(InstructionsConfig)}
+    instructions = InstructionsConfig(**{k: v for k, v in artifact.instructions.items() if k in fields})
+  return Experiment(artifact.dataset, artifact, artifact.make_model(), partitioner, instructions, data_source, log)

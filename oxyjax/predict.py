@@ -1,0 +1,158 @@
+r"""Top-K recommendations for one user's history, from a model artifact alone.
+
+  python -m oxyjax.predict --model_dir=runs/quickstart --history=12,13,14 --top_k=10
+
+`--model_dir` is a run directory (its `artifact/`) or an artifact directory itself. The
+history is the user's behaviours as raw item ids, oldest first. Nothing else is read: no
+training data, no optimizer state, no cache. The weights are the artifact's `params/`
+(written when training ends); for a run directory whose training has not finished, the
+best-on-validation weights or the newest checkpoint's parameters.
+
+Prints one line per item: rank, raw item id, score (the beam search's log-probability of the
+item's SID path), title where the data has one. `--json` prints the same as JSON.
+An unknown item id, an empty history or a missing artifact ends with a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+
+PROG = "python -m oxyjax.predict"
+
+
+class Predictor:
+  """A model artifact loaded for answering: `recommend(raw_history) -> [(raw_id, score, title)]`.
+
+  Runs on one device (a request is one row; batch-independent inference makes the answer the
+  same as inside any evaluation batch)."""
+
+  def __init__(self, path: str, *, beam_size: int = 20, pool: str = "all", log=lambda *a, **k: None):
+    import jax
+
+    from oxyjax import experiment as experiment_lib
+    from oxyjax import partitioning
+    from oxyjax import train as train_lib
+    from oxyjax import trainer as trainer_lib
+    from oxyjax.artifact import ModelArtifact, artifact_dir
+
+    run_dir = None
+    if not os.path.isfile(os.path.join(path, "artifact.json")):
+      run_dir, path = path, artifact_dir(path)
+    self.artifact = ModelArtifact.load(path)
+    self.partitioner = partitioning.Partitioner({"data": 1}, devices=jax.devices()[:1])
+    self.experiment = experiment_lib.from_artifact(self.artifact, partitioner=self.partitioner, log=log)
+    self.model = self.experiment.model
+    abstract = trainer_lib.TrainStateFactory(self.model, self.partitioner).params_abstract
+    if run_dir is not None:
+      self.params, self.step = train_lib.load_eval_weights(run_dir, abstract, log=log)
+    else:
+      from oxyjax import checkpoints
+
+      if not checkpoints.has_checkpoint(self.artifact.params_dir):
+        raise FileNotFoundError(f"{self.artifact.params_dir}: the artifact has no weights yet (its run has not "
+                                "finished); pass the run directory to use its best or latest checkpoint")
+      self.params, meta = checkpoints.load_params(self.artifact.params_dir, abstract)
+      self.step = int(meta.get("step", 0))
+    self.trie = self.experiment.trie(pool)
+    self.beam_size = beam_size
+    self._predict = jax.jit(lambda p, b, t: self.model.predict(p, b, t, beam_size=beam_size))
+    self._encoder = None
+
+  def _instruction(self, text: str | None) -> tuple[np.ndarray, np.ndarray]:
+    dim = self.model.config.instruction_dim
+    if not text:
+      return np.zeros((1, dim), np.float32), np.zeros((1,), bool)
+    if self._encoder is None:
+      from oxyjax.sid.embeddings import SentenceEncoder
+
+      self._encoder = SentenceEncoder()
+    return self._encoder.encode([text]), np.ones((1,), bool)
+
+  def recommend(self, raw_history: Sequence[str], *, top_k: int = 10, scenario: int = 0,
+                instruction: str | None = None) -> list[tuple[str, float, str | None]]:
+    import jax
+
+    from oxyjax.data import pipeline
+    from oxyjax.data.readers import Example
+
+    raw_history = [r for r in raw_history if r]
+    if not raw_history:
+      raise ValueError("the history is empty: give at least one item id")
+    if top_k > self.beam_size:
+      raise ValueError(f"top_k {top_k} is larger than the beam size {self.beam_size}")
+    cfg = self.model.config
+    if not 0 <= scenario < cfg.num_scenarios:
+      raise ValueError(f"scenario {scenario} is out of range: the model knows {cfg.num_scenarios} scenario(s)")
+    items = self.artifact.item_indices(raw_history)
+    arrays = pipeline.examples_to_arrays([Example(user=0, history=tuple(int(i) for i in items), target=0)],
+                                         cfg.max_history, scenario=scenario)
+    if cfg.instruction_dim:
+      if instruction and cfg.instruction_dim != 384:
+        raise ValueError(f"the model reads {cfg.instruction_dim}-d instructions; the sentence encoder gives 384")
+      emb, present = self._instruction(instruction)
+      arrays = arrays.with_extras(instruction_embedding=emb, instruction_mask=present)
+    elif instruction:
+      raise ValueError("this model reads no instruction (instruction_dim = 0)")
+    batch = self.model.convert_features(arrays)
+    part = self.partitioner
+    with jax.set_mesh(part.mesh), part.rules_context():
+      out = self._predict(self.params, part.shard_batch(batch), self.trie)
+    got_items, scores = np.asarray(out.items)[0], np.asarray(out.scores)[0]
+    return [(self.artifact.raw_item_ids[i], float(s), self.artifact.title(int(i)))
+            for i, s in zip(got_items[:top_k], scores[:top_k]) if i > 0]
+
+
+def _define_flags():
+  from absl import flags
+
+  flags.DEFINE_string("model_dir", None, "A run directory (uses its artifact/) or an artifact directory.")
+  flags.DEFINE_list("history", [], "The user's behaviours as raw item ids, oldest first, comma-separated.")
+  flags.DEFINE_integer("top_k", 10, "How many items to print.")
+  flags.DEFINE_integer("beam_size", 20, "Beam width of the constrained beam search (>= top_k).")
+  flags.DEFINE_integer("scenario", 0, "Scenario id (I_s).")
+  flags.DEFINE_string("pool", "all", "Candidate pool of the artifact the items come from.")
+  flags.DEFINE_string("instruction", None, "A reasoning instruction I_r as text (embedded with the sentence "
+                      "encoder), for models that read one; default: the learned default instruction.")
+  flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
+
+
+def main(argv: Sequence[str]) -> None:
+  from absl import flags
+
+  fl = flags.FLAGS
+  if len(argv) > 1:
+    raise SystemExit(f"{PROG}: unexpected arguments {argv[1:]} (see --help)")
+  if not fl.model_dir:
+    raise SystemExit(f"{PROG}: --model_dir is required (a run directory or an artifact directory)")
+  if not os.path.isdir(fl.model_dir):
+    raise SystemExit(f"{PROG}: no model artifact at {fl.model_dir} (no such directory)")
+  from oxyjax.artifact import ArtifactError
+
+  try:
+    predictor = Predictor(fl.model_dir, beam_size=fl.beam_size, pool=fl.pool)
+    recs = predictor.recommend(fl.history, top_k=fl.top_k, scenario=fl.scenario, instruction=fl.instruction)
+  except (ArtifactError, FileNotFoundError, KeyError, ValueError) as e:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    raise SystemExit(f"{PROG}: {msg}") from None
+  if fl.json:
+    print(json.dumps({"history": list(fl.history), "weights_step": predictor.step,
+                      "items": [{"rank": r, "item_id": i, "score": s, "title": t}
+                                for r, (i, s, t) in enumerate(recs, 1)]}, indent=1))
+    return
+  for r, (item, score, title) in enumerate(recs, 1):
+    print(f"{r:>3}  {item}  {score:.4f}" + (f"  {title}" if title else ""))
+
+
+def run():
+  from oxyjax import cli
+
+  _define_flags()
+  cli.run(main, PROG)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,165 @@
+"""A trained run is usable on its own: `evaluate_run` and `python -m oxyjax.predict` load the
+model artifact without the training split, the optimizer state or the data cache; every entry
+point answers --help and reports a bad flag in one line."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from oxyjax import partitioning
+from oxyjax import predict as predict_lib
+from oxyjax import train as train_lib
+from oxyjax.artifact import ArtifactError, ModelArtifact
+from oxyjax.data import pipeline
+from oxyjax.data import readers
+from oxyjax.models.encoder_decoder import ModelConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ModelConfig(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1, num_decoder_layers=1,
+                   dropout_rate=0.1, max_history=10)
+EVAL = dict(eval_batch_size=64, eval_beam_size=10)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A finished tiny run on Office (item titles), EMA on, with validation along the way."""
+  root = tmp_path_factory.mktemp("predict")
+  model_dir = root / "run"
+  result = train_lib.train(
+      dataset="office", model_config=TINY, model_dir=str(model_dir), batch_size=32, num_train_steps=4,
+      num_epochs=None, data_source="readers", checkpoint_every_steps=2, eval_every_steps=2, eval_max_examples=64,
+      final_eval_splits=("test",), log_every_steps=100, verbose=False, mesh_shape={"data": 2, "fsdp": 2, "tensor": 2},
+      optimizer=train_lib.OptimizerConfig(ema_decay=0.9),
+      sid=train_lib.SIDConfig(codebook_size=16, embedding="collaborative", cache_dir=str(root / "sid")), **EVAL)
+  return model_dir, result
+
+
+def _part():
+  return partitioning.Partitioner({"data": 2, "fsdp": 2, "tensor": 2})
+
+
+def test_run_directory_holds_a_self_contained_artifact(run):
+  model_dir, result = run
+  art = ModelArtifact.load(str(model_dir / "artifact"))
+  ds = readers.load_dataset("office")
+  assert art.raw_item_ids == ds.raw_item_ids and art.dataset == "office"
+  assert art.title(1) == (ds.item_meta[1].title or None)
+  assert art.model_config.sid_vocab_sizes is not None and art.model_config.emb_dim == 32
+  assert art.data_fingerprint == readers.dataset_fingerprint("office")
+  assert art.instructions["scenario"] == "homepage"
+  assert os.path.isdir(model_dir / "artifact" / "params")
+  assert result.best_step in (2, 4)
+
+
+def test_evaluate_run_needs_no_training_split_and_no_optimizer(run, tmp_path, monkeypatch):
+  model_dir, result = run
+  copy = tmp_path / "run"
+  shutil.copytree(model_dir, copy)
+  splits = []
+  load = pipeline.load_split
+  monkeypatch.setattr(pipeline, "load_split", lambda name, split, *a, **k: splits.append(split) or load(name, split, *a, **k))
+  shutil.rmtree(copy / "checkpoints")  # no optimizer state anywhere
+  again = train_lib.evaluate_run(str(copy), partitioner=_part(), splits=("test",), data_source="readers", **EVAL)
+  assert splits == ["test"]
+  # The artifact's weights are the ones the run's final evaluation used: the same metrics.
+  assert again.test == result.test and again.final_step == result.best_step
+  summary = json.load(open(copy / "run_summary.json"))
+  assert summary["results"]["test"] == result.test and "validation_history" in summary  # merged, record kept
+
+
+def test_evaluate_run_falls_back_to_the_newest_checkpoints_weights(run, tmp_path):
+  model_dir, result = run
+  copy = tmp_path / "run"
+  shutil.copytree(model_dir, copy)
+  shutil.rmtree(copy / "artifact" / "params")
+  shutil.rmtree(copy / "best")
+  part = _part()
+  again = train_lib.evaluate_run(str(copy), partitioner=part, splits=(), data_source="readers", **EVAL)
+  assert again.final_step == 4
+  # The EMA weights of step 4 (what evaluation uses), read without the optimizer state.
+  full = train_lib.checkpoints.Checkpointer(str(copy / "checkpoints")).restore_latest(
+      train_lib.trainer_lib.TrainStateFactory(
+          ModelArtifact.load(str(copy / "artifact")).make_model(), part,
+          train_lib.make_optimizer(train_lib.OptimizerConfig(ema_decay=0.9), 4)[0], ema=True).abstract)
+  assert full[0] == 4
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), jax.device_get(again.state["params"]),
+               jax.device_get(full[1]["ema_params"]))
+
+
+def test_evaluate_run_refuses_data_the_artifact_was_not_built_from(run, tmp_path, monkeypatch):
+  model_dir, _ = run
+  data = tmp_path / "data"
+  shutil.copytree(os.path.join(REPO, "data", "amazon2018"), data / "amazon2018")
+  with open(data / "amazon2018" / "Office_Products" / "test.csv", "a") as f:
+    f.write("\n")
+  monkeypatch.setenv("OXYJAX_DATA_DIR", str(data))
+  with pytest.raises(ValueError, match="fingerprint .* was built from data with fingerprint"):
+    train_lib.evaluate_run(str(model_dir), partitioner=_part(), splits=("test",), data_source="readers", **EVAL)
+
+
+def test_predictor_answers_from_the_artifact_alone(run, tmp_path, monkeypatch):
+  model_dir, _ = run
+  art_dir = tmp_path / "artifact"
+  shutil.copytree(model_dir / "artifact", art_dir)  # the artifact directory, moved elsewhere
+  def no_data(*a, **k):
+    raise AssertionError("predict must not read the data")
+  monkeypatch.setattr(readers, "load_dataset", no_data)
+  monkeypatch.setattr(pipeline, "load_split", no_data)
+  p = predict_lib.Predictor(str(art_dir), beam_size=10)
+  raw = p.artifact.raw_item_ids
+  history = [raw[5], raw[17], raw[3]]
+  recs = p.recommend(history, top_k=5)
+  assert len(recs) == 5 and len({r[0] for r in recs}) == 5
+  assert all(r[0] in raw[1:] for r in recs)
+  scores = [r[1] for r in recs]
+  assert scores == sorted(scores, reverse=True)
+  # The same answer as the model's own decoder on this example.
+  ex = pipeline.examples_to_arrays([readers.Example(0, (5, 17, 3), 0)], TINY.max_history)
+  out = jax.jit(lambda prm, b: p.model.predict(prm, b, p.trie, beam_size=10))(p.params, p.model.convert_features(ex))
+  assert [raw[i] for i in np.asarray(out.items)[0, :5]] == [r[0] for r in recs]
+  with pytest.raises(KeyError, match="unknown item id 'not-an-item'"):
+    p.recommend([raw[5], "not-an-item"])
+  with pytest.raises(ValueError, match="history is empty"):
+    p.recommend([])
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ArtifactError, match="artifact.json is missing"):
+    predict_lib.Predictor(str(tmp_path / "empty"))
+
+
+def _cli(*args, timeout=300):
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def test_predict_command_prints_top_k_and_one_line_errors(run, tmp_path):
+  model_dir, _ = run
+  raw = ModelArtifact.load(str(model_dir / "artifact")).raw_item_ids
+  out = _cli("oxyjax.predict", f"--model_dir={model_dir}", f"--history={raw[5]},{raw[17]}", "--top_k=3", "--json")
+  assert out.returncode == 0, out.stderr[-2000:]
+  got = json.loads(out.stdout)
+  assert [r["rank"] for r in got["items"]] == [1, 2, 3] and all(r["item_id"] in raw for r in got["items"])
+  assert any(r["title"] for r in got["items"])  # Office has titles
+  bad = _cli("oxyjax.predict", f"--model_dir={model_dir}", f"--history={raw[5]},B00NOPE")
+  assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
+      "python -m oxyjax.predict: unknown item id 'B00NOPE': not in the artifact's item index "
+      f"({len(raw) - 1:,} items of 'office')"]
+
+
+@pytest.mark.parametrize("module", ["oxyjax.train", "oxyjax.predict", "oxyjax.instructions.generate"])
+def test_entry_points_answer_help_and_reject_an_unknown_flag_in_one_line(module):
+  out = _cli(module, "--help", timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  flags_shown = {"oxyjax.train": "--gin_file", "oxyjax.predict": "--history", "oxyjax.instructions.generate": "--dataset"}
+  assert flags_shown[module] in out.stdout
+  if module == "oxyjax.train":
+    assert "experiments/beauty.gin" in out.stdout  # the gin files it accepts
+  bad = _cli(module, "--no_such_flag=1", timeout=120)
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines() == [f"python -m {module}: Unknown command line flag 'no_such_flag' (see --help)"]
