@@ -38,7 +38,6 @@ import importlib.metadata
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -47,6 +46,7 @@ import numpy as np
 
 from oxyjax.sid import embeddings as emb_lib
 from oxyjax.sid import rq_kmeans
+from oxyjax.sid import table as table_lib
 from oxyjax.sid.table import SIDTable, SIDTableError, format_report, quality_report
 
 logger = logging.getLogger(__name__)
@@ -70,18 +70,7 @@ def default_out_dir(dataset_name: str) -> Path:
 
 def _write_text_atomic(path: Path, text: str) -> None:
   """Writes ``text`` to a temporary file next to ``path``, then ``os.replace``s it into place."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  table_lib._atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def training_sequences(train: Sequence[Any]) -> list[list[int]]:
