@@ -27,6 +27,7 @@ their defaults.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
@@ -188,10 +189,12 @@ class ModelArtifact:
       raise ArtifactError("this artifact has not been saved: it has no params directory")
     return os.path.join(self.directory, "params")
 
-  def save(self, directory: str) -> None:
+  def save(self, directory: str, *, keep_params: bool = True) -> str | None:
     """Writes the artifact (all but `params/`) into `directory`, atomically: the files go to a
-    temporary sibling directory that replaces `directory` only when complete; a `params/`
-    already there is kept."""
+    temporary sibling directory that replaces `directory` only when complete. A `params/`
+    already there is kept with `keep_params` (the same model); without it (another model) the
+    old artifact, weights included, is moved aside to `<directory>.replaced-<UTC time>`, never
+    deleted, and that path is returned."""
     directory = os.path.abspath(directory)
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
@@ -213,9 +216,15 @@ class ModelArtifact:
       with open(os.path.join(tmp, "artifact.json"), "w") as f:
         json.dump(header, f, indent=1, sort_keys=True)
       old_params = os.path.join(directory, "params")
-      if os.path.isdir(old_params):
+      replaced = None
+      if keep_params and os.path.isdir(old_params):
         os.rename(old_params, os.path.join(tmp, "params"))
-      if os.path.isdir(directory):  # set the old one aside, move the new one in, then drop the old
+      if os.path.isdir(directory) and not keep_params:  # another model's artifact: kept aside
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        replaced = f"{directory}.replaced-{stamp}"
+        os.rename(directory, replaced)
+        os.rename(tmp, directory)
+      elif os.path.isdir(directory):  # set the old metadata aside, move the new one in, drop the old
         aside = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".old-", dir=parent)
         os.rename(directory, os.path.join(aside, "a"))
         os.rename(tmp, directory)
@@ -226,6 +235,7 @@ class ModelArtifact:
       if os.path.isdir(tmp):
         shutil.rmtree(tmp, ignore_errors=True)
     self.directory = directory
+    return replaced
 
   @classmethod
   def load(cls, directory: str) -> "ModelArtifact":

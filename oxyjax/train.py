@@ -105,16 +105,16 @@ def _save_artifact(exp: experiment_lib.Experiment, model_dir: str, resuming: boo
       diff = exp.artifact.differences(old)
     except (ArtifactError, ValueError) as e:
       old, diff = None, [f"unreadable ({e})"]
-    if resuming and diff:
+    if resuming and diff and old is not None:  # an unreadable one is set aside and written anew
       raise ValueError(f"{path}: this run's model differs from the one being resumed: {'; '.join(diff)}. "
                        "Use a new model_dir (or restore the data and settings the run was started with).")
     if not diff:
       exp.artifact.directory = os.path.abspath(path)
       return
-  if jax.process_index() == 0:
-    exp.artifact.save(path)
+  replaced = exp.artifact.save(path, keep_params=False) if jax.process_index() == 0 else None
   exp.artifact.directory = os.path.abspath(path)
-  log(f"[oxyjax] model artifact: {path}")
+  log(f"[oxyjax] model artifact: {path}" + (f" (the one of another model there was moved to {replaced})"
+                                            if replaced else ""))
 
 
 def train(
@@ -289,8 +289,9 @@ def train(
     h.close()
   if stopped:
     log(f"[oxyjax] stopping early at step {step} (stop_after_steps)")
-    if ckpt is not None:
-      ckpt.close()
+    for closeable in (ckpt, best):
+      if closeable is not None:
+        closeable.close()
     return TrainResult(state, step, None, None, best_step, time.time() - t_start, eval_hook.history)
   train_seconds = time.time() - train_t0
   log(f"[oxyjax] trained to step {step} in {train_seconds:.1f}s "
@@ -314,8 +315,9 @@ def train(
     _write_summary(model_dir, dataset, {
         "dataset": dataset, "steps": step, "train_seconds": train_seconds, "best_step": best_step,
         "parameters": factory.num_params, "results": results, "validation_history": eval_hook.history}, merge=False)
-  if ckpt is not None:
-    ckpt.close()
+  for closeable in (ckpt, best):
+    if closeable is not None:
+      closeable.close()
   return TrainResult(state, step, results.get("validation"), results.get("test"), best_step,
                      time.time() - t_start, eval_hook.history)
 

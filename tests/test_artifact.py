@@ -127,3 +127,16 @@ def test_a_failed_save_leaves_the_previous_artifact_and_its_weights(tmp_path, mo
   new.save(str(path))  # a complete save replaces it and keeps the weights
   assert ModelArtifact.load(str(path)).differences(new) == []
   assert (path / "params" / "marker").read_text() == "weights"
+
+
+def test_saving_another_models_artifact_keeps_the_old_one_aside(tmp_path):
+  path = tmp_path / "artifact"
+  _artifact().save(str(path))
+  (path / "params").mkdir()
+  (path / "params" / "marker").write_text("old weights")
+  other = _artifact(seed=1)
+  replaced = other.save(str(path), keep_params=False)
+  assert not (path / "params").exists()  # the new model gets no stale weights
+  assert ModelArtifact.load(str(path)).differences(other) == []
+  assert open(os.path.join(replaced, "params", "marker")).read() == "old weights"  # never deleted
+  assert ModelArtifact.load(replaced).differences(_artifact()) == []
