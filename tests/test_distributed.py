@@ -18,6 +18,8 @@ from oxyjax import checkpoints
 from oxyjax import distributed
 from oxyjax import partitioning
 from oxyjax import train as train_lib
+from oxyjax.models.encoder_decoder import ModelConfig
+from tests.test_train_step import EPS32, _adam_drift_bound, _rounding_tol
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "distributed_worker.py")
@@ -119,8 +121,9 @@ def _check_ok(results, what):
     assert rc == 0, f"{what} process {i} failed with {rc}:\n{text[-6000:]}"
 
 
-def _losses(text):
-  return [float(x) for x in re.findall(r"^step \d+/\d+ \|.*? loss ([0-9.]+) \|", text, re.M)]
+def _losses(text, name="loss"):
+  """The per-step values of `name` in a training log (printed with 4 decimals)."""
+  return [float(x) for x in re.findall(rf"^step \d+/\d+ \|.*? {name} ([0-9.]+) \|", text, re.M)]
 
 
 @pytest.fixture(scope="module")
@@ -142,17 +145,35 @@ def test_two_processes_train_like_one(tmp_path, sid_cache):
   _check_ok(r1, "1x8")
   log2, log1 = r2[0][1], r1[0][1]
   assert "(2 processes)" in log2 and "(1 processes)" in log1
-  # Training log: loss per step, the same on both layouts; achieved FLOP/s (no MFU on CPU).
+  # Training log: loss and gradient norm per step; achieved FLOP/s (no MFU on CPU).
   l2, l1 = _losses(log2), _losses(log1)
   assert len(l1) == 5 and len(l2) == 5, (log1[-3000:], log2[-3000:])
-  np.testing.assert_allclose(l2, l1, rtol=2e-4, atol=1e-4)
   assert "flops_per_s" in log1 and "flops_per_s" in log2 and "| mfu " not in log1
   assert not _losses(r2[1][1]), "only process 0 prints progress"
-  # Parameters after 5 steps (gathered from both hosts).
+  # The learning rate is 0 at step 1 (warm-up from 0), so steps 1 and 2 both start from the
+  # same initial parameters on both layouts: there, loss and gradient norm differ only by
+  # float32 rounding of reordered sums (tests/test_train_step.py's _rounding_tol) and by the
+  # log's 4 decimals (each print is within 5e-5). A host feeding the wrong rows is ~1e-2 off.
+  # Later steps start from parameters that Adam has let drift apart (see _adam_drift_bound),
+  # so their values are not compared.
+  opt, total_steps = train_lib.OptimizerConfig(), 5  # as the worker trains
+  _, schedule = train_lib.make_optimizer(opt, total_steps)
+  assert float(schedule(0)) == 0.0
+  tiny = ModelConfig(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1, num_decoder_layers=1,
+                     max_history=10, sid_vocab_sizes=(16,) * 4)  # the worker's; at most 3 levels + collisions
+  tol = _rounding_tol(tiny, rows=32)
+  for name in ("loss", "grad_norm"):
+    v2, v1 = _losses(log2, name)[:2], _losses(log1, name)[:2]
+    assert len(v1) == len(v2) == 2, name
+    np.testing.assert_allclose(v2, v1, rtol=tol, atol=1e-4, err_msg=name)
+  # Parameters after 5 steps (gathered from both hosts): within what Adam lets two runs drift
+  # apart from the same start (plus one rounding of p + update per step and run).
   p2, p1 = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
   assert set(p2.files) == set(p1.files) and len(p1.files) > 10
+  drift = _adam_drift_bound(total_steps, opt, total_steps)
   for k in p1.files:
-    np.testing.assert_allclose(p2[k], p1[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    gap = np.abs(p2[k] - p1[k])
+    assert (gap <= drift + total_steps * EPS32 * np.abs(p1[k])).all(), f"{k}: {gap.max():.3g} > {drift:.3g}"
   # Evaluation with 2 processes: each host fed its half, metrics over the global batches.
   m2, m1 = json.load(open(tmp_path / "two.json")), json.load(open(tmp_path / "one.json"))
   assert m2["process_count"] == 2 and m2["device_count"] == 8 and m1["process_count"] == 1
@@ -163,9 +184,13 @@ def test_two_processes_train_like_one(tmp_path, sid_cache):
   np.testing.assert_array_equal(e2["targets"], e1["targets"])
   np.testing.assert_array_equal(e2["mask"], e1["mask"])
   assert e1["mask"].sum() == 64 and e1["items"].shape == (64, 10)
-  assert (e2["items"] == e1["items"]).all(axis=1).mean() >= 0.9
+  same = (e2["items"] == e1["items"]).all(axis=1)
+  assert same.mean() >= 0.9
+  # Every metric is a mean over the examples of a value in [0, 1] (recall, NDCG, hit rate) or
+  # a count: an example whose beams are the same on both layouts scores the same, so the
+  # metrics differ by at most the fraction of examples whose beams differ.
   for k, v in m1["history"][0].items():
-    assert m2["history"][0][k] == pytest.approx(v, abs=1e-6), k
+    assert abs(m2["history"][0][k] - v) <= 1.0 - same.mean() + 1e-6, k
   # Both processes wrote one checkpoint (Orbax, multi-host) at the last step.
   assert os.path.isdir(tmp_path / "run2" / "checkpoints" / "5")
 
