@@ -95,6 +95,28 @@ def set_aside(path: str, aside_dir: str, name: str) -> str:
   return dest
 
 
+def _quiet_dropped_reads() -> None:
+  """Once a checkpoint turned out unreadable: Orbax reads an array's chunks concurrently, and when
+  one read fails the others are dropped un-awaited, each reported by Python as "Exception ignored
+  in <coroutine _read_array_index_...>" with its TensorStore traceback (hundreds of lines, at
+  garbage-collection time). Those reports repeat the one-line message already logged: drop them,
+  and only them (an unraisable exception that is not an unreadable-read error still prints)."""
+  import sys
+
+  previous = sys.unraisablehook
+  if getattr(previous, "_oxyjax_quiet_reads", False):
+    return
+
+  def hook(unraisable):
+    where = repr(getattr(unraisable, "object", ""))
+    if unraisable.exc_value is not None and is_unreadable_error(unraisable.exc_value) and "_read_array" in where:
+      return
+    previous(unraisable)
+
+  hook._oxyjax_quiet_reads = True
+  sys.unraisablehook = hook
+
+
 def _restore_newest_readable(manager: ocp.CheckpointManager, restore: Callable[[int], Any], *, what: str,
                              aside_dir: str, aside_prefix: str = "", log=print) -> tuple[Any, int]:
   """`((step, restore(step)) or None, number of steps set aside)`, trying the manager's steps
@@ -110,6 +132,7 @@ def _restore_newest_readable(manager: ocp.CheckpointManager, restore: Callable[[
       if not is_unreadable_error(e):
         raise
       reason = _describe(e)
+      _quiet_dropped_reads()
     _set_aside_step(manager, step, reason, what=what, aside_dir=aside_dir, aside_prefix=aside_prefix, log=log)
     moved += 1
   return None, moved
