@@ -14,8 +14,10 @@ Contents (format `oxyjax.model_artifact`, version `ARTIFACT_VERSION`):
   items.json           the item index: raw ids by index (index 0 = padding, ""), and titles
                        where the data has them (else null)
   pools.npz            the decoder's candidate pools: name -> sorted item indices
-                       (`all` = every item; scenario pools come with the multi-scenario work)
+                       (`all` = every item; a multi-scenario model has one per scenario, named as it)
   item_text.npy        [N + 1, Dt] frozen item text embeddings, when the model reads them
+  (artifact.json)      version 2: `domains` (the catalogue's datasets; raw ids are then
+                       '<domain>/<raw id>') and `scenarios` (name, id, kind, domain, ...)
   params/              Orbax checkpoint of the evaluation weights (EMA when trained with it)
 
 Versioning: `version` is bumped when a field changes meaning or a file is added that a
@@ -42,7 +44,7 @@ from oxyjax.sid.table import SIDTable
 from oxyjax.sid.trie import PrefixTrie
 
 ARTIFACT_FORMAT = "oxyjax.model_artifact"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: multi-scenario fields (domains, scenarios); version-1 artifacts read as one scenario
 ALL_ITEMS_POOL = "all"
 
 
@@ -88,6 +90,10 @@ class ModelArtifact:
   instructions: dict[str, Any] = dataclasses.field(default_factory=dict)
   item_text_embeddings: np.ndarray | None = None
   directory: str | None = None  # where it was loaded from / saved to
+  # Multi-scenario models: the catalogue's domains (data_fingerprint is then the catalogue's) and
+  # the scenarios (ScenarioConfig fields + 'id'), each decoding over the pool of its name.
+  domains: list[str] = dataclasses.field(default_factory=list)
+  scenarios: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
   def __post_init__(self):
     n = self.sid_table.num_items
@@ -102,6 +108,9 @@ class ModelArtifact:
       if pool.size and (pool.min() < 1 or pool.max() > n):
         raise ArtifactError(f"pool {name!r} holds item indices outside 1..{n}")
       self.pools[name] = np.unique(pool)
+    for sc in self.scenarios:
+      if sc.get("name") not in self.pools:
+        raise ArtifactError(f"scenario {sc.get('name')!r} has no pool")
     self._index = None
 
   # ---------------------------------------------------------------- building
@@ -162,6 +171,8 @@ class ModelArtifact:
     parts += [name.encode() + np.ascontiguousarray(self.pools[name]).tobytes() for name in sorted(self.pools)]
     if self.item_text_embeddings is not None:
       parts.append(np.ascontiguousarray(self.item_text_embeddings, np.float32).tobytes())
+    if self.scenarios or self.domains:
+      parts.append(json.dumps({"domains": self.domains, "scenarios": self.scenarios}, sort_keys=True).encode())
     return _digest(*parts)
 
   def differences(self, other: "ModelArtifact") -> list[str]:
@@ -177,6 +188,8 @@ class ModelArtifact:
       out.append(f"data_fingerprint ({other.data_fingerprint} -> {self.data_fingerprint})")
     if set(self.pools) != set(other.pools) or any(not np.array_equal(self.pools[k], other.pools[k]) for k in self.pools):
       out.append("pools")
+    if self.scenarios != other.scenarios or self.domains != other.domains:
+      out.append("scenarios")
     return out
 
   # ---------------------------------------------------------------- files
@@ -211,6 +224,7 @@ class ModelArtifact:
           "data_fingerprint": self.data_fingerprint, "model_config": config_to_dict(self.model_config),
           "num_items": self.num_items, "sid": self.sid_settings, "instructions": self.instructions,
           "pools": sorted(self.pools), "has_item_text": self.item_text_embeddings is not None,
+          "domains": self.domains, "scenarios": self.scenarios,
           "content_digest": self.content_digest(),
       }
       with open(os.path.join(tmp, "artifact.json"), "w") as f:
@@ -281,7 +295,8 @@ class ModelArtifact:
       art = cls(model_config=cfg, sid_table=table, raw_item_ids=raw_ids, item_titles=titles, pools=pools,
                 dataset=header.get("dataset", ""), data_fingerprint=header.get("data_fingerprint"),
                 sid_settings=header.get("sid", {}), instructions=header.get("instructions", {}),
-                item_text_embeddings=text, directory=directory)
+                item_text_embeddings=text, directory=directory, domains=list(header.get("domains") or []),
+                scenarios=list(header.get("scenarios") or []))
     except ArtifactError as e:
       raise ArtifactError(f"{directory}: {e}") from None
     if header.get("content_digest") and header["content_digest"] != art.content_digest():

@@ -37,7 +37,11 @@ class Evaluator:
     """The metric the best checkpoint is chosen by: recall@10 (or at the largest k below it)."""
     return "recall@10" if 10 in self.ks else f"recall@{max(self.ks)}"
 
-  def __call__(self, params, arrays: pipeline.ExampleArrays, max_examples: int | None = None) -> dict[str, float]:
+  def __call__(self, params, arrays: pipeline.ExampleArrays, max_examples: int | None = None,
+               trie: PrefixTrie | None = None) -> dict[str, float]:
+    """Metrics of `params` on `arrays` (a fixed random `max_examples` of them when given), decoding
+    over `trie` (default: the evaluator's; a scenario's pool for a multi-scenario model)."""
+    trie = self.trie if trie is None else trie
     if max_examples is not None and len(arrays) > max_examples:
       # A fixed random subset: the files are ordered by user id, and the first users are
       # not representative (the first 3,000 of Beauty score half the full split's recall).
@@ -54,7 +58,7 @@ class Evaluator:
       batch = self.model.convert_features(examples, weights=mask.astype(np.float32))
       with jax.set_mesh(self.partitioner.mesh), self.partitioner.rules_context():
         sharded = self.partitioner.shard_batch(batch)
-        out = self._predict(params, sharded, self.trie)
+        out = self._predict(params, sharded, trie)
       if pc == 1:
         acc.update(np.asarray(jax.device_get(out.items)), batch["target_items"], mask=mask)
       else:
@@ -64,3 +68,12 @@ class Evaluator:
             (out.items, sharded["target_items"], g_mask), tiled=True)
         acc.update(np.asarray(items), np.asarray(targets), mask=np.asarray(g_mask, bool))
     return acc.result()
+
+  def scenarios(self, params, sets, max_examples: int | None = None, trie_of=None) -> dict[str, dict[str, float]]:
+    """One row per evaluation set (`{name: (examples, pool)}`, `Experiment.eval_sets`), each decoded
+    over its own pool (`trie_of(pool)`), plus 'mean': each metric's unweighted mean over the sets."""
+    rows = {name: self(params, arrays, max_examples, trie_of(pool)) for name, (arrays, pool) in sets.items()}
+    if len(rows) > 1:
+      keys = set.intersection(*(set(r) for r in rows.values()))
+      rows["mean"] = {k: float(np.mean([r[k] for r in rows.values()])) for k in sorted(keys) if k != "num_examples"}
+    return rows

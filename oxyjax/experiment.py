@@ -5,6 +5,9 @@ the decoder's constraint and the split loader, built once and passed down (MaxTe
 Two ways in:
   * `setup(dataset=..., model_config=..., sid=...)`: a training run. Reads the dataset, gets
     its SID table (built or loaded, keyed by the data's content), and builds the artifact.
+  * `setup_scenarios(scenarios=..., ...)`: a multi-scenario run. One `Catalogue` over the
+    scenarios' domains (a joint item index and SID space), one seqio task per scenario in one
+    mixture, one pool per scenario; all of it passed down in the `Experiment`.
   * `from_artifact(artifact)`: evaluation and serving. Everything comes from the artifact;
     only the split being evaluated is read (and checked against the data fingerprint the
     artifact was built from).
@@ -15,15 +18,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from oxyjax import distributed
 from oxyjax import losses
 from oxyjax import partitioning
-from oxyjax.artifact import ModelArtifact
+from oxyjax.artifact import ALL_ITEMS_POOL, ModelArtifact
 from oxyjax.data import pipeline
+from oxyjax.data.catalogue import Catalogue
+from oxyjax.data.scenarios import Scenario, ScenarioConfig
 from oxyjax.models.encoder_decoder import ModelConfig
 from oxyjax.sid.trie import PrefixTrie
 
@@ -130,6 +135,9 @@ class Experiment:
   instructions: InstructionsConfig = InstructionsConfig()
   data_source: str = "seqio"
   log: Callable[..., None] = print
+  catalogue: Catalogue | None = None  # multi-scenario runs
+  scenarios: list[Scenario] = dataclasses.field(default_factory=list)
+  mixture: Any = None  # the seqio.Mixture of the scenarios' tasks (training runs)
 
   def __post_init__(self):
     self._tries: dict[str, PrefixTrie] = {}
@@ -150,14 +158,25 @@ class Experiment:
     want = self.artifact.data_fingerprint
     if want is None:
       return
-    got = readers.dataset_fingerprint(self.dataset)
+    got = (Catalogue.load(self.artifact.domains).fingerprint if self.artifact.domains
+           else readers.dataset_fingerprint(self.dataset))
     if got != want:
       raise ValueError(f"dataset {self.dataset!r} in {readers.default_data_dir()} has fingerprint {got}, but the "
                        f"model artifact {self.artifact.directory or ''} was built from data with fingerprint {want}: "
                        "its item index does not fit this data")
 
+  def eval_sets(self, split: str) -> dict[str, tuple[pipeline.ExampleArrays, str]]:
+    """What an evaluation of `split` scores: name -> (examples, decoder pool). One dataset:
+    {split: (all its examples, 'all')}; scenarios: {'<split>/<scenario>': (its examples, its pool)}."""
+    if not self.scenarios:
+      return {split: (self.load_split(split), ALL_ITEMS_POOL)}
+    return {f"{split}/{s.name}": (s.splits[split], s.name) for s in self.scenarios}
+
   def load_split(self, split: str) -> pipeline.ExampleArrays:
-    """A split's examples (with their instructions when the model reads I_r)."""
+    """A split's examples (with their instructions when the model reads I_r); with scenarios,
+    every scenario's examples of the split."""
+    if self.scenarios:
+      return pipeline.ExampleArrays.concatenate([s.splits[split] for s in self.scenarios])
     arrays = pipeline.load_split(self.dataset, split, self.config.max_history, source=self.data_source)
     if self.config.instruction_dim:
       arrays = load_instructions(arrays, self.dataset, split, self.instructions, self.config.instruction_dim, self.log)
@@ -192,4 +211,101 @@ def from_artifact(artifact: ModelArtifact, *, partitioner: partitioning.Partitio
   if instructions is None:
     fields = {f.name for f in dataclasses.fields(InstructionsConfig)}
     instructions = InstructionsConfig(**{k: v for k, v in artifact.instructions.items() if k in fields})
+  if artifact.scenarios:
+    catalogue, built = scenarios_from_artifact(artifact)
+    return Experiment(artifact.dataset, artifact, artifact.make_model(), partitioner, instructions, data_source, log,
+                      catalogue=catalogue, scenarios=built)
   return Experiment(artifact.dataset, artifact, artifact.make_model(), partitioner, instructions, data_source, log)
+
+
+def _scenario_dicts(scenarios: list[Scenario]) -> list[dict[str, Any]]:
+  return [{"id": s.id, **dataclasses.asdict(s.config)} for s in scenarios]
+
+
+def joint_sid_table(catalogue: Catalogue, sid: SIDConfig):
+  """The catalogue's SID table: each domain's own (content-keyed) table, joined under a leading
+  domain level (`Catalogue.joint_sid_codes`)."""
+  from oxyjax.sid.table import SIDTable
+
+  if sid.path:
+    raise ValueError("SIDConfig.path names one dataset's table; a multi-domain catalogue builds each domain's")
+  tables = [load_sid_table(d, sid) for d in catalogue.domains]
+  if len(tables) == 1:
+    return tables[0]
+  codes = catalogue.joint_sid_codes([t.codes for t in tables])
+  sizes = [len(tables)] + [max(t.codebook_sizes[l] for t in tables) for l in range(tables[0].num_levels)]
+  return SIDTable(codes=codes, codebook_sizes=tuple(sizes),
+                  meta={"joint": "domain level + per-domain tables", "domains": list(catalogue.domains),
+                        "domain_tables": [t.meta for t in tables]})
+
+
+def _text_embeddings(catalogue: Catalogue) -> np.ndarray:
+  """[N + 1, 384] frozen item text embeddings over the catalogue (zeros for items without text)."""
+  from oxyjax.sid import build as sid_build
+
+  out = None
+  for d, ds in enumerate(catalogue.datasets):
+    if ds.item_meta is None:
+      continue
+    e = sid_build.item_text_embeddings(ds.name)
+    if out is None:
+      out = np.zeros((catalogue.num_items + 1, e.shape[1]), np.float32)
+    out[catalogue.offsets[d] + 1: catalogue.offsets[d + 1] + 1] = e[1:]
+  if out is None:
+    raise ValueError(f"text_dim > 0 needs item text, and no domain of {list(catalogue.domains)} has any")
+  return out
+
+
+def _mixture_name(catalogue: Catalogue) -> str:
+  return "oxyjax_mixture_" + catalogue.fingerprint[:10]
+
+
+def setup_scenarios(*, scenarios: Sequence[ScenarioConfig], model_config: ModelConfig, sid: SIDConfig,
+                    partitioner: partitioning.Partitioner, label_smoothing: float = 0.0,
+                    q2i: losses.Q2IConfig = losses.Q2IConfig(), log=print) -> Experiment:
+  """A multi-scenario training run's experiment (see the module docstring)."""
+  from oxyjax.data import scenario_tasks
+  from oxyjax.data import scenarios as scenarios_lib
+  from oxyjax.models.rec_model import RecModel
+
+  if not scenarios:
+    raise ValueError("setup_scenarios needs at least one ScenarioConfig")
+  domains = list(dict.fromkeys(c.domain for c in scenarios))
+  catalogue = Catalogue.load(domains)
+  table = joint_sid_table(catalogue, sid)
+  distributed.assert_same_across_hosts(distributed.checksum(table.codes), "SID table codes checksum")
+  model_config = dataclasses.replace(model_config, num_scenarios=len(scenarios), scenario_triggers=True)
+  built = scenarios_lib.build_scenarios(catalogue, scenarios, max_history=model_config.max_history,
+                                        instruction_dim=model_config.instruction_dim)
+  for s in built:
+    log(f"[oxyjax] scenario {s.id} {s.name} ({s.config.kind}, {s.config.domain}, rate {s.config.rate}): "
+        + ", ".join(f"{k} {len(v)}" for k, v in s.splits.items())
+        + (f"; skipped (no query) {s.skipped}" if any(s.skipped.values()) else ""))
+  mixture = scenario_tasks.register_mixture(catalogue, built, _mixture_name(catalogue))
+  text = _text_embeddings(catalogue) if model_config.text_dim else None
+  model = RecModel(model_config, table.codes, label_smoothing=label_smoothing, item_text_embeddings=text, q2i=q2i)
+  pools = {ALL_ITEMS_POOL: np.arange(1, catalogue.num_items + 1, dtype=np.int32), **{s.name: s.pool for s in built}}
+  artifact = ModelArtifact.from_dataset(
+      catalogue.as_dataset(), table, model.config, data_fingerprint=catalogue.fingerprint,
+      sid_settings={k: v for k, v in dataclasses.asdict(sid).items() if k != "cache_dir"},
+      instructions=instruction_settings(InstructionsConfig(), model.config.instruction_dim), item_text_embeddings=text)
+  artifact.pools, artifact.domains, artifact.scenarios = pools, domains, _scenario_dicts(built)
+  artifact.__post_init__()
+  return Experiment(catalogue.name, artifact, model, partitioner, InstructionsConfig(), "seqio", log,
+                    catalogue=catalogue, scenarios=built, mixture=mixture)
+
+
+def scenarios_from_artifact(artifact: ModelArtifact) -> tuple[Catalogue, list[Scenario]]:
+  """The catalogue (read now, checked against the artifact's fingerprint) and the scenarios'
+  examples of a multi-scenario artifact."""
+  from oxyjax.data import scenarios as scenarios_lib
+
+  catalogue = Catalogue.load(artifact.domains)
+  if artifact.data_fingerprint and catalogue.fingerprint != artifact.data_fingerprint:
+    raise ValueError(f"the data of {artifact.domains} has fingerprint {catalogue.fingerprint}, but the model artifact "
+                     f"{artifact.directory or ''} was built from {artifact.data_fingerprint}")
+  fields = {f.name for f in dataclasses.fields(ScenarioConfig)}
+  configs = [ScenarioConfig(**{k: v for k, v in sc.items() if k in fields}) for sc in artifact.scenarios]
+  cfg = artifact.model_config
+  return catalogue, scenarios_lib.build_scenarios(catalogue, configs, max_history=cfg.max_history,
+                                                  instruction_dim=cfg.instruction_dim)

@@ -39,6 +39,7 @@ from oxyjax import trainer as trainer_lib
 from oxyjax.artifact import ArtifactError, ModelArtifact, artifact_dir
 from oxyjax.data import feature_converter
 from oxyjax.data import pipeline
+from oxyjax.data.scenarios import ScenarioConfig  # noqa: F401  (gin: oxyjax.train.ScenarioConfig)
 from oxyjax.evaluation import Evaluator
 from oxyjax.experiment import (InstructionsConfig, SIDConfig, instruction_coverage, load_instructions,  # noqa: F401
                                load_sid_table)
@@ -62,10 +63,20 @@ class TrainResult:
 
 def _evaluate_final(exp: experiment_lib.Experiment, evaluator: Evaluator, params, splits: Sequence[str],
                     log=print) -> dict[str, dict[str, float]]:
-  """Every split in full (and, with an instruction store, the examples that carry an instruction)."""
+  """Every split in full (and, with an instruction store, the examples that carry an instruction);
+  with scenarios, one row per scenario ('<split>/<scenario>', decoded over its pool) and their mean
+  ('<split>/mean')."""
   results: dict[str, dict[str, float]] = {}
   instructions = exp.instructions
   for split in splits:
+    if exp.scenarios:
+      rows = evaluator.scenarios(params, exp.eval_sets(split), None, exp.trie)
+      for name, r in rows.items():
+        name = name if "/" in name else f"{split}/{name}"
+        results[name] = r
+        log(f"[oxyjax] {exp.dataset} {name} (beam {evaluator.beam_size}): "
+            + ", ".join(f"{k} {v:.4f}" for k, v in sorted(r.items())))
+      continue
     arrays = exp.load_split(split)
     evaluated = {split: arrays}
     if instructions.store and instructions.evaluate_covered_subset:
@@ -119,7 +130,8 @@ def _save_artifact(exp: experiment_lib.Experiment, model_dir: str, resuming: boo
 
 def train(
     *,
-    dataset: str,
+    dataset: str | None = None,
+    scenarios: Sequence[ScenarioConfig] = (),
     model_config: ModelConfig = ModelConfig(),
     optimizer: OptimizerConfig = OptimizerConfig(),
     sid: SIDConfig = SIDConfig(),
@@ -152,7 +164,10 @@ def train(
     eval_only: bool = False,
     verbose: bool = True,
 ) -> TrainResult:
-  """Trains `model_config` on `dataset` ('beauty', 'sports', 'industrial', 'office').
+  """Trains `model_config` on `dataset` ('beauty', 'sports', 'industrial', 'office', or a registered
+  user dataset), or on `scenarios`: one model for every scenario, trained on their seqio mixture
+  (rates from each ScenarioConfig), evaluated per scenario over its own pool; the best
+  checkpoint is chosen by the scenarios' mean validation recall@10.
 
   The global batch of `batch_size` examples is split into `grad_accum_steps` microbatches.
   Training length is `num_train_steps`, else `num_epochs` over the training split.
@@ -192,20 +207,39 @@ def train(
     raise ValueError("each microbatch must be divisible by the data-parallel size")
 
   # ---- set-up: data, SIDs, model, artifact
-  exp = experiment_lib.setup(dataset=dataset, model_config=model_config, sid=sid, instructions=instructions,
-                             partitioner=part, label_smoothing=label_smoothing, q2i=q2i, data_source=data_source,
-                             log=log)
+  if bool(scenarios) == bool(dataset):
+    raise ValueError("train on a dataset or on scenarios: set exactly one of dataset= and scenarios=")
+  if scenarios:
+    if instructions.store:
+      raise ValueError("instruction stores are read per dataset; with scenarios, search queries are the I_r")
+    exp = experiment_lib.setup_scenarios(scenarios=scenarios, model_config=model_config, sid=sid, partitioner=part,
+                                         label_smoothing=label_smoothing, q2i=q2i, log=log)
+    dataset = exp.dataset
+  else:
+    exp = experiment_lib.setup(dataset=dataset, model_config=model_config, sid=sid, instructions=instructions,
+                               partitioner=part, label_smoothing=label_smoothing, q2i=q2i, data_source=data_source,
+                               log=log)
   model, cfg = exp.model, exp.config
-  train_arrays = exp.load_split("train")
+  if exp.scenarios:  # the mixture's tasks, read through seqio, sampled by the mixture's rates
+    from oxyjax.data import scenario_tasks  # imports TensorFlow
+    names, parts, rates = scenario_tasks.mixture_parts(exp.mixture, "train", cfg.max_history)
+    it = pipeline.MixtureBatchIterator(parts, rates, batch_size, seed=seed, process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+    train_arrays = it.arrays
+    log(f"[oxyjax] mixture {exp.mixture.name}: " + ", ".join(
+        f"{n} {len(p)} examples, rate {r:g}" for n, p, r in zip(names, parts, rates)))
+  else:
+    train_arrays = exp.load_split("train")
   steps_per_epoch = max(1, len(train_arrays) // batch_size)
   total_steps = int(num_train_steps or math.ceil(num_epochs * steps_per_epoch))
   log(f"[oxyjax] {dataset}: {len(train_arrays)} training examples, {exp.artifact.num_items} items, SID levels "
       f"{cfg.sid_vocab_sizes}; {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs) of batch {batch_size}")
   # Length bucketing trims each batch to its longest history; with several processes the
   # trimmed width would differ per host, so it is single-process only for now.
-  bucketing = length_bucketing and jax.process_count() == 1
-  it = pipeline.BatchIterator(train_arrays, batch_size, seed=seed, process_index=jax.process_index(),
-                              process_count=jax.process_count(), bucket_by_length=bucketing)
+  bucketing = length_bucketing and jax.process_count() == 1 and not exp.scenarios
+  if not exp.scenarios:
+    it = pipeline.BatchIterator(train_arrays, batch_size, seed=seed, process_index=jax.process_index(),
+                                process_count=jax.process_count(), bucket_by_length=bucketing)
 
   # ---- state: restore this run, else given weights, else initialise
   tx, schedule = make_optimizer(optimizer, total_steps)
@@ -257,6 +291,12 @@ def train(
   valid: list[pipeline.ExampleArrays] = []  # loaded at the first evaluation
 
   def validate(params):
+    if exp.scenarios:  # one row per scenario ('<scenario>/<metric>') and the mean over them
+      rows = evaluator.scenarios(params, exp.eval_sets("validation"), eval_max_examples, exp.trie)
+      out = dict(rows.pop("mean", {}))
+      for name, r in rows.items():
+        out.update({f"{name.split('/', 1)[1]}/{k}": v for k, v in r.items() if k != "num_examples"})
+      return out
     if not valid:
       valid.append(exp.load_split("validation"))
     return evaluator(params, valid[0], eval_max_examples)
@@ -318,8 +358,9 @@ def train(
   for closeable in (ckpt, best):
     if closeable is not None:
       closeable.close()
-  return TrainResult(state, step, results.get("validation"), results.get("test"), best_step,
-                     time.time() - t_start, eval_hook.history)
+  return TrainResult(state, step, results.get("validation", results.get("validation/mean")),
+                     results.get("test", results.get("test/mean")), best_step, time.time() - t_start,
+                     eval_hook.history)
 
 
 def load_eval_weights(model_dir: str, abstract_params, weights: str | None = None, log=print):

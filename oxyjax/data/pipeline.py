@@ -20,6 +20,7 @@ __all__ = [
     "examples_to_arrays",
     "load_split",
     "BatchIterator",
+    "MixtureBatchIterator",
     "eval_batches",
     "num_eval_batches",
 ]
@@ -333,6 +334,111 @@ class BatchIterator:
         self.epoch = int(state["epoch"])
         self.position = position
         self._perm_epoch = None
+
+
+class MixtureBatchIterator:
+    """Infinite, deterministic, checkpointable training batches drawn from several tasks by rate.
+
+    ``parts[t]`` are task ``t``'s examples, ``rates[t]`` its mixture rate (``seqio.Mixture``
+    rates, relative).  Global batch ``k``: the number of rows of each task is a multinomial
+    draw of ``global_batch_size`` rows with probabilities ``rates / sum(rates)`` (seeded by
+    ``(seed, k)``), so over many batches each task's share of the rows follows its rate;
+    each task hands out its rows from its own stream of epoch permutations
+    (``default_rng([seed, t, epoch]).permutation(N_t)``, every example once per epoch), and the
+    rows of the batch are then shuffled together (seeded by ``(seed, k)``), so each process's
+    contiguous slice mixes the tasks.  Slicing over processes is as `BatchIterator`'s.
+
+    ``state()`` holds the batch counter and every task's (epoch, position); ``restore`` resumes
+    exactly after the last yielded batch.  No length bucketing (rows of different tasks differ
+    in history length anyway).
+    """
+
+    def __init__(self, parts: Sequence[ExampleArrays], rates: Sequence[float], global_batch_size: int, *,
+                 seed: int = 0, process_index: int = 0, process_count: int = 1):
+        if len(parts) != len(rates) or not parts:
+            raise ValueError(f"need one rate per task, got {len(parts)} tasks and {len(rates)} rates")
+        rates = np.asarray(rates, np.float64)
+        if not np.all(rates > 0):
+            raise ValueError(f"mixture rates must be positive, got {rates.tolist()}")
+        if any(len(p) == 0 for p in parts):
+            raise ValueError("every task of the mixture needs at least one training example")
+        if global_batch_size <= 0 or global_batch_size % process_count:
+            raise ValueError(f"global_batch_size {global_batch_size} must be positive and divisible by "
+                             f"process_count {process_count}")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"bad process_index/process_count {process_index}/{process_count}")
+        self.parts = list(parts)
+        self.arrays = ExampleArrays.concatenate(self.parts)
+        self.offsets = np.concatenate([[0], np.cumsum([len(p) for p in self.parts])])
+        self.probabilities = rates / rates.sum()
+        self.global_batch_size = int(global_batch_size)
+        self.per_process_batch_size = self.global_batch_size // process_count
+        self.process_index, self.process_count = int(process_index), int(process_count)
+        self.seed = int(seed)
+        self.step = 0
+        self.cursors = [[0, 0] for _ in self.parts]  # per task: (epoch, position in the epoch)
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches per pass over all tasks' examples (for reporting epochs)."""
+        return max(1, len(self.arrays) // self.global_batch_size)
+
+    def _perm(self, t: int, epoch: int) -> np.ndarray:
+        key = (t, epoch)
+        if key not in self._perms:
+            self._perms = {k: v for k, v in self._perms.items() if k[0] != t}
+            self._perms[key] = np.random.default_rng([self.seed, t, epoch]).permutation(len(self.parts[t]))
+        return self._perms[key]
+
+    def _take(self, t: int, count: int) -> np.ndarray:
+        out = []
+        epoch, pos = self.cursors[t]
+        n = len(self.parts[t])
+        while count:
+            m = min(count, n - pos)
+            out.append(self._perm(t, epoch)[pos: pos + m] + self.offsets[t])
+            pos, count = pos + m, count - m
+            if pos == n:
+                epoch, pos = epoch + 1, 0
+        self.cursors[t] = [epoch, pos]
+        return np.concatenate(out) if out else np.zeros((0,), np.int64)
+
+    def next_global_indices(self) -> np.ndarray:
+        """Indices (into ``arrays``, all tasks concatenated) of the next global batch."""
+        rng = np.random.default_rng([self.seed, 1 << 20, self.step])
+        counts = rng.multinomial(self.global_batch_size, self.probabilities)
+        idx = np.concatenate([self._take(t, int(c)) for t, c in enumerate(counts)])
+        self.step += 1
+        return idx[rng.permutation(idx.size)]
+
+    def task_of(self, indices: np.ndarray) -> np.ndarray:
+        """Task number of each row index (into ``arrays``)."""
+        return np.searchsorted(self.offsets, np.asarray(indices), side="right") - 1
+
+    def __iter__(self) -> "MixtureBatchIterator":
+        return self
+
+    def __next__(self) -> ExampleArrays:
+        idx = self.next_global_indices()
+        p = self.per_process_batch_size
+        return self.arrays.take(idx[self.process_index * p: (self.process_index + 1) * p])
+
+    def state(self) -> dict[str, Any]:
+        return {"seed": self.seed, "step": self.step, "cursors": [list(c) for c in self.cursors],
+                "global_batch_size": self.global_batch_size, "num_examples": [len(p) for p in self.parts]}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        mine = {"global_batch_size": self.global_batch_size, "num_examples": [len(p) for p in self.parts]}
+        for k, v in mine.items():
+            if k in state and state[k] != v:
+                raise ValueError(f"cannot restore: state has {k}={state[k]}, iterator has {v}")
+        if len(state["cursors"]) != len(self.parts):
+            raise ValueError(f"cannot restore: state has {len(state['cursors'])} tasks, iterator {len(self.parts)}")
+        self.seed = int(state.get("seed", self.seed))
+        self.step = int(state["step"])
+        self.cursors = [[int(e), int(p)] for e, p in state["cursors"]]
+        self._perms = {}
 
 
 # --------------------------------------------------------------------------- evaluation batches

@@ -55,6 +55,10 @@ class ModelConfig:
   # I_s = (scenario, trigger item): take the most recent behaviour as the trigger item (the
   # item-to-item reading of next-item prediction); False: the scenario alone (homepage-like).
   use_trigger_item: bool = False
+  # Multi-scenario (oxyjax.data.scenarios): I_s = (scenario, the example's own trigger item),
+  # from the batch features trigger_items [B] / trigger_codes [B, L] (/ trigger_text [B, Dt]);
+  # trigger 0 (homepage, search) takes a learned default trigger vector.
+  scenario_triggers: bool = False
   # Filled from data when None:
   sid_vocab_sizes: Optional[tuple[int, ...]] = None  # codes per SID level (incl. the collision level)
   num_item_embeddings: Optional[int] = None  # item-ID table rows; ids are taken modulo this
@@ -195,6 +199,11 @@ class EncoderDecoder(nn.Module):
     self.encoder_position = layers.Embed(cfg.max_history, cfg.emb_dim, dt, small)
     self.decoder_position = layers.Embed(cfg.num_levels + 1, cfg.emb_dim, dt, small)
     self.bos = self.param("bos", nn.with_logical_partitioning(small, ("embed",)), (cfg.emb_dim,), jnp.float32)
+    if cfg.scenario_triggers:
+      if cfg.use_trigger_item:
+        raise ValueError("use_trigger_item and scenario_triggers both set the trigger: choose one")
+      self.default_trigger = self.param("default_trigger", nn.with_logical_partitioning(small, ("embed",)),
+                                        (cfg.emb_dim,), jnp.float32)
     self.instruction = instruction.InstructionToken(cfg.num_scenarios, cfg.emb_dim, cfg.instruction_dim, dt)
     if cfg.text_dim:
       self.text_projection = instruction.Dense(cfg.emb_dim, (None, "embed"), use_bias=False, dtype=dt)
@@ -263,6 +272,14 @@ class EncoderDecoder(nn.Module):
     trigger = None
     if cfg.use_trigger_item:  # the most recent behaviour's token (before position / masking)
       trigger = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, :, None], axis=1)[:, 0]
+    if cfg.scenario_triggers:  # the example's own trigger item, embedded like a behaviour
+      t_text = batch.get("trigger_text")
+      ti, ts, tt = self._behaviour_parts(batch["trigger_items"], batch["trigger_codes"], t_text)
+      t = ti + ts
+      if tt is not None:
+        t = t + self.text_projection(tt)
+      has = (batch["trigger_items"] > 0)[:, None]
+      trigger = jnp.where(has, t, self.default_trigger.astype(t.dtype)[None])
     recency = jnp.clip(lengths - 1 - jnp.arange(mask.shape[-1])[None, :], 0, cfg.max_history - 1)
     x = x + self.encoder_position(recency)
     x = x * mask[..., None].astype(x.dtype)

@@ -75,6 +75,17 @@ class RecModel:
     if self.item_text_embeddings is not None:
       out["history_text"] = self.item_text_embeddings[out["history_items"]]
       out["target_text"] = self.item_text_embeddings[out["target_items"]]
+    if self.config.scenario_triggers:
+      b = out["scenario"].shape[0]
+      trig = ex.get("trigger")
+      trig = np.zeros((b,), np.int32) if trig is None else np.asarray(trig, np.int32)
+      if trig.size and (trig.max() >= self.sid_codes.shape[0] or trig.min() < 0):
+        raise ValueError(f"trigger item index out of range for a SID table of {self.sid_codes.shape[0] - 1} items")
+      out["trigger_items"], out["trigger_codes"] = trig, self.sid_codes[trig]
+      if self.item_text_embeddings is not None:
+        out["trigger_text"] = self.item_text_embeddings[trig]
+    if "pool_root" in ex:
+      out["pool_root"] = np.asarray(ex["pool_root"], np.int32)
     if self.config.instruction_dim:
       b = out["scenario"].shape[0]
       emb = ex.get("instruction_embedding")
@@ -98,6 +109,11 @@ class RecModel:
     if self.config.text_dim:
       out["history_text"] = np.zeros((batch_size, s, self.config.text_dim), np.float32)
       out["target_text"] = np.zeros((batch_size, self.config.text_dim), np.float32)
+    if self.config.scenario_triggers:
+      out["trigger_items"] = np.zeros((batch_size,), np.int32)
+      out["trigger_codes"] = np.zeros((batch_size, l), np.int32)
+      if self.config.text_dim:
+        out["trigger_text"] = np.zeros((batch_size, self.config.text_dim), np.float32)
     if self.config.instruction_dim:
       out["instruction_embedding"] = np.zeros((batch_size, self.config.instruction_dim), np.float32)
       out["instruction_mask"] = np.zeros((batch_size,), bool)
