@@ -205,13 +205,15 @@ def setup(*, dataset: str, model_config: ModelConfig, sid: SIDConfig, instructio
 
 def from_artifact(artifact: ModelArtifact, *, partitioner: partitioning.Partitioner,
                   instructions: InstructionsConfig | None = None, data_source: str = "seqio",
-                  log=print) -> Experiment:
+                  read_data: bool = True, log=print) -> Experiment:
   """An evaluation's experiment: the model and its constraint from the artifact alone.
-  `instructions` defaults to the settings the artifact was trained with."""
+  `instructions` defaults to the settings the artifact was trained with. A multi-scenario
+  artifact's scenario examples are read from the data (checked against its fingerprint) unless
+  `read_data` is False (serving: the artifact alone)."""
   if instructions is None:
     fields = {f.name for f in dataclasses.fields(InstructionsConfig)}
     instructions = InstructionsConfig(**{k: v for k, v in artifact.instructions.items() if k in fields})
-  if artifact.scenarios:
+  if artifact.scenarios and read_data:
     catalogue, built = scenarios_from_artifact(artifact)
     return Experiment(artifact.dataset, artifact, artifact.make_model(), partitioner, instructions, data_source, log,
                       catalogue=catalogue, scenarios=built)

@@ -1,6 +1,9 @@
 r"""Top-K recommendations for one user's history, from a model artifact alone.
 
   python -m oxyjax.predict --model_dir=runs/quickstart --history=12,13,14 --top_k=10
+  python -m oxyjax.predict --model_dir=runs/mixture --scenario=office_search --query='ink cartridge' \
+      --history=office/12,office/40
+  python -m oxyjax.predict --model_dir=runs/mixture --scenario=office_i2i --trigger=office/7
 
 `--model_dir` is a run directory (its `artifact/`) or an artifact directory itself. The
 history is the user's behaviours as raw item ids, oldest first. Nothing else is read: no
@@ -8,9 +11,17 @@ training data, no optimizer state, no cache. The weights are the artifact's `par
 (written when training ends); for a run directory whose training has not finished, the
 best-on-validation weights or the newest checkpoint's parameters.
 
+A multi-scenario model answers any of its scenarios (`--scenario=<name>`), from that
+scenario's pool only: `homepage` reads the history; `item_to_item` the item being looked at
+(`--trigger`, appended to the history as its most recent behaviour, with the scenario's
+context length kept); `search` a query text (`--query`, lower-cased and embedded by the
+sentence encoder as I_r, as the training queries were). Raw item ids of a several-domain
+model are `<domain>/<raw id>`.
+
 Prints one line per item: rank, raw item id, score (the beam search's log-probability of the
 item's SID path), title where the data has one. `--json` prints the same as JSON.
-An unknown item id, an empty history or a missing artifact ends with a one-line error.
+An unknown item id or scenario, an empty history or query, or a missing artifact ends with
+a one-line error.
 """
 
 from __future__ import annotations
@@ -44,7 +55,8 @@ class Predictor:
       run_dir, path = path, artifact_dir(path)
     self.artifact = ModelArtifact.load(path)
     self.partitioner = partitioning.Partitioner({"data": 1}, devices=jax.devices()[:1])
-    self.experiment = experiment_lib.from_artifact(self.artifact, partitioner=self.partitioner, log=log)
+    self.experiment = experiment_lib.from_artifact(self.artifact, partitioner=self.partitioner, read_data=False,
+                                                   log=log)
     self.model = self.experiment.model
     abstract = trainer_lib.TrainStateFactory(self.model, self.partitioner).params_abstract
     if run_dir is not None:
@@ -57,6 +69,7 @@ class Predictor:
                                 "finished); pass the run directory to use its best or latest checkpoint")
       self.params, meta = checkpoints.load_params(self.artifact.params_dir, abstract)
       self.step = int(meta.get("step", 0))
+    self.pool = pool
     self.trie = self.experiment.trie(pool)
     self.beam_size = beam_size
     self._predict = jax.jit(lambda p, b, t: self.model.predict(p, b, t, beam_size=beam_size))
@@ -72,24 +85,60 @@ class Predictor:
       self._encoder = SentenceEncoder()
     return self._encoder.encode([text]), np.ones((1,), bool)
 
-  def recommend(self, raw_history: Sequence[str], *, top_k: int = 10, scenario: int = 0,
-                instruction: str | None = None) -> list[tuple[str, float, str | None]]:
+  def scenario(self, name: str | int) -> dict:
+    """The artifact's scenario by name (or id); a one-line error lists the known ones."""
+    for sc in self.artifact.scenarios:
+      if name in (sc["name"], sc["id"], str(sc["id"])):
+        return sc
+    known = [sc["name"] for sc in self.artifact.scenarios]
+    raise ValueError(f"unknown scenario {name!r}; this model serves {known}" if known else
+                     f"unknown scenario {name!r}: this model has no named scenarios (use --scenario=<id>)")
+
+  def recommend(self, raw_history: Sequence[str], *, top_k: int = 10, scenario: int | str = 0,
+                instruction: str | None = None, trigger: str | None = None,
+                query: str | None = None) -> list[tuple[str, float, str | None]]:
     import jax
 
     from oxyjax.data import pipeline
     from oxyjax.data.readers import Example
 
     raw_history = [r for r in raw_history if r]
-    if not raw_history:
-      raise ValueError("the history is empty: give at least one item id")
     if top_k > self.beam_size:
       raise ValueError(f"top_k {top_k} is larger than the beam size {self.beam_size}")
     cfg = self.model.config
+    trie, kind, sc = self.trie, None, None
+    if self.artifact.scenarios:
+      sc = self.scenario(scenario)
+      scenario, kind = int(sc["id"]), sc["kind"]
+      trie = self.experiment.trie(sc["name"]) if self.pool == "all" else self.trie
+    elif not isinstance(scenario, int) and not str(scenario).isdigit():
+      raise ValueError(f"unknown scenario {scenario!r}: this model has no named scenarios")
+    scenario = int(scenario)
     if not 0 <= scenario < cfg.num_scenarios:
       raise ValueError(f"scenario {scenario} is out of range: the model knows {cfg.num_scenarios} scenario(s)")
+    if trigger and kind != "item_to_item":
+      raise ValueError(f"--trigger is for item_to_item scenarios, not {kind or 'this model'}")
+    if query is not None and kind != "search":
+      raise ValueError(f"--query is for search scenarios, not {kind or 'this model'}")
+    if kind == "item_to_item":
+      if not trigger:
+        raise ValueError(f"scenario {sc['name']!r} is item-to-item: give the item being looked at (--trigger)")
+      raw_history = (raw_history + [trigger])[-(int(sc.get("context", 2)) + 1):]
+    if not raw_history:
+      raise ValueError("the history is empty: give at least one item id")
     items = self.artifact.item_indices(raw_history)
     arrays = pipeline.examples_to_arrays([Example(user=0, history=tuple(int(i) for i in items), target=0)],
                                          cfg.max_history, scenario=scenario)
+    if cfg.scenario_triggers:
+      arrays = arrays.with_extras(trigger=np.asarray([items[-1] if kind == "item_to_item" else 0], np.int32))
+    if kind == "search":
+      from oxyjax.data.scenarios import normalise_query
+
+      if instruction:
+        raise ValueError("a search scenario's I_r is its query: give --query, not --instruction")
+      instruction = normalise_query(query or "")
+      if not instruction:
+        raise ValueError(f"scenario {sc['name']!r} is search: give a non-empty query (--query)")
     if cfg.instruction_dim:
       if instruction and cfg.instruction_dim != 384:
         raise ValueError(f"the model reads {cfg.instruction_dim}-d instructions; the sentence encoder gives 384")
@@ -100,7 +149,7 @@ class Predictor:
     batch = self.model.convert_features(arrays)
     part = self.partitioner
     with jax.set_mesh(part.mesh), part.rules_context():
-      out = self._predict(self.params, part.shard_batch(batch), self.trie)
+      out = self._predict(self.params, part.shard_batch(batch), trie)
     got_items, scores = np.asarray(out.items)[0], np.asarray(out.scores)[0]
     return [(self.artifact.raw_item_ids[i], float(s), self.artifact.title(int(i)))
             for i, s in zip(got_items[:top_k], scores[:top_k]) if i > 0]
@@ -113,7 +162,10 @@ def _define_flags():
   flags.DEFINE_list("history", [], "The user's behaviours as raw item ids, oldest first, comma-separated.")
   flags.DEFINE_integer("top_k", 10, "How many items to print.")
   flags.DEFINE_integer("beam_size", 20, "Beam width of the constrained beam search (>= top_k).")
-  flags.DEFINE_integer("scenario", 0, "Scenario id (I_s).")
+  flags.DEFINE_string("scenario", "0", "Scenario: its name for a multi-scenario model (it decodes over that "
+                      "scenario's pool), else the scenario id (I_s).")
+  flags.DEFINE_string("trigger", None, "item_to_item scenarios: the raw id of the item being looked at.")
+  flags.DEFINE_string("query", None, "search scenarios: the query text.")
   flags.DEFINE_string("pool", "all", "Candidate pool of the artifact the items come from.")
   flags.DEFINE_string("instruction", None, "A reasoning instruction I_r as text (embedded with the sentence "
                       "encoder), for models that read one; default: the learned default instruction.")
@@ -134,7 +186,8 @@ def main(argv: Sequence[str]) -> None:
 
   try:
     predictor = Predictor(fl.model_dir, beam_size=fl.beam_size, pool=fl.pool)
-    recs = predictor.recommend(fl.history, top_k=fl.top_k, scenario=fl.scenario, instruction=fl.instruction)
+    recs = predictor.recommend(fl.history, top_k=fl.top_k, scenario=fl.scenario, instruction=fl.instruction,
+                               trigger=fl.trigger, query=fl.query)
   except (ArtifactError, FileNotFoundError, KeyError, ValueError) as e:
     msg = e.args[0] if isinstance(e, KeyError) and e.args else e
     raise SystemExit(f"{PROG}: {msg}") from None

@@ -62,7 +62,7 @@ class TrainResult:
 
 
 def _evaluate_final(exp: experiment_lib.Experiment, evaluator: Evaluator, params, splits: Sequence[str],
-                    log=print) -> dict[str, dict[str, float]]:
+                    log=print, max_examples: int | None = None) -> dict[str, dict[str, float]]:
   """Every split in full (and, with an instruction store, the examples that carry an instruction);
   with scenarios, one row per scenario ('<split>/<scenario>', decoded over its pool) and their mean
   ('<split>/mean')."""
@@ -70,7 +70,7 @@ def _evaluate_final(exp: experiment_lib.Experiment, evaluator: Evaluator, params
   instructions = exp.instructions
   for split in splits:
     if exp.scenarios:
-      rows = evaluator.scenarios(params, exp.eval_sets(split), None, exp.trie)
+      rows = evaluator.scenarios(params, exp.eval_sets(split), max_examples, exp.trie)
       for name, r in rows.items():
         name = name if "/" in name else f"{split}/{name}"
         results[name] = r
@@ -86,7 +86,7 @@ def _evaluate_final(exp: experiment_lib.Experiment, evaluator: Evaluator, params
       if covered.any():
         evaluated[f"{split}_with_instruction"] = arrays.take(np.flatnonzero(covered))
     for name, subset in evaluated.items():
-      results[name] = evaluator(params, subset, None)
+      results[name] = evaluator(params, subset, max_examples)
       log(f"[oxyjax] {exp.dataset} {name} ({len(subset)} examples, beam {evaluator.beam_size}): "
           + ", ".join(f"{k} {v:.4f}" for k, v in sorted(results[name].items())))
   return results
@@ -155,6 +155,7 @@ def train(
     eval_beam_size: int = 20,
     eval_score_normalization: str = "vocab",
     final_eval_splits: Sequence[str] = ("validation", "test"),
+    final_eval_max_examples: int | None = None,
     checkpoint_every_steps: int = 1000,
     keep_checkpoints: int = 3,
     async_checkpointing: bool = True,
@@ -177,6 +178,8 @@ def train(
   `eval_every_steps` > 0 evaluates on (up to `eval_max_examples` of) validation and keeps the
   best weights by validation recall@10 (Orbax, `<model_dir>/best`); the final evaluation uses
   those weights.
+  `final_eval_max_examples` evaluates a fixed random subset of each final split (quick runs and
+  tests; default None: every example).
   `eval_score_normalization` ('vocab' or 'valid') is the beam search's per-level
   normalisation (`decoding.beam_search`).
   `length_bucketing` batches examples of similar history length together and trims
@@ -350,7 +353,7 @@ def train(
   if model_dir:
     checkpoints.save_params(exp.artifact.params_dir, params,
                             {"step": weights_step, "train_steps": step, "ema": optimizer.ema_decay > 0})
-  results = _evaluate_final(exp, evaluator, params, final_eval_splits, log)
+  results = _evaluate_final(exp, evaluator, params, final_eval_splits, log, final_eval_max_examples)
   if model_dir and jax.process_index() == 0 and results:
     _write_summary(model_dir, dataset, {
         "dataset": dataset, "steps": step, "train_seconds": train_seconds, "best_step": best_step,

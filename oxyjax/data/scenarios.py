@@ -40,7 +40,7 @@ from oxyjax.data import pipeline
 from oxyjax.data import readers
 from oxyjax.data.catalogue import Catalogue
 
-__all__ = ["KINDS", "ScenarioConfig", "Scenario", "search_query", "query_embeddings", "build_scenarios",
+__all__ = ["KINDS", "ScenarioConfig", "Scenario", "search_query", "normalise_query", "query_embeddings", "build_scenarios",
            "QUERY_RULE_VERSION"]
 
 KINDS = ("homepage", "item_to_item", "search")
@@ -108,6 +108,11 @@ def search_query(meta: Optional[readers.ItemMeta], max_words: int = 5) -> str:
     if len(out) == max_words:
       break
   return " ".join(out)
+
+
+def normalise_query(text: str) -> str:
+  """A user's query in the training queries' form: its lower-cased words, stopwords dropped."""
+  return " ".join(w for w in _words(text) if w not in _STOPWORDS)
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:

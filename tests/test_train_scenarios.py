@@ -1,0 +1,96 @@
+"""One model for every scenario, end to end in the tiny size (issue 14): trained on the seqio
+mixture of four scenarios over two catalogues, evaluated with one row per scenario over its own
+pool, saved as one artifact that `oxyjax.predict` serves for any scenario."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from oxyjax import predict as predict_lib
+from oxyjax import train as train_lib
+from oxyjax.artifact import ModelArtifact
+from oxyjax.data.catalogue import Catalogue
+from oxyjax.models.encoder_decoder import ModelConfig
+
+TINY = ModelConfig(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1, num_decoder_layers=1,
+                   dropout_rate=0.1, max_history=10, instruction_dim=384)
+SCENARIOS = [
+    train_lib.ScenarioConfig("office_homepage", "homepage", "office"),
+    train_lib.ScenarioConfig("office_i2i", "item_to_item", "office"),
+    train_lib.ScenarioConfig("industrial_i2i_poor", "item_to_item", "industrial", rate=0.2, train_fraction=0.1),
+    train_lib.ScenarioConfig("office_search", "search", "office", rate=0.5),
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("scenarios")
+  model_dir = root / "run"
+  result = train_lib.train(
+      scenarios=SCENARIOS, model_config=TINY, model_dir=str(model_dir), batch_size=32, num_train_steps=4,
+      num_epochs=None, checkpoint_every_steps=2, eval_every_steps=2, eval_max_examples=32,
+      final_eval_splits=("test",), final_eval_max_examples=64, eval_batch_size=64, eval_beam_size=10,
+      log_every_steps=100, verbose=False, mesh_shape={"data": 2, "fsdp": 2, "tensor": 2},
+      sid=train_lib.SIDConfig(codebook_size=16, embedding="collaborative", cache_dir=None))
+  return model_dir, result
+
+
+def test_every_evaluation_reports_one_row_per_scenario(run):
+  model_dir, result = run
+  names = [s.name for s in SCENARIOS]
+  for entry in result.history:  # periodic validation
+    assert all(f"{n}/recall@10" in entry for n in names), sorted(entry)
+    assert entry["recall@10"] == pytest.approx(np.mean([entry[f"{n}/recall@10"] for n in names]))
+  with open(model_dir / "run_summary.json") as f:
+    results = json.load(f)["results"]
+  assert set(results) == {f"test/{n}" for n in names} | {"test/mean"}
+  assert all(results[f"test/{n}"]["num_examples"] == 64 for n in names)
+  with open(model_dir / "metrics" / "metrics.md") as f:
+    table = f.read()
+  assert all(f"test/{n} |" in table for n in names)
+  with open(model_dir / "metrics" / "metrics.json") as f:
+    assert len(json.load(f)) == len(names) + 1
+
+
+def test_the_artifact_holds_the_catalogue_scenarios_and_their_pools(run):
+  model_dir, _ = run
+  art = ModelArtifact.load(str(model_dir / "artifact"))
+  cat = Catalogue.load(["office", "industrial"])
+  assert art.domains == ["office", "industrial"] and art.data_fingerprint == cat.fingerprint
+  assert [s["name"] for s in art.scenarios] == [s.name for s in SCENARIOS]
+  assert art.raw_item_ids == cat.raw_item_ids
+  np.testing.assert_array_equal(art.pools["office_search"], cat.items_of("office"))
+  np.testing.assert_array_equal(art.pools["industrial_i2i_poor"], cat.items_of("industrial"))
+  assert art.model_config.num_scenarios == 4 and art.model_config.scenario_triggers
+  assert art.sid_table.codes.shape[1] == 5  # the domain level + each domain's 3 k-means levels + collision
+
+
+@pytest.fixture(scope="module")
+def predictor(run):
+  return predict_lib.Predictor(str(run[0]), beam_size=20)
+
+
+def test_predict_serves_every_scenario_from_its_own_pool(predictor):
+  history = ["office/1", "office/2", "office/3"]
+  for sc, kwargs in [("office_homepage", {}), ("office_i2i", {"trigger": "office/4"}),
+                     ("office_search", {"query": "Ink cartridges, black"})]:
+    recs = predictor.recommend(history, top_k=20, scenario=sc, **kwargs)
+    assert len(recs) == 20 and all(r.startswith("office/") for r, _, _ in recs), sc
+  recs = predictor.recommend([], top_k=20, scenario="industrial_i2i_poor", trigger="industrial/5")
+  assert len(recs) == 20 and all(r.startswith("industrial/") for r, _, _ in recs)  # another catalogue's pool
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(scenario="feed"), "unknown scenario 'feed'; this model serves"),
+    (dict(scenario="office_i2i"), "give the item being looked at"),
+    (dict(scenario="office_search", query="  the  "), "give a non-empty query"),
+    (dict(scenario="office_homepage", query="ink"), "--query is for search scenarios"),
+    (dict(scenario="office_i2i", trigger="office/999999"), "unknown item id 'office/999999'"),
+])
+def test_predict_errors_name_the_problem(predictor, kwargs, message):
+  with pytest.raises((ValueError, KeyError), match=message):
+    predictor.recommend(["office/1"], top_k=5, **kwargs)
+  with pytest.raises(ValueError, match="the history is empty"):
+    predictor.recommend([], top_k=5, scenario="office_homepage")
