@@ -5,6 +5,12 @@ cd "$(dirname "$0")/.."
 [ -f .venv/bin/activate ] && . .venv/bin/activate
 export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}"
 export JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2 HF_HUB_OFFLINE=1
+# JAX's persistent compilation cache, keyed by the compiled program (HLO, flags, devices): the
+# many tiny train and decode steps that several tests (and their subprocesses) compile alike
+# compile once. It changes no result; delete the folder to start cold.
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.cache/jax_compilation_tests}"
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0}"
+export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="${JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES:-0}"
 # Arguments go to pytest as they are: test paths or node ids run just those; without any,
 # pytest runs testpaths (tests/, pytest.ini).
 python -m pytest "$@"

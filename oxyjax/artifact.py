@@ -141,7 +141,16 @@ class ModelArtifact:
     if pool not in self.pools:
       raise ArtifactError(f"{self._where('pools.npz')}: no pool {pool!r} (has {sorted(self.pools)})")
     items = self.pools[pool]
-    return PrefixTrie.from_codes(self.sid_table.codes[items], items)
+    # One vocabulary per level for every pool (the model's), so pools can share a forest and
+    # a compiled search.
+    vocab = self.model_config.sid_vocab_sizes or tuple(int(v) for v in self.sid_table.codes[1:].max(axis=0) + 1)
+    return PrefixTrie.from_codes(self.sid_table.codes[items], items, vocab)
+
+  def pool_forest(self, names: Sequence[str]) -> tuple[PrefixTrie, dict[str, int]]:
+    """The named pools in one trie (`PrefixTrie.forest`) and each pool's root node: a batch
+    whose rows carry `pool_root` = their pool's root decodes every row over its own pool."""
+    forest, roots = PrefixTrie.forest([self.trie(n) for n in names])
+    return forest, {n: int(r) for n, r in zip(names, roots)}
 
   @property
   def num_items(self) -> int:

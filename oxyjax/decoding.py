@@ -80,6 +80,7 @@ def beam_search(
     beam_size: int,
     return_cache: bool = False,
     normalize: str = "vocab",
+    root: jax.Array | None = None,
 ) -> BeamSearchOutput:
   """Prefix-constrained beam search: the ``beam_size`` best valid paths per batch row.
 
@@ -94,6 +95,9 @@ def beam_search(
       beams (costs one more gather per leaf).
     normalize: ``"vocab"`` (log-softmax over the level's full vocabulary) or ``"valid"``
       (over the prefix's valid children only); see the module docstring.
+    root: optional ``[B] int32`` start node of each row (default node 0): with a forest of
+      candidate pools (`PrefixTrie.forest`), row ``b`` starting at its pool's root returns
+      only that pool's items, so one batch can mix pools.
 
   Returns:
     `BeamSearchOutput` with ``items [B, W]``, ``codes [B, W, L]``, ``scores [B, W]``,
@@ -107,7 +111,7 @@ def beam_search(
   num_edges = trie.child_code.shape[0]
 
   # Live beams: node in the trie, score, and the codes chosen so far.
-  node = jnp.zeros((B, 1), jnp.int32)
+  node = jnp.zeros((B, 1), jnp.int32) if root is None else jnp.asarray(root, jnp.int32).reshape(B, 1)
   score = jnp.zeros((B, 1), jnp.float32)
   path = jnp.zeros((B, 1, 0), jnp.int32)
   prev_codes = jnp.zeros((B, 1), jnp.int32)

@@ -199,7 +199,8 @@ def train(
       raise ValueError("eval_only evaluates a run: set model_dir (it must hold <model_dir>/artifact)")
     return evaluate_run(model_dir, partitioner=part, splits=final_eval_splits, weights=init_checkpoint,
                         instructions=instructions, data_source=data_source, eval_batch_size=eval_batch_size,
-                        eval_beam_size=eval_beam_size, eval_score_normalization=eval_score_normalization, log=log)
+                        eval_beam_size=eval_beam_size, eval_score_normalization=eval_score_normalization,
+                        max_examples=final_eval_max_examples, log=log)
   if batch_size % grad_accum_steps:
     raise ValueError(f"batch_size {batch_size} is not divisible by grad_accum_steps {grad_accum_steps}")
   # Multi-host: decisions every process must share (no-ops for one process).
@@ -391,7 +392,7 @@ def load_eval_weights(model_dir: str, abstract_params, weights: str | None = Non
 def evaluate_run(model_dir: str, *, partitioner: partitioning.Partitioner, splits: Sequence[str] = ("test",),
                  weights: str | None = None, instructions: InstructionsConfig | None = None,
                  data_source: str = "seqio", eval_batch_size: int = 256, eval_beam_size: int = 20,
-                 eval_score_normalization: str = "vocab", log=print) -> TrainResult:
+                 eval_score_normalization: str = "vocab", max_examples: int | None = None, log=print) -> TrainResult:
   """Evaluates a run from its artifact alone (no training split, no optimizer state) on
   `splits`, and merges the results into `<model_dir>/run_summary.json`."""
   t0 = time.time()
@@ -403,7 +404,7 @@ def evaluate_run(model_dir: str, *, partitioner: partitioning.Partitioner, split
   params, step = load_eval_weights(model_dir, factory.params_abstract, weights, log=log)
   evaluator = Evaluator(exp.model, partitioner, exp.trie(), beam_size=eval_beam_size, batch_size=eval_batch_size,
                         score_normalization=eval_score_normalization)
-  results = _evaluate_final(exp, evaluator, params, splits, log)
+  results = _evaluate_final(exp, evaluator, params, splits, log, max_examples)
   if jax.process_index() == 0 and results:
     _write_summary(model_dir, exp.dataset, {"dataset": exp.dataset, "results": results}, merge=True)
   return TrainResult({"params": params}, step, results.get("validation"), results.get("test"), None,

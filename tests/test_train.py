@@ -28,7 +28,7 @@ def _train(model_dir, sid_cfg, **kw):
   args = dict(dataset="industrial", model_config=TINY, sid=sid_cfg, model_dir=str(model_dir), batch_size=32,
               num_train_steps=6, num_epochs=None, data_source="readers", checkpoint_every_steps=2,
               async_checkpointing=True, final_eval_splits=(), log_every_steps=100, verbose=False,
-              mesh_shape={"data": 2, "fsdp": 2, "tensor": 2})
+              mesh_shape={"data": 2, "fsdp": 2, "tensor": 2}, length_bucketing=False)  # one compiled shape
   args.update(kw)
   return train_lib.train(**args)
 
@@ -48,7 +48,9 @@ def test_resume_after_a_crash_reaches_the_same_parameters(tmp_path, sid_cfg, ema
   if ema_decay:  # the average lags the weights: it is a different tree, restored as such
     gaps = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a["params"], a["ema_params"]))
     assert max(gaps) > 0
-  # A run that did not restore the data position would have seen different batches:
+  if not ema_decay:
+    return
+  # A run that did not restore the data position would have seen different batches (once is enough):
   other = _train(tmp_path / "other_seed", sid_cfg, optimizer=opt, seed=1)
   diff = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a["params"],
                                       jax.device_get(other.state["params"])))

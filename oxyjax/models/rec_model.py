@@ -166,5 +166,6 @@ class RecModel:
       return self.network.apply({"params": params}, level, prev_codes, cache, context,
                                 method=EncoderDecoder.decode_step)
 
+    # `pool_root` [B] (optional): each row's root in a forest of pools (PrefixTrie.forest).
     return decoding.beam_search(step_fn, None, trie, batch_size=batch["scenario"].shape[0], beam_size=beam_size,
-                                normalize=normalize)
+                                normalize=normalize, root=batch.get("pool_root"))

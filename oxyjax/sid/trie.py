@@ -181,6 +181,49 @@ class PrefixTrie:
       raise ValueError(f"item {int(items[missing][0])} is not in the trie")
     return PrefixTrie.from_codes(all_codes[pos_c], items, self.vocab_sizes)
 
+  @classmethod
+  def forest(cls, tries: Sequence["PrefixTrie"]) -> tuple["PrefixTrie", np.ndarray]:
+    """Several candidate pools in one trie, one root per pool, so one batch can mix pools.
+
+    The result is the disjoint union of the pools' tries: pool ``p``'s nodes and edges keep
+    their order, offset past those of pools ``0..p-1``; ``roots[p]`` is its root node.
+    Beam search started at ``roots[p]`` (``beam_search(..., root=...)``) can only reach pool
+    ``p``'s leaves. ``max_children`` is the per-level maximum over the pools; every pool must
+    have the same ``num_levels`` and ``vocab_sizes``. Padding of an input trie is dropped.
+    The host-side queries (``walk``, ``contains``, ``lookup``, ``paths``) start at node 0, i.e.
+    see pool 0 only: query the pools' own tries instead.
+
+    Returns:
+      ``(forest, roots [P] int32)``.
+    """
+    if not tries:
+      raise ValueError("a forest needs at least one trie")
+    levels, vocab = tries[0].num_levels, tries[0].vocab_sizes
+    for i, t in enumerate(tries):
+      if t.num_levels != levels or t.vocab_sizes != vocab:
+        raise ValueError(f"trie {i} has num_levels {t.num_levels} and vocab_sizes {t.vocab_sizes}; "
+                         f"trie 0 has {levels} and {vocab}: every pool must share them")
+    starts, codes, nodes, leaves, roots = [], [], [], [], []
+    node_off = edge_off = 0
+    for t in tries:
+      cs = np.asarray(t.child_start).astype(np.int64)
+      real = int(cs[-1])
+      starts.append(cs[:-1] + edge_off)
+      codes.append(np.asarray(t.child_code)[:real])
+      nodes.append(np.asarray(t.child_node)[:real].astype(np.int64) + node_off)
+      leaves.append(np.asarray(t.leaf_item))
+      roots.append(node_off)
+      node_off += t.num_nodes
+      edge_off += real
+    mc = tuple(max(t.max_children[l] for t in tries) for l in range(levels))
+    forest = cls(
+        child_start=jnp.asarray(np.concatenate(starts + [np.asarray([edge_off])]).astype(np.int32)),
+        child_code=jnp.asarray(np.concatenate(codes).astype(np.int32)),
+        child_node=jnp.asarray(np.concatenate(nodes).astype(np.int32)),
+        leaf_item=jnp.asarray(np.concatenate(leaves).astype(np.int32)),
+        num_levels=levels, max_children=mc, vocab_sizes=vocab)
+    return forest, np.asarray(roots, np.int32)
+
   def pad(self, num_nodes: int, num_edges: int,
           max_children: Optional[Sequence[int]] = None) -> "PrefixTrie":
     """The same trie with arrays padded to fixed sizes (and wider static ``max_children``).

@@ -1,0 +1,132 @@
+r"""One model for every scenario vs one model per scenario, at the same total number of steps.
+
+  python benchmarks/multi_scenario.py --out=runs/multi_scenario --steps=1500
+
+Trains (1) the unified model on the seqio mixture of the scenarios of
+gin_configs/scenarios/amazon2018.gin (Office and Industrial: homepage, item-to-item, search, and
+a data-poor item-to-item), `--steps` steps; and (2) one model per scenario, each on that
+scenario alone for `--steps / #scenarios` steps, so both approaches spend the same number of
+optimizer steps of the same batch. Every model keeps its best checkpoint by validation
+recall@10 (the unified one: the mean over scenarios) and is tested once with it. Writes
+`<out>/multi_scenario.json` (per-scenario test Recall@10 / NDCG@10 / HR@1, checkpoints kept,
+wall time of each approach, the CPU model) and `<out>/unified_validation.png` (per-scenario
+validation recall@10 over training for the unified model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def scenario_configs():
+  import gin
+
+  from oxyjax import train as train_lib  # noqa: F401  (gin names)
+
+  gin.clear_config()
+  gin.parse_config_files_and_bindings(["gin_configs/modes/pretrain.gin", "gin_configs/models/small.gin",
+                                       "gin_configs/scenarios/amazon2018.gin"], ["MODEL_DIR = '/unused'"])
+  configs = [r.scoped_configurable_fn() for r in gin.query_parameter("oxyjax.train.train.scenarios")]
+  gin.clear_config()
+  return configs
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", default="runs/multi_scenario")
+  ap.add_argument("--steps", type=int, default=1500)
+  ap.add_argument("--batch_size", type=int, default=128)
+  ap.add_argument("--eval_every", type=int, default=250)
+  ap.add_argument("--eval_max_examples", type=int, default=500)
+  ap.add_argument("--only", choices=["unified", "separate", "both"], default="both")
+  args = ap.parse_args()
+
+  from oxyjax import train as train_lib
+  from oxyjax.models.encoder_decoder import ModelConfig
+
+  os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  configs = scenario_configs()
+  model = ModelConfig(emb_dim=128, num_heads=4, head_dim=32, mlp_dim=512, num_encoder_layers=2,
+                      num_decoder_layers=2, dropout_rate=0.1, max_history=20, instruction_dim=384)
+  common = dict(model_config=model, batch_size=args.batch_size, num_epochs=None, eval_max_examples=args.eval_max_examples,
+                eval_beam_size=20, eval_batch_size=256, final_eval_splits=("test",), log_every_steps=100,
+                checkpoint_every_steps=10_000, mesh_shape={"data": 1},
+                optimizer=train_lib.OptimizerConfig(learning_rate=1e-3, warmup_steps=100),
+                sid=train_lib.SIDConfig(codebook_size=256, embedding="auto"))
+  out_path = os.path.join(args.out, "multi_scenario.json")
+  report = json.load(open(out_path)) if os.path.exists(out_path) else {}
+  report.update({"cpu": cpu_model(), "steps_total": args.steps, "batch_size": args.batch_size,
+                 "scenarios": [dataclasses.asdict(c) for c in configs],
+                 "command": "python benchmarks/multi_scenario.py " + " ".join(sys.argv[1:])})
+
+  def metrics(res, name):
+    r = res[f"test/{name}"] if f"test/{name}" in res else res["test"]
+    return {k: r[k] for k in ("recall@10", "ndcg@10", "hr@1", "num_examples")}
+
+  if args.only in ("unified", "both"):
+    t0 = time.time()
+    res = train_lib.train(scenarios=configs, model_dir=os.path.join(args.out, "unified"), num_train_steps=args.steps,
+                          eval_every_steps=args.eval_every, **common)
+    summary = json.load(open(os.path.join(args.out, "unified", "run_summary.json")))["results"]
+    report["unified"] = {"wall_s": time.time() - t0, "checkpoints": 1, "best_step": res.best_step,
+                         "test": {c.name: metrics(summary, c.name) for c in configs}, "validation_history": res.history}
+    json.dump(report, open(out_path, "w"), indent=1)
+    plot(report, os.path.join(args.out, "unified_validation.png"), configs)
+  if args.only in ("separate", "both"):
+    per = args.steps // len(configs)
+    sep = {"wall_s": 0.0, "checkpoints": len(configs), "steps_each": per, "test": {}, "best_step": {}}
+    for c in configs:
+      t0 = time.time()
+      res = train_lib.train(scenarios=[c], model_dir=os.path.join(args.out, f"separate_{c.name}"), num_train_steps=per,
+                            eval_every_steps=max(1, min(args.eval_every, per // 4)), **common)
+      summary = json.load(open(os.path.join(args.out, f"separate_{c.name}", "run_summary.json")))["results"]
+      sep["wall_s"] += time.time() - t0
+      sep["test"][c.name] = metrics(summary, c.name)
+      sep["best_step"][c.name] = res.best_step
+      report["separate"] = sep
+      json.dump(report, open(out_path, "w"), indent=1)
+  print(json.dumps({k: v for k, v in report.items() if k != "scenarios"}, indent=1, default=str)[:4000])
+
+
+def plot(report, path, configs):
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  hist = report["unified"]["validation_history"]
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for c in configs:
+    ax.plot([h["step"] for h in hist], [h.get(f"{c.name}/recall@10", float("nan")) for h in hist], marker="o",
+            label=c.name)
+  ax.set_xlabel("step")
+  ax.set_ylabel(f"validation recall@10 (random {500} per scenario)")
+  ax.set_title("unified model, per-scenario validation")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+  main()
