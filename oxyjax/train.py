@@ -39,6 +39,7 @@ from oxyjax import trainer as trainer_lib
 from oxyjax.artifact import ArtifactError, ModelArtifact, artifact_dir
 from oxyjax.data import feature_converter
 from oxyjax.data import pipeline
+from oxyjax.data import user_data  # noqa: F401  (gin: user_dataset)
 from oxyjax.data.scenarios import ScenarioConfig  # noqa: F401  (gin: oxyjax.train.ScenarioConfig)
 from oxyjax.evaluation import Evaluator
 from oxyjax.experiment import (InstructionsConfig, SIDConfig, instruction_coverage, load_instructions,  # noqa: F401

@@ -9,6 +9,10 @@ Two raw formats:
   release): one row per *example* (a user can have several rows: successive windows of
   their timeline).  Training examples are rebuilt from the validation histories
   (see :func:`read_amazon2018`).
+* **interactions** (your own data): an interaction log, one row per ``user, item,
+  timestamp[, action]``, CSV or TSV with a header, plus an optional item file; the same
+  leave-one-out protocol as amazon2014 (see :func:`read_interactions`).  Registered under a
+  name with :func:`register_dataset` (gin: ``oxyjax.data.user_data.user_dataset``).
 
 Every dataset maps raw item ids to dense indices ``1..num_items`` (``0`` is padding) and
 raw user ids to dense indices ``1..num_users`` (``0`` is unused, so a zero-padded row
@@ -48,6 +52,8 @@ __all__ = [
     "dataset_fingerprint",
     "read_amazon2014",
     "read_amazon2018",
+    "read_interactions",
+    "register_dataset",
     "load_dataset",
     "clear_cache",
 ]
@@ -105,6 +111,8 @@ class SequenceDataset:
     test: list[Example]
     item_meta: Optional[list[Optional[ItemMeta]]] = None  # index -> meta (None at 0); None for 2014
     source_files: tuple[str, ...] = ()
+    dropped_users: int = 0  # interactions: users with too few interactions to split
+    actions: dict[str, int] = dataclasses.field(default_factory=dict)  # interactions: rows per action value
 
     def split(self, name: str) -> list[Example]:
         if name not in SPLITS:
@@ -155,9 +163,12 @@ def format_item_text(meta: ItemMeta, max_description_chars: int = 512) -> str:
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
     name: str
-    format: str  # "amazon2014" | "amazon2018"
-    path: str  # relative to the data dir: a file (2014) or a directory (2018)
+    format: str  # "amazon2014" | "amazon2018" | "interactions"
+    # relative to the data dir (or absolute): a file (2014, interactions) or a directory (2018)
+    path: str
     description: str
+    items_path: str = ""  # interactions: optional item file (CSV/TSV with a header, or JSON)
+    min_interactions: int = 3  # interactions: users with fewer are dropped (>= 3)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -197,7 +208,37 @@ def dataset_files(name: str, data_dir: os.PathLike | str | None = None) -> list[
     p = base / spec.path
     if spec.format == "amazon2014":
         return [p]
+    if spec.format == "interactions":
+        return [p] + ([base / spec.items_path] if spec.items_path else [])
     return [p / f for f in _AMAZON2018_FILES]
+
+
+_BUILT_IN = frozenset(DATASETS)
+_NAME_RE = re.compile(r"^[a-z0-9_]+$")
+
+
+def register_dataset(spec: DatasetSpec, *, overwrite: bool = False) -> str:
+    """Adds a dataset (e.g. a user's interaction log) to the registry; returns its name.
+
+    The same spec again is a no-op; another spec under a registered name is an error unless
+    ``overwrite``; the four built-in names cannot be replaced.  Names are ``[a-z0-9_]+`` (they
+    name cache directories).
+    """
+    if not _NAME_RE.match(spec.name):
+        raise ValueError(f"dataset name {spec.name!r}: use lower-case letters, digits and '_'")
+    if spec.format not in ("amazon2014", "amazon2018", "interactions"):
+        raise ValueError(f"dataset {spec.name!r}: unknown format {spec.format!r}")
+    if spec.format == "interactions" and spec.min_interactions < 3:
+        raise ValueError(f"dataset {spec.name!r}: min_interactions must be >= 3 (leave-one-out needs "
+                         f"a train, a validation and a test item), got {spec.min_interactions}")
+    old = DATASETS.get(spec.name)
+    if old is not None and old != spec:
+        if spec.name in _BUILT_IN:
+            raise ValueError(f"{spec.name!r} is a built-in dataset; register yours under another name")
+        if not overwrite:
+            raise ValueError(f"dataset {spec.name!r} is already registered as {old}; use another name")
+    DATASETS[spec.name] = spec
+    return spec.name
 
 
 _FP_CACHE: dict[tuple, str] = {}
@@ -610,6 +651,200 @@ def read_amazon2018(directory: os.PathLike | str, name: Optional[str] = None) ->
     )
 
 
+# --------------------------------------------------------------------------- interactions
+
+_COLUMN_ALIASES = {
+    "user": ("user", "user_id", "userid"),
+    "item": ("item", "item_id", "itemid"),
+    "timestamp": ("timestamp", "time", "ts"),
+    "action": ("action", "event", "behavior", "behaviour"),
+}
+_ITEM_COLUMNS = {"item": ("item", "item_id", "itemid"), "title": ("title",), "brand": ("brand",),
+                 "categories": ("categories", "category"), "description": ("description",)}
+
+
+def _delimiter(path: Path, first_line: str) -> str:
+    """``.tsv`` / ``.tab``: tab; ``.csv``: comma; otherwise tab if the header has one, else comma."""
+    suffix = path.suffix.lower()
+    if suffix in (".tsv", ".tab"):
+        return "\t"
+    if suffix == ".csv":
+        return ","
+    return "\t" if "\t" in first_line else ","
+
+
+def _header_columns(path: Path, header: list[str], wanted: dict, required: Sequence[str]) -> dict[str, int]:
+    names = [h.strip().lower() for h in header]
+    dup = sorted({n for n in names if names.count(n) > 1 and n})
+    if dup:
+        raise DataError(path, f"duplicate header column(s) {dup}", 1)
+    col = {}
+    for field, aliases in wanted.items():
+        hits = [names.index(a) for a in aliases if a in names]
+        if len(hits) > 1:
+            raise DataError(path, f"header names field {field!r} twice ({[header[i] for i in hits]})", 1)
+        if hits:
+            col[field] = hits[0]
+    missing = [f for f in required if f not in col]
+    if missing:
+        raise DataError(path, f"missing column(s) {missing} in header {header} "
+                              f"(accepted names: {', '.join('/'.join(wanted[f]) for f in missing)})", 1)
+    return col
+
+
+def _parse_timestamp(text: str) -> float:
+    t = text.strip()
+    try:
+        return float(t)
+    except ValueError:
+        pass
+    import datetime
+
+    try:
+        d = datetime.datetime.fromisoformat(t.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(t) from None
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=datetime.timezone.utc)
+    return d.timestamp()
+
+
+def _csv_rows(path: Path):
+    """(delimiter, header, iterator of (line, record)) of a CSV/TSV file with a header."""
+    f = _open_text(path)
+    first = f.readline()
+    f.seek(0)
+    if not first.strip():
+        f.close()
+        raise DataError(path, "empty file (no header)", 1)
+    delim = _delimiter(path, first)
+    reader = csv.reader(f, delimiter=delim)
+    header = next(reader)
+
+    def rows():
+        try:
+            while True:
+                line = reader.line_num + 1
+                try:
+                    rec = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as e:
+                    raise DataError(path, f"malformed row: {e}", line) from None
+                if not rec or (len(rec) == 1 and not rec[0].strip()):
+                    continue
+                yield line, rec
+        finally:
+            f.close()
+
+    return delim, header, rows()
+
+
+def _read_item_file(path: Path) -> dict[str, ItemMeta]:
+    """Item metadata by raw id: a CSV/TSV with a header (``item`` plus any of ``title``,
+    ``brand``, ``categories``, ``description``), or a JSON object like amazon2018's ``items.json``."""
+    if path.suffix.lower() == ".json":
+        return _read_items_json(path)
+    _, header, rows = _csv_rows(path)
+    col = _header_columns(path, header, _ITEM_COLUMNS, ["item"])
+    out: dict[str, ItemMeta] = {}
+    for line, rec in rows:
+        if len(rec) != len(header):
+            raise DataError(path, f"{len(rec)} fields, the header has {len(header)}", line)
+        raw = rec[col["item"]].strip()
+        if not raw:
+            raise DataError(path, "field 'item' is empty", line)
+        get = lambda f: _clean_text(rec[col[f]]) if f in col else ""
+        out[raw] = ItemMeta(title=get("title"), brand=get("brand"), description=get("description"),
+                            categories=get("categories"))
+    return out
+
+
+def read_interactions(path: os.PathLike | str, items_path: os.PathLike | str | None = None, *,
+                      name: Optional[str] = None, min_interactions: int = 3) -> SequenceDataset:
+    """Read an interaction log (your own data) with leave-one-out splits.
+
+    The log is CSV (``.csv``) or TSV (``.tsv``/``.tab``; other extensions: tab if the header
+    holds one, else comma) with a header naming the columns ``user``, ``item``,
+    ``timestamp`` (also accepted: ``user_id``, ``item_id``, ``time``/``ts``) and optionally
+    ``action``; other columns are ignored.  Timestamps are numbers (e.g. Unix seconds) or
+    ISO-8601 dates/times (UTC when no zone is given).  Ids are strings (``"007"`` and ``"7"``
+    are different items).
+
+    Per user the interactions are ordered by timestamp (ties keep the file's order); with
+    items ``s[0..n-1]``: test ``s[:-1] -> s[-1]``, validation ``s[:-2] -> s[-2]``, train every
+    prefix of ``s[:-2]`` -- the amazon2014 protocol.  Users with fewer than
+    ``min_interactions`` (>= 3) interactions are dropped (counted in ``dropped_users``).  Only
+    items of kept users are indexed.  ``action`` values are checked to be non-empty when the
+    column exists and counted per value (``actions``), not used for training yet.
+
+    The optional item file gives text per item (see ``_read_item_file``); its rows for items
+    nobody interacted with are ignored, and interacted items it lacks get empty text.
+
+    Raises :class:`DataError` naming file, line and field for: a missing file, an empty file,
+    a missing or duplicated header column, a row with the wrong number of fields, an empty
+    user / item / action field, a timestamp that is neither a number nor an ISO date, an item
+    file row without an item id, and a log where no user has ``min_interactions`` interactions.
+    """
+    path = Path(path)
+    if min_interactions < 3:
+        raise ValueError(f"min_interactions must be >= 3, got {min_interactions}")
+    _, header, rows = _csv_rows(path)
+    col = _header_columns(path, header, _COLUMN_ALIASES, ["user", "item", "timestamp"])
+    width = len(header)
+    by_user: dict[str, list[tuple[float, int, str]]] = {}
+    actions: dict[str, int] = {}
+    order = 0
+    for line, rec in rows:
+        if len(rec) != width:
+            raise DataError(path, f"{len(rec)} fields, the header has {width}", line)
+        user, item = rec[col["user"]].strip(), rec[col["item"]].strip()
+        if not user:
+            raise DataError(path, f"field 'user' ({header[col['user']]!r}) is empty", line)
+        if not item:
+            raise DataError(path, f"field 'item' ({header[col['item']]!r}) is empty", line)
+        ts_text = rec[col["timestamp"]]
+        try:
+            ts = _parse_timestamp(ts_text)
+        except ValueError:
+            raise DataError(path, f"field 'timestamp' ({header[col['timestamp']]!r}): {ts_text.strip()!r} is "
+                                  "neither a number nor an ISO-8601 date", line) from None
+        if "action" in col:
+            a = rec[col["action"]].strip()
+            if not a:
+                raise DataError(path, f"field 'action' ({header[col['action']]!r}) is empty", line)
+            actions[a] = actions.get(a, 0) + 1
+        by_user.setdefault(user, []).append((ts, order, item))
+        order += 1
+    kept = {u: [it for _, _, it in sorted(v)] for u, v in by_user.items() if len(v) >= min_interactions}
+    if not kept:
+        raise DataError(path, f"no user has {min_interactions} or more interactions "
+                              f"({len(by_user)} users, {order} rows)")
+    raw_items, item_index = _dense_index(it for seq in kept.values() for it in seq)
+    raw_users, user_index = _first_seen_index(kept)
+    train, valid, test = [], [], []
+    for u, seq in kept.items():
+        uid = user_index[u]
+        s_ = tuple(item_index[t] for t in seq)
+        n = len(s_)
+        for i in range(1, n - 2):
+            train.append(Example(uid, s_[:i], s_[i]))
+        valid.append(Example(uid, s_[: n - 2], s_[n - 2]))
+        test.append(Example(uid, s_[: n - 1], s_[n - 1]))
+    item_meta = None
+    files = (str(path),)
+    if items_path:
+        items_path = Path(items_path)
+        meta = _read_item_file(items_path)
+        item_meta = [None] + [meta.get(r, ItemMeta()) for r in raw_items[1:]]
+        files += (str(items_path),)
+    return SequenceDataset(
+        name=name or path.stem, num_items=len(raw_items) - 1, num_users=len(raw_users) - 1,
+        raw_item_ids=raw_items, item_index=item_index, raw_user_ids=raw_users, user_index=user_index,
+        train=train, validation=valid, test=test, item_meta=item_meta, source_files=files,
+        dropped_users=len(by_user) - len(kept), actions=actions)
+
+
 # --------------------------------------------------------------------------- load_dataset
 
 _CACHE: dict[tuple[str, str], tuple[tuple, SequenceDataset]] = {}
@@ -628,7 +863,8 @@ def _file_stamp(paths: Sequence[Path]) -> tuple:
 
 
 def load_dataset(name: str, data_dir: os.PathLike | str | None = None) -> SequenceDataset:
-    """Load ``beauty`` | ``sports`` | ``industrial`` | ``office`` (``oxyjax_`` prefix ok).
+    """Load ``beauty`` | ``sports`` | ``industrial`` | ``office`` (``oxyjax_`` prefix ok), or a
+    dataset added with :func:`register_dataset`.
 
     ``data_dir`` defaults to ``$OXYJAX_DATA_DIR`` or ``<repo>/data``.  Results are cached
     in-process (keyed by name, directory and the files' size/mtime); treat the returned
@@ -649,6 +885,9 @@ def load_dataset(name: str, data_dir: os.PathLike | str | None = None) -> Sequen
         ds = read_amazon2014(files[0], name=key_name)
     elif spec.format == "amazon2018":
         ds = read_amazon2018(base / spec.path, name=key_name)
+    elif spec.format == "interactions":
+        ds = read_interactions(files[0], files[1] if len(files) > 1 else None, name=key_name,
+                               min_interactions=spec.min_interactions)
     else:  # pragma: no cover
         raise ValueError(f"unknown format {spec.format!r}")
     with _CACHE_LOCK:

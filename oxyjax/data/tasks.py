@@ -55,8 +55,9 @@ TASK_NAMES = {key: f"oxyjax_{key}" for key in readers.DATASETS}
 
 
 def task_name(name: str) -> str:
-    """``'beauty'`` / ``'oxyjax_beauty'`` -> ``'oxyjax_beauty'``."""
-    return TASK_NAMES[readers.resolve_dataset_name(name)]
+    """``'beauty'`` / ``'oxyjax_beauty'`` -> ``'oxyjax_beauty'`` (also for registered user datasets)."""
+    key = readers.resolve_dataset_name(name)
+    return TASK_NAMES.get(key, f"oxyjax_{key}")
 
 
 class PreparedTfdsDataSource(seqio.TfdsDataSource):
@@ -207,5 +208,9 @@ for _key, _name in TASK_NAMES.items():
 
 
 def get_task(name: str) -> seqio.Task:
-    """The task for ``'beauty'`` / ``'oxyjax_beauty'`` etc."""
-    return seqio.get_mixture_or_task(task_name(name))
+    """The task for ``'beauty'`` / ``'oxyjax_beauty'`` etc.; a registered user dataset's task is
+    registered on first use."""
+    tname = task_name(name)
+    if tname not in seqio.TaskRegistry.names():
+        register_task(tname, readers.resolve_dataset_name(name))
+    return seqio.get_mixture_or_task(tname)

@@ -31,6 +31,7 @@ import fcntl
 import logging
 import os
 import time
+import types
 from pathlib import Path
 from typing import Optional
 
@@ -165,6 +166,16 @@ BUILDERS: dict[str, type[_OxyjaxSequenceBuilder]] = {
 }
 
 
+def builder_class(name: str) -> type[_OxyjaxSequenceBuilder]:
+    """The builder of a dataset; for a registered user dataset one is made on first use."""
+    key = readers.resolve_dataset_name(name)
+    if key not in BUILDERS:
+        camel = "".join(part.capitalize() for part in key.split("_"))
+        BUILDERS[key] = types.new_class(f"OxyjaxUser{camel}", (_OxyjaxSequenceBuilder,),
+                                        {"skip_registration": True}, lambda ns: ns.update(DATASET_KEY=key))
+    return BUILDERS[key]
+
+
 def prepared_dir(
     name: str,
     data_dir: Optional[os.PathLike | str] = None,
@@ -199,7 +210,7 @@ def prepare(
     if the prepared data there records another fingerprint (a copied or renamed directory).
     """
     key = readers.resolve_dataset_name(name)
-    cls = BUILDERS[key]
+    cls = builder_class(key)
     root = prepared_dir(key, data_dir, tfds_dir)
     builder = cls(raw_data_dir=data_dir, data_dir=str(root))
     if builder.is_prepared():
