@@ -12,7 +12,15 @@ export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.cache/jax_c
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0}"
 export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="${JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES:-0}"
 # Arguments go to pytest as they are: test paths or node ids run just those; without any,
-# pytest runs testpaths (tests/, pytest.ini).
+# pytest runs testpaths (tests/, pytest.ini) in parallel: one pytest-xdist worker per CPU
+# (at most 4; OXYJAX_TEST_WORKERS overrides, 0 = no workers), each test module on one worker
+# (--dist loadfile: a module's fixtures are built once).
+if [ "$#" -eq 0 ]; then
+  workers="${OXYJAX_TEST_WORKERS:-$(python -c 'import os; print(min(4, len(os.sched_getaffinity(0))))')}"
+  if [ "$workers" -gt 1 ]; then
+    set -- -n "$workers" --dist loadfile
+  fi
+fi
 python -m pytest "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
