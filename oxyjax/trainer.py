@@ -94,42 +94,57 @@ def eval_params(state):
   return state.get("ema_params", state["params"])
 
 
+def accumulate_gradients(loss_fn, params, batch, rng, grad_accum_steps: int):
+  """Sums ``loss_fn(params, microbatch, rng_i) -> (loss_sum, aux)`` and its gradient over
+  `grad_accum_steps` microbatches of interleaved rows (row i goes to microbatch i % A, so each
+  device's shard of the batch is split locally). Returns (grads, loss_sum, aux), all sums: the
+  caller divides by the summed denominator, so the result does not depend on A."""
+  a = grad_accum_steps
+
+  def micro(i, mb):
+    r = jax.random.fold_in(rng, i)
+    (loss_sum, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb, r)
+    return grads, loss_sum, aux
+
+  if a == 1:
+    return micro(0, batch)
+  mbs = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // a, a) + x.shape[1:]), 0, 1), batch)
+
+  def body(carry, xs):
+    i, mb = xs
+    return jax.tree.map(jnp.add, carry, micro(i, mb)), None
+
+  zeros = jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype),
+                       jax.eval_shape(lambda: micro(0, jax.tree.map(lambda x: x[0], mbs))))
+  out, _ = jax.lax.scan(body, zeros, (jnp.arange(a), mbs))
+  return out
+
+
+def apply_gradients(state, grads, tx: optax.GradientTransformation, ema_decay: float = 0.0):
+  """One optimizer update of a train state (and of its EMA, when it has one)."""
+  params = state["params"]
+  updates, opt_state = tx.update(grads, state["opt_state"], params)
+  new_params = optax.apply_updates(params, updates)
+  new_state = {**state, "params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+  if ema_decay > 0:
+    new_state["ema_params"] = ema_update(state["ema_params"], new_params, state["step"], ema_decay)
+  return new_state
+
+
 def make_train_step(model, tx: optax.GradientTransformation, grad_accum_steps: int, ema_decay: float = 0.0):
-  """(state, batch, rng) -> (state, metrics). Microbatches are interleaved rows (row i goes to
-  microbatch i % A) so that each device's shard of the batch is split locally. With
-  `ema_decay` > 0 the state also carries `ema_params`, updated after every step."""
+  """(state, batch, rng) -> (state, metrics) for the model's NTP loss (`accumulate_gradients`,
+  `apply_gradients`). With `ema_decay` > 0 the state also carries `ema_params`."""
 
   def train_step(state, batch, rng):
-    params = state["params"]
-    step_rng = jax.random.fold_in(rng, state["step"])
     a = grad_accum_steps
-
-    def micro(i, mb):
-      r = jax.random.fold_in(step_rng, i)
-      (loss_sum, aux), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(params, mb, r)
-      return grads, loss_sum, aux
-
-    if a == 1:
-      grads, loss_sum, aux = micro(0, batch)
-    else:
-      mbs = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // a, a) + x.shape[1:]), 0, 1), batch)
-
-      def body(carry, xs):
-        i, mb = xs
-        return jax.tree.map(jnp.add, carry, micro(i, mb)), None
-
-      zeros = jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), jax.eval_shape(lambda: micro(0, jax.tree.map(lambda x: x[0], mbs))))
-      (grads, loss_sum, aux), _ = jax.lax.scan(body, zeros, (jnp.arange(a), mbs))
+    grads, loss_sum, aux = accumulate_gradients(model.loss_fn, state["params"], batch,
+                                                jax.random.fold_in(rng, state["step"]), a)
     denom = jnp.maximum(aux["denominator"], 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
+    new_state = apply_gradients(state, grads, tx, ema_decay)
     metrics = {"loss": loss_sum / denom, "token_accuracy": aux["correct"] / denom, "grad_norm": optax.global_norm(grads)}
     # Any other auxiliary scalar (Q2I parts, MoE load balance) is averaged over microbatches.
     metrics.update({k: v / a for k, v in aux.items() if k not in ("denominator", "correct")})
-    new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
-    if ema_decay > 0:
-      new_state["ema_params"] = ema_update(state["ema_params"], new_params, state["step"], ema_decay)
     return new_state, metrics
 
   return train_step

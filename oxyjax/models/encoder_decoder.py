@@ -384,6 +384,21 @@ class EncoderDecoder(nn.Module):
     target = self.item_representation(batch["target_items"], batch["target_codes"], batch.get("target_text"))
     return logits, {"query": extras["igr_query"], "target": target}
 
+  def group_logits(self, batch: dict[str, jax.Array], codes: jax.Array) -> jax.Array:
+    """Teacher-forced logits [B, G, L, V] of G code paths per row, codes [B, G, L], with the
+    encoder run once per row (post-training scores a group of candidates per prompt; no dropout)."""
+    cfg = self.cfg
+    encoded, enc_bias, extras = self.encode(batch, True)
+    cross_kvs = [layer.cross_kv(encoded) for layer in self.decoder_layers]
+    b, g = codes.shape[:2]
+    x = self._prefix_tokens(extras["instr"])[:, None]
+    x = jnp.broadcast_to(x, (b, g) + x.shape[2:])
+    if cfg.num_levels > 1:
+      y = self.sid_embed(self._sid_token_ids(codes[..., :-1]))
+      x = jnp.concatenate([x, y + self.decoder_position(jnp.arange(2, 1 + cfg.num_levels))[None, None]], axis=2)
+    h, _ = self._decoder_stack(x, [None] * len(self.decoder_layers), cross_kvs, enc_bias, True)
+    return self._logits(h[:, :, 1:], first_level=0)
+
   # ------------------------------------------------------------------ incremental decoding
   def init_decode(self, batch: dict[str, jax.Array]):
     """Runs the encoder once. Returns the per-request context for `decode_step`."""

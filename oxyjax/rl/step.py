@@ -1,0 +1,159 @@
+"""The two jitted halves of one post-training step: rollout (+ rewards, advantages) and update.
+
+    rollout_step(params, batch, trie, rng[, ref_params]) -> (rl arrays, rollout stats)
+    update_step(state, batch + rl arrays, trie) -> (state, metrics)
+
+The update reuses the pre-training parts (`trainer.accumulate_gradients`,
+`trainer.apply_gradients`): the policy loss (oxyjax/rl/losses.py) returns a sum and its
+denominator, microbatches split the prompts (each row carries its whole group, so a group is never
+split across microbatches or data shards), and every diagnostic is a (sum, denominator) pair
+divided only after the accumulation.
+
+On-policy with one update per rollout (``updates_per_rollout = 1``, the default), pi_old is the
+update's own forward pass with the gradient stopped, so the ratio is exactly 1 and the loss's
+gradient is the advantage-weighted policy gradient. With more updates per rollout, pi_old is
+scored teacher-forced at rollout time (`rollout.policy_logprobs`, the same distribution).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import gin
+import jax
+import jax.numpy as jnp
+import optax
+
+from oxyjax import trainer
+from oxyjax.rl import losses as policy_losses
+from oxyjax.rl import rewards as rewards_lib
+from oxyjax.rl import rollout as rollout_lib
+
+
+@gin.configurable(module="oxyjax.rl")
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  """method: 'sample' (temperature sampling, with replacement) or 'beam' (the G best distinct
+  valid paths). group_size: G. temperature: of the policy, in rollouts and in the loss alike.
+  updates_per_rollout: optimizer steps per batch of rollouts (1 = on-policy).
+  advantage_ddof / advantage_eps: see `losses.group_advantages`."""
+
+  method: str = "sample"
+  group_size: int = 16
+  temperature: float = 1.0
+  updates_per_rollout: int = 1
+  advantage_ddof: int = 1
+  advantage_eps: float = 1e-6
+
+
+def _features(batch: Mapping[str, Any]) -> dict[str, Any]:
+  return {k: v for k, v in batch.items() if not k.startswith("rl_")}
+
+
+def fill_empty(codes: jax.Array, valid: jax.Array) -> jax.Array:
+  """Empty beams (codes -1) take the group's first path, so that scoring them stays finite (their
+  weight is 0): a NaN there would reach the gradient through the mask."""
+  return jnp.where(valid[..., None], codes, codes[:, :1])
+
+
+def make_rollout_step(model, cfg: RolloutConfig, reward_weights, item_embeddings, *, with_reference: bool = False):
+  """``(params, batch, trie, rng[, ref_params]) -> (rl arrays, stats)``, to be jitted.
+
+  reward_weights: ``[num_scenarios, 5]`` (`rewards.weight_table`); item_embeddings ``[N+1, D]``
+  for the similarity and diversity rewards. The anchor of the similarity is the query
+  embedding on rows whose instruction is present and whose embedding has the items' width
+  (search), else the target item.
+  """
+  reward_weights = jnp.asarray(reward_weights, jnp.float32)
+  item_embeddings = jnp.asarray(item_embeddings, jnp.float32)
+
+  def rollout_step(params, batch, trie, rng, ref_params=None):
+    feats = _features(batch)
+    ro = rollout_lib.rollout(cfg.method, model, params, feats, trie, group_size=cfg.group_size, rng=rng,
+                             temperature=cfg.temperature)
+    real = ro.valid & (batch["weights"] > 0)[:, None]
+    target = batch["target_items"]
+    anchor = None
+    q = feats.get("instruction_embedding")
+    if q is not None and q.shape[-1] == item_embeddings.shape[-1]:
+      anchor = jnp.where(feats["instruction_mask"][:, None], q, item_embeddings[target])
+    rw = rewards_lib.compute(ro.items, real, target, batch["scenario"], item_embeddings=item_embeddings,
+                             weights=reward_weights, anchor=anchor)
+    adv, flat = policy_losses.group_advantages(rw.total, real, ddof=cfg.advantage_ddof, eps=cfg.advantage_eps)
+    codes = fill_empty(ro.codes, ro.valid)
+    out = {"rl_codes": codes, "rl_advantages": adv, "rl_rewards": rw.total, "rl_r_star": rw.r_star,
+           "rl_seq_weight": real.astype(jnp.float32)}
+    if cfg.updates_per_rollout > 1:
+      out["rl_logp_old"] = jax.lax.stop_gradient(
+          rollout_lib.policy_logprobs(model, params, feats, codes, trie, temperature=cfg.temperature))
+    if ref_params is not None:
+      out["rl_logp_ref"] = jax.lax.stop_gradient(
+          rollout_lib.policy_logprobs(model, ref_params, feats, codes, trie, temperature=cfg.temperature))
+    rows = (batch["weights"] > 0).astype(jnp.float32)
+    n_rows, n_cand = jnp.maximum(rows.sum(), 1.0), jnp.maximum(real.sum(), 1.0)
+    same = (ro.items[:, :, None] == ro.items[:, None, :]) & real[:, :, None] & real[:, None, :]
+    distinct = jnp.sum(real / jnp.maximum(same.sum(-1), 1)) / n_cand  # distinct items / candidates
+    stats = {f"reward/{k}": jnp.sum(v * real) / n_cand for k, v in rw.components.items()}
+    stats.update({
+        "reward/total": jnp.sum(rw.total * real) / n_cand,
+        "reward/r_star": jnp.sum(rw.r_star * rows) / n_rows,
+        "reward/std_in_group": jnp.sum(jnp.std(jnp.where(real, rw.total, 0.0), axis=-1) * rows) / n_rows,
+        "groups/target_in_group": jnp.sum(jnp.any((ro.items == target[:, None]) & real, -1) * rows) / n_rows,
+        "groups/no_spread": jnp.sum(flat * rows) / n_rows,
+        "groups/distinct_fraction": distinct,
+        "advantage/abs_mean": jnp.sum(jnp.abs(adv) * real) / n_cand,
+        "advantage/positive_fraction": jnp.sum((adv > 0) * real) / n_cand,
+        "rollout/logp_mean": jnp.sum(ro.logp.sum(-1) * real) / n_cand,
+    })
+    return out, stats
+
+  return rollout_step
+
+
+def make_policy_loss_fn(model, trie, loss_cfg: policy_losses.PolicyLossConfig, temperature: float):
+  """``(params, batch, rng) -> (loss_sum, aux)`` of the policy loss on a batch with rl arrays
+  (the signature `trainer.accumulate_gradients` takes; aux values are all sums)."""
+
+  def loss_fn(params, batch, rng):
+    del rng  # no dropout in post-training: pi_theta must be the distribution that was sampled
+    codes = batch["rl_codes"]
+    logp, entropy = rollout_lib.policy_logprobs(model, params, _features(batch), codes, trie,
+                                                temperature=temperature, return_entropy=True)
+    seq_w = batch["rl_seq_weight"]
+    tmask = jnp.broadcast_to((seq_w > 0)[..., None], logp.shape).astype(jnp.float32)
+    logp = jnp.where(tmask > 0, logp, 0.0)
+    old = batch.get("rl_logp_old")
+    old = jax.lax.stop_gradient(logp) if old is None else jnp.where(tmask > 0, old, 0.0)
+    inp = policy_losses.PolicyLossInputs(logp=logp, logp_old=old, token_mask=tmask, seq_weight=seq_w,
+                                         advantages=batch["rl_advantages"], rewards=batch["rl_rewards"],
+                                         r_star=batch["rl_r_star"], logp_ref=batch.get("rl_logp_ref"))
+    out = policy_losses.compute(inp, loss_cfg)
+    aux = {"denominator": out.denominator}
+    for k, (s, d) in out.stats.items():
+      aux[f"{k}/sum"], aux[f"{k}/den"] = s, d
+    aux["entropy/sum"], aux["entropy/den"] = jnp.sum(entropy * tmask), jnp.sum(tmask)
+    return out.loss_sum, aux
+
+  return loss_fn
+
+
+def make_update_step(model, tx: optax.GradientTransformation, loss_cfg: policy_losses.PolicyLossConfig, *,
+                     temperature: float = 1.0, grad_accum_steps: int = 1, ema_decay: float = 0.0):
+  """``(state, batch, trie) -> (state, metrics)``, to be jitted."""
+
+  def update_step(state, batch, trie):
+    loss_fn = make_policy_loss_fn(model, trie, loss_cfg, temperature)
+    grads, loss_sum, aux = trainer.accumulate_gradients(loss_fn, state["params"], batch, jax.random.key(0),
+                                                        grad_accum_steps)
+    denom = jnp.maximum(aux["denominator"], 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    new_state = trainer.apply_gradients(state, grads, tx, ema_decay)
+    metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads)}
+    for k in aux:
+      if k.endswith("/sum"):
+        name = k[:-4]
+        metrics[name] = aux[k] / jnp.maximum(aux[name + "/den"], 1.0)
+    return new_state, metrics
+
+  return update_step

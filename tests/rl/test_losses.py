@@ -1,0 +1,172 @@
+"""Policy losses against NumPy references; SA-GCPO's gradient at ratio 1; the group clip;
+advantage normalisation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from oxyjax.rl import losses
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def _inputs(seed=0, b=3, g=5, t=4, spread=0.3):
+  rng = np.random.default_rng(seed)
+  logp_old = np.log(rng.uniform(0.05, 0.9, (b, g, t)))
+  logp = logp_old + rng.normal(0, spread, (b, g, t))  # ratios around 1, some far outside the clips
+  mask = np.ones((b, g, t))
+  seq_w = np.ones((b, g))
+  seq_w[0, -1] = 0.0  # one padding candidate
+  rewards = rng.normal(size=(b, g))
+  adv = rng.normal(size=(b, g)) * seq_w
+  r_star = rng.normal(size=(b,))
+  ref = logp_old + rng.normal(0, 0.1, (b, g, t))
+  return dict(logp=logp, logp_old=logp_old, token_mask=mask, seq_weight=seq_w, advantages=adv, rewards=rewards,
+              r_star=r_star, logp_ref=ref)
+
+
+def _jax_inputs(d):
+  return losses.PolicyLossInputs(**{k: jnp.asarray(v, jnp.float32) for k, v in d.items()})
+
+
+def _sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-x))
+
+
+def _np_gated(d, cfg, adv):
+  r = np.exp(d["logp"] - d["logp_old"])
+  a = adv[..., None]
+  tau = np.where(a > 0, cfg.tau_pos, cfg.tau_neg)
+  obj = _sigmoid(tau * (r - 1)) * 4 / tau * a
+  per_seq = obj.mean(-1)
+  return -(per_seq * d["seq_weight"]).sum(), d["seq_weight"].sum()
+
+
+def np_sa_gcpo(d, cfg):
+  adv = np.where((d["advantages"] > 0) & (d["rewards"] < d["r_star"][:, None]), 0.0, d["advantages"])
+  return _np_gated(d, cfg, adv)
+
+
+def np_sapo(d, cfg):
+  return _np_gated(d, cfg, d["advantages"])
+
+
+def np_gspo(d, cfg):
+  s = np.exp((d["logp"] - d["logp_old"]).mean(-1))
+  a = d["advantages"]
+  obj = np.minimum(s * a, np.clip(s, 1 - cfg.gspo_eps_low, 1 + cfg.gspo_eps_high) * a)
+  return -(obj * d["seq_weight"]).sum(), d["seq_weight"].sum()
+
+
+def np_grpo(d, cfg):
+  r = np.exp(d["logp"] - d["logp_old"])
+  a = d["advantages"][..., None]
+  obj = np.minimum(r * a, np.clip(r, 1 - cfg.clip_eps, 1 + cfg.clip_eps) * a)
+  if cfg.kl_beta:
+    x = d["logp_ref"] - d["logp"]
+    obj = obj - cfg.kl_beta * (np.exp(x) - x - 1)
+  return -(obj.mean(-1) * d["seq_weight"]).sum(), d["seq_weight"].sum()
+
+
+REFERENCES = {"sa_gcpo": np_sa_gcpo, "sapo": np_sapo, "gspo": np_gspo, "grpo": np_grpo}
+
+
+def test_every_registered_loss_has_a_reference():
+  assert losses.names() == sorted(REFERENCES)
+  with pytest.raises(ValueError, match="unknown policy loss 'ppo'.*grpo"):
+    losses.get("ppo")
+
+
+@pytest.mark.parametrize("name,extra", [("sa_gcpo", {}), ("sapo", {}), ("gspo", {}), ("grpo", {}),
+                                        ("grpo", {"kl_beta": 0.05}), ("sa_gcpo", {"tau_pos": 2.0, "tau_neg": 0.5})])
+def test_loss_matches_numpy_reference(name, extra):
+  """Float32 against float64 on the same inputs: a few dozen float32 operations per term and a
+  sum of ~60 terms, so a relative gap of 1e-5 is far outside rounding (~100 eps)."""
+  cfg = losses.PolicyLossConfig(name=name, **extra)
+  for seed in range(3):
+    d = _inputs(seed, spread=0.3 if name != "gspo" else 1e-3)  # GSPO's clip is +-4e-4 wide
+    out = losses.compute(_jax_inputs(d), cfg)
+    ref_sum, ref_den = REFERENCES[name](d, cfg)
+    np.testing.assert_allclose(float(out.denominator), ref_den, rtol=0)
+    np.testing.assert_allclose(float(out.loss_sum), ref_sum, rtol=1e-5, atol=1e-6)
+
+
+def test_clips_are_active_in_the_reference_inputs():
+  """The inputs above exercise the clips (else the references would not test them)."""
+  d = _inputs(0)
+  cfg = losses.PolicyLossConfig(name="grpo")
+  out = losses.compute(_jax_inputs(d), cfg)
+  frac = float(out.stats["clip_fraction"][0] / out.stats["clip_fraction"][1])
+  assert 0.05 < frac < 0.95
+  d = _inputs(0, spread=1e-3)
+  out = losses.compute(_jax_inputs(d), losses.PolicyLossConfig(name="gspo"))
+  frac = float(out.stats["clip_fraction"][0] / out.stats["clip_fraction"][1])
+  assert 0.05 < frac < 0.95
+
+
+@pytest.mark.parametrize("name", ["sa_gcpo", "sapo"])
+def test_gradient_at_ratio_one_is_the_advantage_weighted_logprob_gradient(name):
+  """At r = 1 the gate's slope is 4 p (1 - p) = 1, so d J / d logp_it = Gamma(A_i) / |y_i| per real
+  sequence (J as a sum; the loss is -J)."""
+  d = _inputs(1)
+  d["logp"] = d["logp_old"].copy()
+  inp = _jax_inputs(d)
+  cfg = losses.PolicyLossConfig(name=name, tau_pos=1.3, tau_neg=0.7)
+
+  def f(logp):
+    return losses.compute(inp._replace(logp=logp), cfg).loss_sum
+
+  grad = np.asarray(jax.grad(f)(inp.logp))
+  adv = d["advantages"]
+  if name == "sa_gcpo":
+    adv = np.where((adv > 0) & (d["rewards"] < d["r_star"][:, None]), 0.0, adv)
+  expect = -(adv * d["seq_weight"])[..., None] / d["logp"].shape[-1] * np.ones_like(d["logp"])
+  np.testing.assert_allclose(grad, expect, rtol=4 * EPS32, atol=4 * EPS32)
+
+
+def test_group_clip_zeroes_exactly_the_positive_advantages_below_the_target():
+  adv = jnp.asarray([[1.0, -1.0, 0.5, 2.0], [0.3, 0.0, -0.2, 1.0]])
+  rew = jnp.asarray([[0.2, 0.1, 0.9, 1.5], [3.0, 1.0, 0.0, 0.5]])
+  r_star = jnp.asarray([1.0, 0.5])
+  out, clipped = losses.group_clip(adv, rew, r_star)
+  expect_clipped = np.asarray([[True, False, True, False], [False, False, False, False]])
+  np.testing.assert_array_equal(np.asarray(clipped), expect_clipped)
+  np.testing.assert_array_equal(np.asarray(out), np.where(expect_clipped, 0.0, np.asarray(adv)))
+  # ... and SA-GCPO's loss equals SAPO's on the clipped advantages.
+  d = _inputs(2, b=2, g=4)
+  d.update(advantages=np.asarray(adv), rewards=np.asarray(rew), r_star=np.asarray(r_star))
+  sa = losses.compute(_jax_inputs(d), losses.PolicyLossConfig(name="sa_gcpo"))
+  d["advantages"] = np.asarray(out)
+  so = losses.compute(_jax_inputs(d), losses.PolicyLossConfig(name="sapo"))
+  assert float(sa.loss_sum) == float(so.loss_sum)
+  assert float(sa.stats["group_clip_fraction"][0]) == 2.0
+
+
+def test_group_advantages():
+  rewards = jnp.asarray([[1.0, 2.0, 3.0, 10.0], [0.5, 0.5, 0.5, 0.5], [1.0, 3.0, 7.0, 0.0]])
+  weights = jnp.asarray([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0]], jnp.float32)
+  adv, flat = losses.group_advantages(rewards, weights, ddof=1, eps=1e-6)
+  np.testing.assert_array_equal(np.asarray(flat), [False, True, False])
+  r = np.asarray([1.0, 2.0, 3.0, 10.0])
+  np.testing.assert_allclose(np.asarray(adv[0]), (r - r.mean()) / (r.std(ddof=1) + 1e-6), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(adv[1]), 0.0)  # no spread: no signal
+  r = np.asarray([1.0, 3.0, 7.0])  # the padding candidate takes no part and gets 0
+  np.testing.assert_allclose(np.asarray(adv[2, :3]), (r - r.mean()) / (r.std(ddof=1) + 1e-6), rtol=1e-6)
+  assert float(adv[2, 3]) == 0.0
+  adv0, _ = losses.group_advantages(rewards, weights, ddof=0)
+  np.testing.assert_allclose(np.asarray(adv0[0]), (rewards[0] - 4.0) / (np.std(np.asarray(rewards[0])) + 1e-6),
+                             rtol=1e-6)
+
+
+def test_loss_sums_are_additive_over_batch_splits():
+  """Sum and denominator of two halves add up to those of the whole (what accumulation and
+  sharding rely on), for every loss."""
+  d = _inputs(3, b=4)
+  for name in losses.names():
+    cfg = losses.PolicyLossConfig(name=name, kl_beta=0.1 if name == "grpo" else 0.0)
+    whole = losses.compute(_jax_inputs(d), cfg)
+    halves = [losses.compute(_jax_inputs({k: v[s] for k, v in d.items()}), cfg)
+              for s in (slice(0, 2), slice(2, 4))]
+    np.testing.assert_allclose(float(halves[0].loss_sum + halves[1].loss_sum), float(whole.loss_sum), rtol=1e-6)
+    assert float(halves[0].denominator + halves[1].denominator) == float(whole.denominator)

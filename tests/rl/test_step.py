@@ -1,0 +1,109 @@
+"""The post-training update: ratio exactly 1 when the policy has not moved; the same loss and
+gradient on 1 and 8 fake devices and with gradient accumulation; the policy really moves toward
+high-reward candidates."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from oxyjax import partitioning
+from oxyjax import trainer
+from oxyjax.rl import losses, rewards, step
+from tests.test_train_step import _rounding_tol
+
+G = 8
+
+
+def _rollouts(tiny, cfg, b=8, seed=0):
+  batch, _ = tiny.batch(b, seed=seed)
+  table = rewards.weight_table({}, ["s0"])
+  emb = np.random.default_rng(1).normal(size=(tiny.sid_codes.shape[0], 16)).astype(np.float32)
+  fn = jax.jit(step.make_rollout_step(tiny.model, cfg, table, emb))
+  rl, stats = fn(tiny.params, batch, tiny.forest, jax.random.key(seed))
+  return {**batch, **jax.tree.map(np.asarray, rl)}, stats
+
+
+def _loss_and_grads(tiny, batch, loss_cfg, part, accum=1, temperature=1.0):
+  """Loss and gradient (summed, divided by the denominator) of the policy loss on `part`."""
+  def f(params, b, trie):
+    fn = step.make_policy_loss_fn(tiny.model, trie, loss_cfg, temperature)
+    grads, loss_sum, aux = trainer.accumulate_gradients(fn, params, b, jax.random.key(0), accum)
+    d = jnp.maximum(aux["denominator"], 1.0)
+    return loss_sum / d, jax.tree.map(lambda g: g / d, grads), aux
+
+  with jax.set_mesh(part.mesh), part.rules_context():
+    sb = {k: jax.device_put(v, part.data_sharding(np.ndim(v))) for k, v in batch.items()}
+    return jax.tree.map(np.asarray, jax.jit(f)(tiny.params, sb, tiny.forest))
+
+
+@pytest.mark.parametrize("name", losses.names())
+def test_ratio_is_exactly_one_when_the_policy_has_not_moved(tiny, name):
+  cfg = step.RolloutConfig(method="sample", group_size=G)
+  batch, _ = _rollouts(tiny, cfg)
+  one = partitioning.Partitioner({"data": 1}, devices=jax.devices()[:1])
+  _, _, aux = _loss_and_grads(tiny, batch, losses.PolicyLossConfig(name=name), one)
+  assert aux["ratio_mean/sum"] == aux["ratio_mean/den"]  # every ratio exactly 1.0
+  assert aux["ratio_abs_dev/sum"] == 0.0
+
+
+def test_stored_old_logprobs_give_ratio_one_up_to_rounding(tiny):
+  """With several updates per rollout pi_old is scored at rollout time by another compiled
+  program (the same function): the ratio is 1 up to float32 rounding of the log-probs (~1e-6)."""
+  cfg = step.RolloutConfig(method="beam", group_size=G, updates_per_rollout=2)
+  batch, _ = _rollouts(tiny, cfg)
+  assert "rl_logp_old" in batch
+  one = partitioning.Partitioner({"data": 1}, devices=jax.devices()[:1])
+  _, _, aux = _loss_and_grads(tiny, batch, losses.PolicyLossConfig(name="grpo"), one)
+  assert abs(aux["ratio_mean/sum"] / aux["ratio_mean/den"] - 1.0) < 1e-5
+  assert aux["ratio_abs_dev/sum"] / aux["ratio_abs_dev/den"] < 1e-5
+
+
+@pytest.mark.parametrize("name", ["sa_gcpo", "gspo"])
+def test_same_loss_and_gradient_on_eight_devices_and_with_accumulation(tiny, name):
+  """The rl arrays ride along each prompt's row, so a data shard or microbatch holds whole groups;
+  the loss is a sum over sequences and its denominator. Eight devices (data 2 x fsdp 2 x tensor 2)
+  and 2-way accumulation only reorder sums: agreement within _rounding_tol (tests/test_train_step.py)
+  of the largest gradient element, the same bound as the pre-training step."""
+  assert jax.device_count() == 8
+  cfg = step.RolloutConfig(method="sample", group_size=G, updates_per_rollout=2)
+  batch, _ = _rollouts(tiny, cfg, seed=3)
+  # a moved policy, so that the ratios and the clips are not trivial
+  batch["rl_logp_old"] = batch["rl_logp_old"] + np.random.default_rng(0).normal(0, 0.05, batch["rl_logp_old"].shape)
+  loss_cfg = losses.PolicyLossConfig(name=name)
+  one = partitioning.Partitioner({"data": 1}, devices=jax.devices()[:1])
+  eight = partitioning.Partitioner({"data": 2, "fsdp": 2, "tensor": 2})
+  ref_loss, ref_g, _ = _loss_and_grads(tiny, batch, loss_cfg, one)
+  tol = _rounding_tol(tiny.model.config, batch["scenario"].shape[0] * G)
+  for part, accum in ((eight, 1), (one, 2), (eight, 2)):
+    loss, g, _ = _loss_and_grads(tiny, batch, loss_cfg, part, accum)
+    np.testing.assert_allclose(loss, ref_loss, rtol=tol, atol=tol * abs(ref_loss))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref_g), jax.tree.leaves(g)):
+      np.testing.assert_allclose(b, a, rtol=0, atol=tol * float(np.abs(a).max()) + 1e-30,
+                                 err_msg=f"{jax.tree_util.keystr(path)} ({part.mesh.shape}, accum {accum})")
+  # A dropped microbatch would be far outside: the loss of half the prompts differs.
+  half = {k: v[::2] for k, v in batch.items()}
+  loss_half, _, _ = _loss_and_grads(tiny, half, loss_cfg, one)
+  assert abs(loss_half - ref_loss) > 100 * tol * abs(ref_loss)
+
+
+def test_updates_raise_the_reward(tiny):
+  """A few SA-GCPO updates with a hit-only reward make the sampled groups hit the target more."""
+  cfg = step.RolloutConfig(method="sample", group_size=16)
+  table = rewards.weight_table({"s0": rewards.RewardWeights(format=0.0, hit=1.0, similarity=0.0,
+                                                                diversity=0.0)}, ["s0"])
+  emb = np.eye(tiny.sid_codes.shape[0], dtype=np.float32)
+  roll = jax.jit(step.make_rollout_step(tiny.model, cfg, table, emb))
+  tx = optax.adam(3e-3)
+  update = jax.jit(step.make_update_step(tiny.model, tx, losses.PolicyLossConfig(name="sa_gcpo")))
+  batch, _ = tiny.batch(8, seed=7)
+  state = {"params": tiny.params, "opt_state": tx.init(tiny.params), "step": jnp.zeros((), jnp.int32)}
+  hits = []
+  for i in range(40):
+    rl, stats = roll(state["params"], batch, tiny.forest, jax.random.key(i))
+    hits.append(float(stats["reward/hit"]))
+    state, m = update(state, {**batch, **rl}, tiny.forest)
+    assert np.isfinite(float(m["loss"]))
+  assert np.mean(hits[-5:]) > np.mean(hits[:5]) + 0.1, hits
