@@ -62,7 +62,7 @@ class TrainResult:
   history: list[dict[str, float]]
 
 
-def _evaluate_final(exp: experiment_lib.Experiment, evaluator: Evaluator, params, splits: Sequence[str],
+def evaluate_final(exp: experiment_lib.Experiment, evaluator: Evaluator, params, splits: Sequence[str],
                     log=print, max_examples: int | None = None) -> dict[str, dict[str, float]]:
   """Every split in full (and, with an instruction store, the examples that carry an instruction);
   with scenarios, one row per scenario ('<split>/<scenario>', decoded over its pool) and their mean
@@ -93,7 +93,26 @@ def _evaluate_final(exp: experiment_lib.Experiment, evaluator: Evaluator, params
   return results
 
 
-def _write_summary(model_dir: str, dataset: str, summary: dict[str, Any], merge: bool) -> None:
+def make_validation(exp: experiment_lib.Experiment, evaluator: Evaluator, max_examples: int | None):
+  """``params -> metrics`` on (a fixed random `max_examples` of) validation, what `EvalHook` calls;
+  with scenarios one row per scenario ('<scenario>/<metric>') and their mean (plain names)."""
+  valid: list[pipeline.ExampleArrays] = []  # loaded at the first evaluation
+
+  def validate(params):
+    if exp.scenarios:
+      rows = evaluator.scenarios(params, exp.eval_sets("validation"), max_examples, exp.trie)
+      out = dict(rows.pop("mean", {}))
+      for name, r in rows.items():
+        out.update({f"{name.split('/', 1)[1]}/{k}": v for k, v in r.items() if k != "num_examples"})
+      return out
+    if not valid:
+      valid.append(exp.load_split("validation"))
+    return evaluator(params, valid[0], max_examples)
+
+  return validate
+
+
+def write_summary(model_dir: str, dataset: str, summary: dict[str, Any], merge: bool) -> None:
   """run_summary.json (atomic) and metrics/metrics.{json,md}; `merge` keeps the training record."""
   path = os.path.join(model_dir, "run_summary.json")
   if merge and os.path.exists(path):
@@ -108,7 +127,7 @@ def _write_summary(model_dir: str, dataset: str, summary: dict[str, Any], merge:
   os.replace(tmp, path)
 
 
-def _save_artifact(exp: experiment_lib.Experiment, model_dir: str, resuming: bool, log=print) -> None:
+def save_artifact(exp: experiment_lib.Experiment, model_dir: str, resuming: bool, log=print) -> None:
   """Writes `<model_dir>/artifact` (process 0); a resumed run's artifact must describe the same model."""
   path = artifact_dir(model_dir)
   if os.path.isfile(os.path.join(path, "artifact.json")):
@@ -257,7 +276,7 @@ def train(
   state, data_state = trainer_lib.restore_or_init(factory, ckpt=ckpt, init_rng=init_rng,
                                                   init_checkpoint=init_checkpoint, log=log)
   if model_dir:
-    _save_artifact(exp, model_dir, resuming=data_state is not None, log=log)
+    save_artifact(exp, model_dir, resuming=data_state is not None, log=log)
 
   # ---- the step function and the hooks
   train_step = jax.jit(
@@ -293,19 +312,7 @@ def train(
                         score_normalization=eval_score_normalization)
   logger = trainer_lib.ProgressLogger(model_dir if jax.process_index() == 0 else None, total_steps, batch_size,
                                       enabled=verbose and jax.process_index() == 0)
-  valid: list[pipeline.ExampleArrays] = []  # loaded at the first evaluation
-
-  def validate(params):
-    if exp.scenarios:  # one row per scenario ('<scenario>/<metric>') and the mean over them
-      rows = evaluator.scenarios(params, exp.eval_sets("validation"), eval_max_examples, exp.trie)
-      out = dict(rows.pop("mean", {}))
-      for name, r in rows.items():
-        out.update({f"{name.split('/', 1)[1]}/{k}": v for k, v in r.items() if k != "num_examples"})
-      return out
-    if not valid:
-      valid.append(exp.load_split("validation"))
-    return evaluator(params, valid[0], eval_max_examples)
-
+  validate = make_validation(exp, evaluator, eval_max_examples)
   best = checkpoints.BestCheckpointer(os.path.join(model_dir, "best"), metric=evaluator.headline_metric,
                                       log=log) if model_dir else None
   if best is not None and data_state is not None:
@@ -355,9 +362,9 @@ def train(
   if model_dir:
     checkpoints.save_params(exp.artifact.params_dir, params,
                             {"step": weights_step, "train_steps": step, "ema": optimizer.ema_decay > 0})
-  results = _evaluate_final(exp, evaluator, params, final_eval_splits, log, final_eval_max_examples)
+  results = evaluate_final(exp, evaluator, params, final_eval_splits, log, final_eval_max_examples)
   if model_dir and jax.process_index() == 0 and results:
-    _write_summary(model_dir, dataset, {
+    write_summary(model_dir, dataset, {
         "dataset": dataset, "steps": step, "train_seconds": train_seconds, "best_step": best_step,
         "parameters": factory.num_params, "results": results, "validation_history": eval_hook.history}, merge=False)
   for closeable in (ckpt, best):
@@ -405,9 +412,9 @@ def evaluate_run(model_dir: str, *, partitioner: partitioning.Partitioner, split
   params, step = load_eval_weights(model_dir, factory.params_abstract, weights, log=log)
   evaluator = Evaluator(exp.model, partitioner, exp.trie(), beam_size=eval_beam_size, batch_size=eval_batch_size,
                         score_normalization=eval_score_normalization)
-  results = _evaluate_final(exp, evaluator, params, splits, log, max_examples)
+  results = evaluate_final(exp, evaluator, params, splits, log, max_examples)
   if jax.process_index() == 0 and results:
-    _write_summary(model_dir, exp.dataset, {"dataset": exp.dataset, "results": results}, merge=True)
+    write_summary(model_dir, exp.dataset, {"dataset": exp.dataset, "results": results}, merge=True)
   return TrainResult({"params": params}, step, results.get("validation"), results.get("test"), None,
                      time.time() - t0, [])
 

@@ -152,14 +152,16 @@ def test_predict_command_prints_top_k_and_one_line_errors(run, tmp_path):
       f"({len(raw) - 1:,} items of 'office')"]
 
 
-@pytest.mark.parametrize("module", ["oxyjax.train", "oxyjax.predict", "oxyjax.instructions.generate"])
+@pytest.mark.parametrize("module", ["oxyjax.train", "oxyjax.predict", "oxyjax.instructions.generate",
+                                    "oxyjax.rl.train"])
 def test_entry_points_answer_help_and_reject_an_unknown_flag_in_one_line(module):
   out = _cli(module, "--help", timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
-  flags_shown = {"oxyjax.train": "--gin_file", "oxyjax.predict": "--history", "oxyjax.instructions.generate": "--dataset"}
+  flags_shown = {"oxyjax.train": "--gin_file", "oxyjax.predict": "--history", "oxyjax.instructions.generate": "--dataset",
+                 "oxyjax.rl.train": "--gin_file"}
   assert flags_shown[module] in out.stdout
-  if module == "oxyjax.train":
-    assert "experiments/beauty.gin" in out.stdout  # the gin files it accepts
+  if module in ("oxyjax.train", "oxyjax.rl.train"):
+    assert "experiments/beauty.gin" in out.stdout and "modes/rl.gin" in out.stdout  # the gin files it accepts
   bad = _cli(module, "--no_such_flag=1", timeout=120)
   assert bad.returncode == 2
   assert bad.stderr.strip().splitlines() == [f"python -m {module}: Unknown command line flag 'no_such_flag' (see --help)"]

@@ -23,12 +23,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, NamedTuple
 
-import gin
 import jax
 import jax.numpy as jnp
 
 
-@gin.configurable(module="oxyjax.rl")
 @dataclasses.dataclass(frozen=True)
 class PolicyLossConfig:
   """Which policy loss and its settings.

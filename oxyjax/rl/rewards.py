@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, NamedTuple, Sequence
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +32,6 @@ import numpy as np
 COMPONENTS = ("format", "hit", "similarity", "ranking", "diversity")
 
 
-@gin.configurable(module="oxyjax.rl")
 @dataclasses.dataclass(frozen=True)
 class RewardWeights:
   """The weight of each reward component for one scenario."""

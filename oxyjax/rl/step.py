@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-import gin
 import jax
 import jax.numpy as jnp
 import optax
@@ -31,7 +30,6 @@ from oxyjax.rl import rewards as rewards_lib
 from oxyjax.rl import rollout as rollout_lib
 
 
-@gin.configurable(module="oxyjax.rl")
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
   """method: 'sample' (temperature sampling, with replacement) or 'beam' (the G best distinct

@@ -1,0 +1,252 @@
+r"""Post-training of a pre-trained recommender with a group policy loss (PAPER.md section 7).
+
+  python -m oxyjax.rl.train --gin_file=gin_configs/modes/rl.gin \
+      --gin.INIT_MODEL_DIR="'runs/beauty'" --gin.MODEL_DIR="'runs/beauty_rl'" \
+      --gin_bindings="oxyjax.rl.losses.PolicyLossConfig.name = 'gspo'"
+
+Starts from a pre-training run's model artifact (`<INIT_MODEL_DIR>/artifact`: config, SID table,
+pools, weights), and is built from the pre-training parts: `experiment.from_artifact`,
+`trainer.TrainStateFactory`, `trainer.restore_or_init` (resume this run, else the artifact's
+weights), `trainer.train_loop` with `ProgressHook`, `EvalHook` (validation every
+`eval_every_steps`, best weights by validation recall@10, the starting weights included as step
+0) and `CheckpointHook` (state + prompt-iterator position + validation history: a killed run
+resumes exactly), then `train.evaluate_final` on test once with the best weights, written with
+the run's own artifact. One step = one batch of prompts: a rollout of G candidates per prompt
+(`rl.step.make_rollout_step`, rewards and group advantages included), then
+`updates_per_rollout` optimizer updates (`rl.step.make_update_step`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from oxyjax import checkpoints
+from oxyjax import cli
+from oxyjax import distributed
+from oxyjax import experiment as experiment_lib
+from oxyjax import partitioning
+from oxyjax import train as pretrain
+from oxyjax import trainer as trainer_lib
+from oxyjax.artifact import ModelArtifact, artifact_dir
+from oxyjax.data import pipeline
+from oxyjax.evaluation import Evaluator
+from oxyjax.models.encoder_decoder import EncoderDecoder
+from oxyjax.rl import rewards as rewards_lib
+from oxyjax.rl import step as step_lib
+from oxyjax.rl.losses import PolicyLossConfig
+from oxyjax.rl.rewards import RewardWeights
+from oxyjax.rl.step import RolloutConfig
+from oxyjax.trainer import OptimizerConfig
+
+DEFAULT_GIN_FILE = os.path.join(experiment_lib.REPO_ROOT, "gin_configs", "modes", "rl.gin")
+
+
+def item_embeddings(exp: experiment_lib.Experiment, params) -> tuple[np.ndarray, str]:
+  """What the similarity and diversity rewards compare: the frozen MiniLM text embeddings when
+  every domain has item text (the 2018 data: also the space of search queries), else the starting
+  model's own item representation (item-ID + SID-code embeddings, frozen at the start)."""
+  from oxyjax.sid import build as sid_build
+
+  try:
+    if exp.catalogue is not None:
+      return experiment_lib._text_embeddings(exp.catalogue), "text (all-MiniLM-L6-v2)"
+    return sid_build.item_text_embeddings(exp.dataset), "text (all-MiniLM-L6-v2)"
+  except ValueError:  # no item text
+    pass
+  codes = exp.model.sid_codes
+  items = np.arange(codes.shape[0], dtype=np.int32)
+  item_e, side_e, _ = exp.model.network.apply({"params": params}, jnp.asarray(items), jnp.asarray(codes), None,
+                                              method=EncoderDecoder._behaviour_parts)
+  return np.asarray(item_e + side_e, np.float32), "the starting model's item embeddings"
+
+
+def train_rl(
+    *,
+    init_model_dir: str,
+    model_dir: str,
+    num_steps: int = 200,
+    batch_size: int = 64,
+    rollout: RolloutConfig = RolloutConfig(),
+    loss: PolicyLossConfig = PolicyLossConfig(),
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-5, warmup_steps=0, decay="constant",
+                                                 weight_decay=0.0),
+    reward_weights: Mapping[str, RewardWeights] | None = None,
+    default_reward: RewardWeights = RewardWeights(),
+    mesh_shape: dict[str, int] | None = None,
+    grad_accum_steps: int = 1,
+    seed: int = 0,
+    eval_every_steps: int = 50,
+    eval_max_examples: int | None = 2000,
+    eval_batch_size: int = 256,
+    eval_beam_size: int = 20,
+    final_eval_splits: Sequence[str] = ("test",),
+    final_eval_max_examples: int | None = None,
+    checkpoint_every_steps: int = 50,
+    keep_checkpoints: int = 2,
+    log_every_steps: int = 10,
+    stop_after_steps: int | None = None,
+    data_source: str = "seqio",
+    verbose: bool = True,
+) -> pretrain.TrainResult:
+  """Post-trains the model of `init_model_dir` into `model_dir` for `num_steps` rollout steps of
+  `batch_size` training prompts, `rollout.group_size` candidates each.
+
+  reward_weights: per scenario name (a single-dataset model's one scenario is its dataset name);
+  the others take `default_reward`. With `loss.kl_beta` > 0 the starting weights are the frozen
+  reference policy.
+  """
+  t_start = time.time()
+  log = print if verbose else (lambda *a, **k: None)
+  part = partitioning.Partitioner(mesh_shape)
+  if batch_size % (grad_accum_steps * part.data_parallel_size):
+    raise ValueError(f"batch_size {batch_size} must be divisible by grad_accum_steps x data-parallel size "
+                     f"({grad_accum_steps} x {part.data_parallel_size})")
+  trainer_lib.check_same_across_hosts(seed=seed, **{"global batch_size": batch_size})
+  init_art = ModelArtifact.load(artifact_dir(init_model_dir))
+  exp = experiment_lib.from_artifact(init_art, partitioner=part, data_source=data_source, log=log)
+  exp.check_data()
+  model = exp.model
+
+  # ---- prompts: the training examples (each scenario's, sampled by its rate), each row's pool
+  if exp.scenarios:
+    names = [s.name for s in exp.scenarios]
+    forest, roots = exp.artifact.pool_forest(names)
+    it = pipeline.MixtureBatchIterator([s.splits["train"] for s in exp.scenarios],
+                                       [s.config.rate for s in exp.scenarios], batch_size, seed=seed,
+                                       process_index=jax.process_index(), process_count=jax.process_count())
+    root_of_scenario = np.zeros(max(s.id for s in exp.scenarios) + 1, np.int32)
+    for s in exp.scenarios:
+      root_of_scenario[s.id] = roots[s.name]
+  else:
+    names, forest = [exp.dataset], exp.trie()
+    it = pipeline.BatchIterator(exp.load_split("train"), batch_size, seed=seed, process_index=jax.process_index(),
+                                process_count=jax.process_count())
+    root_of_scenario = np.zeros(model.config.num_scenarios, np.int32)
+  scenario_ids = [s.id for s in exp.scenarios] if exp.scenarios else [0]
+  table = np.tile(default_reward.as_array(), (max(scenario_ids) + 1, 1))
+  table[scenario_ids] = rewards_lib.weight_table(reward_weights, names, default_reward)
+  rewards_lib.check_weights(table, has_ranking_model=False)
+
+  # ---- state: resume this run, else the pre-trained weights
+  mu = rollout.updates_per_rollout
+  tx, schedule = trainer_lib.make_optimizer(optimizer, num_steps * mu)
+  factory = trainer_lib.TrainStateFactory(model, part, tx)
+  ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), keep=keep_checkpoints,
+                                  save_every_steps=checkpoint_every_steps)
+  init_params_dir = os.path.join(artifact_dir(init_model_dir), "params")
+  state, data_state = trainer_lib.restore_or_init(factory, ckpt=ckpt, init_rng=jax.random.key(seed),
+                                                  init_checkpoint=init_params_dir, log=log)
+  exp.artifact = dataclasses.replace(init_art)  # this run's artifact: the same model, its own weights
+  pretrain.save_artifact(exp, model_dir, resuming=data_state is not None, log=log)
+  ref_params = None
+  if loss.kl_beta:
+    ref_params, _ = checkpoints.load_params(init_params_dir, factory.params_abstract)
+  emb, emb_kind = item_embeddings(exp, checkpoints.load_params(init_params_dir, factory.params_abstract)[0])
+  log(f"[oxyjax] post-training {init_model_dir} -> {model_dir}: loss {loss.name}, {rollout.method} rollouts, "
+      f"G={rollout.group_size}, {batch_size} prompts/step, {num_steps} steps x {mu} update(s); similarity on {emb_kind}; "
+      f"reward weights {dict(zip(names, table[scenario_ids].tolist()))}")
+
+  # ---- the jitted halves and the step function
+  with jax.set_mesh(part.mesh), part.rules_context():
+    rollout_step = jax.jit(step_lib.make_rollout_step(model, rollout, table, emb))
+    update_step = jax.jit(step_lib.make_update_step(model, tx, loss, temperature=rollout.temperature,
+                                                    grad_accum_steps=grad_accum_steps),
+                          donate_argnums=(0,))
+  base_rng = jax.random.key(seed + 1)
+
+  def host_batch():
+    ex = next(it)
+    batch = model.convert_features(ex)
+    batch["pool_root"] = root_of_scenario[np.asarray(batch["scenario"], np.int64)]
+    return batch
+
+  def step_fn(state, batch):
+    with jax.set_mesh(part.mesh), part.rules_context():
+      sharded = part.shard_batch(batch)
+      n = state["step"] // mu
+      t0 = time.time()
+      rl, stats = rollout_step(state["params"], sharded, forest, jax.random.fold_in(base_rng, n), ref_params)
+      jax.block_until_ready(rl)
+      t1 = time.time()
+      full = {**sharded, **rl}
+      for _ in range(mu):
+        state, metrics = update_step(state, full, forest)
+      jax.block_until_ready(metrics)
+      t2 = time.time()
+    return state, {**metrics, **stats, "time/rollout_s": t1 - t0, "time/update_s": t2 - t1}
+
+  evaluator = Evaluator(model, part, exp.trie(), beam_size=eval_beam_size, batch_size=eval_batch_size)
+  logger = trainer_lib.ProgressLogger(model_dir if jax.process_index() == 0 else None, num_steps, batch_size,
+                                      enabled=verbose and jax.process_index() == 0)
+  best = checkpoints.BestCheckpointer(os.path.join(model_dir, "best"), metric=evaluator.headline_metric, log=log)
+  if data_state is not None:
+    best.verify(factory.params_abstract)
+  eval_hook = trainer_lib.EvalHook(pretrain.make_validation(exp, evaluator, eval_max_examples), every=eval_every_steps,
+                                   best=best, logger=logger, metric=evaluator.headline_metric,
+                                   description=f"random {eval_max_examples}", log=log)
+  ckpt_hook = trainer_lib.CheckpointHook(ckpt, iterator=it, hooks=[eval_hook])
+  hooks = [trainer_lib.ProgressHook(logger, every=log_every_steps, schedule=schedule, log=log), eval_hook, ckpt_hook]
+  if data_state is not None:
+    ckpt_hook.restore_data_state(data_state)
+  step0 = int(jax.device_get(state["step"])) // mu
+  if step0 == 0 and eval_every_steps:  # the starting weights are a candidate too (step 0)
+    eval_hook.after_step(trainer_lib.StepInfo(0, num_steps, state, {}, {}, stopping=False))
+
+  train_t0 = time.time()
+  state, step, stopped = trainer_lib.train_loop(state, step_fn=step_fn, next_batch=host_batch, start_step=step0,
+                                                total_steps=num_steps, hooks=hooks, stop_after_steps=stop_after_steps)
+  for h in hooks:
+    h.close()
+  best_step = best.best_step()
+  if stopped:
+    log(f"[oxyjax] stopping early at step {step} (stop_after_steps)")
+    ckpt.close(), best.close()
+    return pretrain.TrainResult(state, step, None, None, best_step, time.time() - t_start, eval_hook.history)
+  train_seconds = time.time() - train_t0
+  params, weights_step = state["params"], step
+  if best_step is not None:
+    params, _ = best.restore(factory.params_abstract)
+    weights_step = best_step
+    log(f"[oxyjax] final evaluation uses the best validation checkpoint (step {best_step})")
+  checkpoints.save_params(exp.artifact.params_dir, params, {"step": weights_step, "rl_steps": step,
+                                                           "loss": loss.name, "init": init_model_dir})
+  results = pretrain.evaluate_final(exp, evaluator, params, final_eval_splits, log, final_eval_max_examples)
+  if jax.process_index() == 0:
+    pretrain.write_summary(model_dir, exp.dataset, {
+        "dataset": exp.dataset, "init_model_dir": init_model_dir, "loss": dataclasses.asdict(loss),
+        "rollout": dataclasses.asdict(rollout), "steps": step, "train_seconds": train_seconds,
+        "best_step": best_step, "results": results, "validation_history": eval_hook.history}, merge=False)
+  ckpt.close(), best.close()
+  return pretrain.TrainResult(state, step, results.get("validation", results.get("validation/mean")),
+                              results.get("test", results.get("test/mean")), best_step, time.time() - t_start,
+                              eval_hook.history)
+
+
+def main(argv: Sequence[str]):
+  import gin
+  from absl import flags
+
+  if len(argv) > 1:
+    raise SystemExit(f"python -m oxyjax.rl.train: unexpected arguments {argv[1:]} (see --help)")
+  distributed.initialize()
+  cli.parse_gin(flags.FLAGS, default_file=DEFAULT_GIN_FILE)
+  print("[oxyjax] gin config:\n" + gin.config_str(), flush=True)
+  gin.get_configurable(train_rl)()
+
+
+def run():
+  cli.define_gin_flags(DEFAULT_GIN_FILE)
+  cli.run(main, "python -m oxyjax.rl.train")
+
+
+if __name__ == "__main__":
+  from oxyjax.rl import train as _train_module
+
+  _train_module.run()

@@ -1,0 +1,73 @@
+"""The post-training entry point: from a pre-trained run's artifact to a post-trained run with
+per-step diagnostics, validation (the starting weights included), a test evaluation with the best
+weights, its own artifact, and an exact resume after a stop."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from oxyjax import train as train_lib
+from oxyjax.artifact import ModelArtifact
+from oxyjax.models.encoder_decoder import ModelConfig
+from oxyjax.rl import train as rl_train
+from oxyjax.rl.losses import PolicyLossConfig
+from oxyjax.rl.step import RolloutConfig
+from oxyjax.trainer import OptimizerConfig
+
+TINY = ModelConfig(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1, num_decoder_layers=1,
+                   dropout_rate=0.1, max_history=10)
+MESH = {"data": 8}  # data-parallel over the 8 fake devices (groups never split: tests/rl/test_step.py)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  root = tmp_path_factory.mktemp("rl")
+  model_dir = root / "pre"
+  train_lib.train(dataset="office", model_config=TINY, model_dir=str(model_dir), batch_size=32, num_train_steps=6,
+                  num_epochs=None, data_source="readers", checkpoint_every_steps=100, eval_every_steps=0,
+                  final_eval_splits=(), log_every_steps=100, verbose=False, mesh_shape=MESH,
+                  sid=train_lib.SIDConfig(codebook_size=16, embedding="collaborative", cache_dir=str(root / "sid")))
+  return root, model_dir
+
+
+def _rl(init, model_dir, **kw):
+  return rl_train.train_rl(
+      init_model_dir=str(init), model_dir=str(model_dir), num_steps=4, batch_size=16, mesh_shape=MESH,
+      rollout=RolloutConfig(method="sample", group_size=4), loss=PolicyLossConfig(name="sa_gcpo"),
+      optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=0, decay="constant", weight_decay=0.0),
+      eval_every_steps=2, eval_max_examples=32, eval_batch_size=32, eval_beam_size=5, final_eval_max_examples=64,
+      checkpoint_every_steps=2, log_every_steps=2, data_source="readers", verbose=False, **kw)
+
+
+def test_post_training_run_and_exact_resume(pretrained):
+  root, init = pretrained
+  full = _rl(init, root / "full")
+  summary = json.load(open(root / "full" / "run_summary.json"))
+  assert summary["loss"]["name"] == "sa_gcpo" and summary["steps"] == 4
+  assert set(summary["results"]) == {"test"} and summary["results"]["test"]["num_examples"] == 64
+  steps = [h["step"] for h in summary["validation_history"]]
+  assert steps == [0, 2, 4]  # the starting weights are scored (and eligible) as step 0
+  assert full.best_step in steps
+  # The run's own artifact: the same model, loadable alone, with the post-trained weights.
+  art = ModelArtifact.load(str(root / "full" / "artifact"))
+  assert art.differences(ModelArtifact.load(str(init / "artifact"))) == []
+  assert os.path.isdir(root / "full" / "artifact" / "params")
+  # The policy moved: the final parameters differ from the pre-trained ones.
+  pre = train_lib.load_eval_weights(str(init), jax.tree.map(lambda x: x, full.state["params"]), log=lambda *a: None)[0]
+  moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+           zip(jax.tree.leaves(full.state["params"]), jax.tree.leaves(pre))]
+  assert max(moved) > 0
+  # A stop after 2 steps (checkpoint, iterator position, validation history), then a rerun, ends
+  # exactly where the uninterrupted run ended: same prompts, same rollout keys, same updates.
+  stopped = _rl(init, root / "resumed", stop_after_steps=2)
+  assert stopped.final_step == 2
+  resumed = _rl(init, root / "resumed")
+  assert resumed.final_step == 4
+  for a, b in zip(jax.tree.leaves(full.state["params"]), jax.tree.leaves(resumed.state["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  again = json.load(open(root / "resumed" / "run_summary.json"))
+  assert [h["step"] for h in again["validation_history"]] == steps
+  assert again["results"]["test"] == summary["results"]["test"]
