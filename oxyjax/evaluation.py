@@ -73,7 +73,7 @@ class Evaluator:
     """One row per evaluation set (`{name: (examples, pool)}`, `Experiment.eval_sets`), each decoded
     over its own pool (`trie_of(pool)`), plus 'mean': each metric's unweighted mean over the sets."""
     rows = {name: self(params, arrays, max_examples, trie_of(pool)) for name, (arrays, pool) in sets.items()}
-    if len(rows) > 1:
-      keys = set.intersection(*(set(r) for r in rows.values()))
-      rows["mean"] = {k: float(np.mean([r[k] for r in rows.values()])) for k in sorted(keys) if k != "num_examples"}
+    # Also for one set (then the mean is that set's row): the best checkpoint is chosen by it.
+    keys = set.intersection(*(set(r) for r in rows.values()))
+    rows["mean"] = {k: float(np.mean([r[k] for r in rows.values()])) for k in sorted(keys) if k != "num_examples"}
     return rows

@@ -402,7 +402,10 @@ class EvalHook(HookBase):
     self.log(f"[oxyjax] step {step} validation ({self.description}{', EMA weights' if ema else ''}): "
              + ", ".join(f"{k} {v:.4f}" for k, v in sorted(res.items())))
     if self.best is not None:
-      self.best.maybe_save(step, eval_params(state), {self.metric: float(res.get(self.metric, 0.0)), "ema": ema})
+      if self.metric not in res:  # never choose a checkpoint by a metric that is not there
+        raise KeyError(f"the best checkpoint is chosen by {self.metric!r}, but validation returned only "
+                       f"{sorted(res)}")
+      self.best.maybe_save(step, eval_params(state), {self.metric: float(res[self.metric]), "ema": ema})
 
   def state_dict(self):
     return self.history
