@@ -122,8 +122,8 @@ def plot(report, path, configs):
     ax.plot([h["step"] for h in hist], [h.get(f"{c.name}/recall@10", float("nan")) for h in hist], marker="o",
             label=c.name)
   ax.set_xlabel("step")
-  ax.set_ylabel("validation recall@10 (fixed random subset per scenario)")
-  ax.set_title("unified model, per-scenario validation")
+  ax.set_ylabel("validation recall@10")
+  ax.set_title("unified model: per-scenario validation (fixed random 300 rows each)")
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)

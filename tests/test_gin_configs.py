@@ -61,3 +61,21 @@ def test_command_line_bindings_override_the_experiment_file():
   _parse("experiments/beauty.gin", ["oxyjax.train.OptimizerConfig.weight_decay = 0.5", "NUM_EPOCHS = 2.0"])
   assert gin.get_configurable(train_lib.OptimizerConfig)().weight_decay == 0.5
   assert _value("oxyjax.train.train.num_epochs") == 2.0
+
+
+def test_rl_mode_parses_and_builds_its_configs():
+  """modes/rl.gin: the macros reach the rollout, loss, reward and optimizer configs."""
+  from oxyjax.rl import losses, rewards, step
+  from oxyjax.rl import train as rl_train  # noqa: F401  (gin names)
+
+  gin.clear_config()
+  gin.add_config_file_search_path(CONFIGS)
+  gin.parse_config_files_and_bindings([os.path.join(CONFIGS, "modes", "rl.gin")], [
+      "INIT_MODEL_DIR = '/tmp/pre'", "MODEL_DIR = '/tmp/rl'", "LOSS = 'gspo'", "GROUP_SIZE = 8",
+      "LEARNING_RATE = 3e-5"])
+  loss = gin.get_configurable(losses.PolicyLossConfig)()
+  roll = gin.get_configurable(step.RolloutConfig)()
+  reward = gin.get_configurable(rewards.RewardWeights)()
+  opt = gin.get_configurable(train_lib.OptimizerConfig)()
+  assert loss.name == "gspo" and loss.name in losses.names() and roll.group_size == 8
+  assert reward.ranking == 0.0 and opt.learning_rate == 3e-5 and opt.decay == "constant"
