@@ -4,9 +4,9 @@ r"""Time of one post-training step split into rollout, reward and update, at sev
 
 Loads a pre-training run's artifact (model, SID table, pool, weights) and a batch of its training
 prompts, then for each G times (median of --repeats after one compiling call, each call blocked
-until done): the constrained rollout alone (`rl.rollout.rollout`), the rollout step with rewards
-and advantages (`rl.step.make_rollout_step`; reward = the difference), and one SA-GCPO update
-(`rl.step.make_update_step`). Prints and writes JSON with the CPU/accelerator it ran on.
+until done): the constrained rollout (`rl.rollout.rollout`), the rewards and group advantages of its
+candidates (`rl.rewards.compute`, `rl.losses.group_advantages`), and one SA-GCPO update
+(`rl.step.make_update_step`, forward and backward over the B x G candidates). Prints and writes JSON with the CPU/accelerator it ran on.
 """
 
 from __future__ import annotations
@@ -90,13 +90,19 @@ def main():
     up_fn = jax.jit(step.make_update_step(model, tx, losses.PolicyLossConfig(name="sa_gcpo")))
     key = jax.random.key(0)
     t_roll = timed(ro_fn, params, batch, trie, key)
-    t_rstep = timed(lambda *a: rs_fn(*a)[0], params, batch, trie, key)
+    ro = ro_fn(params, batch, trie, key)
+
+    def reward(items, valid, target, scenario):
+      rw = rewards.compute(items, valid, target, scenario, item_embeddings=emb, weights=table)
+      return rw.total, rw.r_star, losses.group_advantages(rw.total, valid)[0]
+
+    t_reward = timed(jax.jit(reward), ro.items, ro.valid, batch["target_items"], batch["scenario"])
     rl, _ = rs_fn(params, batch, trie, key)
     state = {"params": params, "opt_state": opt_state, "step": jax.numpy.zeros((), jax.numpy.int32)}
     t_up = timed(lambda s, b, t: up_fn(s, b, t)[1], state, {**batch, **rl}, trie)
     row = {"group_size": g, "prompts": args.batch_size, "candidates": g * args.batch_size,
-           "rollout_s": t_roll, "reward_s": max(t_rstep - t_roll, 0.0), "update_s": t_up,
-           "step_s": t_rstep + t_up}
+           "rollout_s": t_roll, "reward_s": t_reward, "update_s": t_up,
+           "step_s": t_roll + t_reward + t_up}
     rows.append(row)
     print(json.dumps(row), flush=True)
   out = {"device": device_name(), "model_dir": args.model_dir, "method": args.method,
