@@ -93,3 +93,25 @@ def run(main: Callable[[Sequence[str]], object], prog: str) -> None:
       for f in module_flags:
         flags.FLAGS.register_key_flag_for_module(main_module, f)
   app.run(quiet_main, flags_parser=lambda argv: parse_flags(argv, prog))
+
+
+def run_gin_entry(fn: Callable[..., object], default_file: str, prog: str) -> None:
+  """An entry point whose flags are gin files and bindings: `python -m <module>` calls `fn` with its
+  gin-bound arguments, after the multi-host runtime is up (no-op for one process)."""
+
+  def main(argv: Sequence[str]):
+    import gin
+    from absl import flags
+
+    from oxyjax import distributed
+
+    if len(argv) > 1:
+      raise SystemExit(f"{prog}: unexpected arguments {argv[1:]} (see --help)")
+    # Multi-host runtime first, before anything touches a JAX device.
+    distributed.initialize()
+    parse_gin(flags.FLAGS, default_file=default_file)
+    print("[oxyjax] gin config:\n" + gin.config_str(), flush=True)
+    gin.get_configurable(fn)()
+
+  define_gin_flags(default_file)
+  run(main, prog)

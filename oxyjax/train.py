@@ -29,7 +29,6 @@ import numpy as np
 
 from oxyjax import checkpoints
 from oxyjax import cli
-from oxyjax import distributed
 from oxyjax import experiment as experiment_lib
 from oxyjax import flops as flops_lib
 from oxyjax import losses
@@ -420,22 +419,8 @@ def evaluate_run(model_dir: str, *, partitioner: partitioning.Partitioner, split
 
 
 # ====================================================================== gin edge
-def main(argv: Sequence[str]):
-  import gin
-  from absl import flags
-
-  if len(argv) > 1:
-    raise SystemExit(f"python -m oxyjax.train: unexpected arguments {argv[1:]} (see --help)")
-  # Multi-host runtime first, before anything touches a JAX device (no-op for one process).
-  distributed.initialize()
-  cli.parse_gin(flags.FLAGS, default_file=DEFAULT_GIN_FILE)
-  print("[oxyjax] gin config:\n" + gin.config_str(), flush=True)
-  gin.get_configurable(train)()
-
-
 def run():
-  cli.define_gin_flags(DEFAULT_GIN_FILE)
-  cli.run(main, "python -m oxyjax.train")
+  cli.run_gin_entry(train, DEFAULT_GIN_FILE, "python -m oxyjax.train")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import numpy as np
 
 from oxyjax import checkpoints
 from oxyjax import cli
-from oxyjax import distributed
 from oxyjax import experiment as experiment_lib
 from oxyjax import partitioning
 from oxyjax import train as pretrain
@@ -145,10 +144,10 @@ def train_rl(
                                                   init_checkpoint=init_params_dir, log=log)
   exp.artifact = dataclasses.replace(init_art)  # this run's artifact: the same model, its own weights
   pretrain.save_artifact(exp, model_dir, resuming=data_state is not None, log=log)
-  ref_params = None
-  if loss.kl_beta:
-    ref_params, _ = checkpoints.load_params(init_params_dir, factory.params_abstract)
-  emb, emb_kind = item_embeddings(exp, checkpoints.load_params(init_params_dir, factory.params_abstract)[0])
+  # The starting weights (also after a resume): the frozen reference and item embeddings.
+  init_params, _ = checkpoints.load_params(init_params_dir, factory.params_abstract)
+  ref_params = init_params if loss.kl_beta else None
+  emb, emb_kind = item_embeddings(exp, init_params)
   log(f"[oxyjax] post-training {init_model_dir} -> {model_dir}: loss {loss.name}, {rollout.method} rollouts, "
       f"G={rollout.group_size}, {batch_size} prompts/step, {num_steps} steps x {mu} update(s); similarity on {emb_kind}; "
       f"reward weights {dict(zip(names, table[scenario_ids].tolist()))}")
@@ -229,21 +228,8 @@ def train_rl(
                               eval_hook.history)
 
 
-def main(argv: Sequence[str]):
-  import gin
-  from absl import flags
-
-  if len(argv) > 1:
-    raise SystemExit(f"python -m oxyjax.rl.train: unexpected arguments {argv[1:]} (see --help)")
-  distributed.initialize()
-  cli.parse_gin(flags.FLAGS, default_file=DEFAULT_GIN_FILE)
-  print("[oxyjax] gin config:\n" + gin.config_str(), flush=True)
-  gin.get_configurable(train_rl)()
-
-
 def run():
-  cli.define_gin_flags(DEFAULT_GIN_FILE)
-  cli.run(main, "python -m oxyjax.rl.train")
+  cli.run_gin_entry(train_rl, DEFAULT_GIN_FILE, "python -m oxyjax.rl.train")
 
 
 if __name__ == "__main__":
