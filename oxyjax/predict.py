@@ -26,6 +26,7 @@ a one-line error.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Sequence
@@ -75,84 +76,118 @@ class Predictor:
     self._predict = jax.jit(lambda p, b, t: self.model.predict(p, b, t, beam_size=beam_size))
     self._encoder = None
 
-  def _instruction(self, text: str | None) -> tuple[np.ndarray, np.ndarray]:
-    dim = self.model.config.instruction_dim
-    if not text:
-      return np.zeros((1, dim), np.float32), np.zeros((1,), bool)
-    if self._encoder is None:
-      from oxyjax.sid.embeddings import SentenceEncoder
-
-      self._encoder = SentenceEncoder()
-    return self._encoder.encode([text]), np.ones((1,), bool)
-
   def scenario(self, name: str | int) -> dict:
-    """The artifact's scenario by name (or id); a one-line error lists the known ones."""
-    for sc in self.artifact.scenarios:
-      if name in (sc["name"], sc["id"], str(sc["id"])):
-        return sc
-    known = [sc["name"] for sc in self.artifact.scenarios]
-    raise ValueError(f"unknown scenario {name!r}; this model serves {known}" if known else
-                     f"unknown scenario {name!r}: this model has no named scenarios (use --scenario=<id>)")
+    return find_scenario(self.artifact, name)
 
   def recommend(self, raw_history: Sequence[str], *, top_k: int = 10, scenario: int | str = 0,
                 instruction: str | None = None, trigger: str | None = None,
                 query: str | None = None) -> list[tuple[str, float, str | None]]:
     import jax
 
-    from oxyjax.data import pipeline
-    from oxyjax.data.readers import Example
-
-    raw_history = [r for r in raw_history if r]
     if top_k > self.beam_size:
       raise ValueError(f"top_k {top_k} is larger than the beam size {self.beam_size}")
-    cfg = self.model.config
-    trie, kind, sc = self.trie, None, None
-    if self.artifact.scenarios:
-      sc = self.scenario(scenario)
-      scenario, kind = int(sc["id"]), sc["kind"]
-      trie = self.experiment.trie(sc["name"]) if self.pool == "all" else self.trie
-    elif not isinstance(scenario, int) and not str(scenario).isdigit():
-      raise ValueError(f"unknown scenario {scenario!r}: this model has no named scenarios")
-    scenario = int(scenario)
-    if not 0 <= scenario < cfg.num_scenarios:
-      raise ValueError(f"scenario {scenario} is out of range: the model knows {cfg.num_scenarios} scenario(s)")
-    if trigger and kind != "item_to_item":
-      raise ValueError(f"--trigger is for item_to_item scenarios, not {kind or 'this model'}")
-    if query is not None and kind != "search":
-      raise ValueError(f"--query is for search scenarios, not {kind or 'this model'}")
-    if kind == "item_to_item":
-      if not trigger:
-        raise ValueError(f"scenario {sc['name']!r} is item-to-item: give the item being looked at (--trigger)")
-      raw_history = (raw_history + [trigger])[-(int(sc.get("context", 2)) + 1):]
-    if not raw_history:
-      raise ValueError("the history is empty: give at least one item id")
-    items = self.artifact.item_indices(raw_history)
-    arrays = pipeline.examples_to_arrays([Example(user=0, history=tuple(int(i) for i in items), target=0)],
-                                         cfg.max_history, scenario=scenario)
-    if cfg.scenario_triggers:
-      arrays = arrays.with_extras(trigger=np.asarray([items[-1] if kind == "item_to_item" else 0], np.int32))
-    if kind == "search":
-      from oxyjax.data.scenarios import normalise_query
-
-      if instruction:
-        raise ValueError("a search scenario's I_r is its query: give --query, not --instruction")
-      instruction = normalise_query(query or "")
-      if not instruction:
-        raise ValueError(f"scenario {sc['name']!r} is search: give a non-empty query (--query)")
-    if cfg.instruction_dim:
-      if instruction and cfg.instruction_dim != 384:
-        raise ValueError(f"the model reads {cfg.instruction_dim}-d instructions; the sentence encoder gives 384")
-      emb, present = self._instruction(instruction)
-      arrays = arrays.with_extras(instruction_embedding=emb, instruction_mask=present)
-    elif instruction:
-      raise ValueError("this model reads no instruction (instruction_dim = 0)")
-    batch = self.model.convert_features(arrays)
+    req = build_request(self.artifact, self.model, raw_history, scenario=scenario, instruction=instruction,
+                        trigger=trigger, query=query, embed=self._embed)
+    trie = self.experiment.trie(req.pool) if self.pool == "all" else self.trie
+    batch = req.features
     part = self.partitioner
     with jax.set_mesh(part.mesh), part.rules_context():
       out = self._predict(self.params, part.shard_batch(batch), trie)
     got_items, scores = np.asarray(out.items)[0], np.asarray(out.scores)[0]
     return [(self.artifact.raw_item_ids[i], float(s), self.artifact.title(int(i)))
             for i, s in zip(got_items[:top_k], scores[:top_k]) if i > 0]
+
+  def _embed(self, text: str) -> np.ndarray:
+    if self._encoder is None:
+      from oxyjax.sid.embeddings import SentenceEncoder
+
+      self._encoder = SentenceEncoder()
+    return self._encoder.encode([text])[0]
+
+
+@dataclasses.dataclass
+class Request:
+  """One request turned into model inputs: `features` (one row of the model's arrays), the
+  scenario (None for a model without named scenarios), the pool it decodes over, and the item
+  indices of the history the model reads (trigger included)."""
+
+  features: dict[str, np.ndarray]
+  scenario: dict | None
+  pool: str
+  items: np.ndarray
+
+
+def find_scenario(artifact, name: str | int) -> dict:
+  """The artifact's scenario by name (or id); a one-line error lists the known ones."""
+  for sc in artifact.scenarios:
+    if name in (sc["name"], sc["id"], str(sc["id"])):
+      return sc
+  known = [sc["name"] for sc in artifact.scenarios]
+  raise ValueError(f"unknown scenario {name!r}; this model serves {known}" if known else
+                   f"unknown scenario {name!r}: this model has no named scenarios (use --scenario=<id>)")
+
+
+def build_request(artifact, model, raw_history: Sequence[str], *, scenario: int | str = 0,
+                  instruction: str | None = None, trigger: str | None = None, query: str | None = None,
+                  instruction_embedding: np.ndarray | None = None, embed=None, pool: str = "all") -> Request:
+  """Validates one request against the artifact and builds its model inputs (host NumPy, batch 1).
+
+  `embed(text) -> [Dr]` embeds an instruction or query text (the sentence encoder);
+  `instruction_embedding` is an already embedded I_r (the near-line store's). A bad field
+  raises ValueError (KeyError for an unknown item id) naming it."""
+  from oxyjax.data import pipeline
+  from oxyjax.data.readers import Example
+
+  raw_history = [r for r in raw_history if r]
+  cfg = model.config
+  kind, sc = None, None
+  if artifact.scenarios:
+    sc = find_scenario(artifact, scenario)
+    scenario, kind = int(sc["id"]), sc["kind"]
+    pool = sc["name"] if pool == "all" else pool
+  elif not isinstance(scenario, int) and not str(scenario).isdigit():
+    raise ValueError(f"unknown scenario {scenario!r}: this model has no named scenarios")
+  scenario = int(scenario)
+  if not 0 <= scenario < cfg.num_scenarios:
+    raise ValueError(f"scenario {scenario} is out of range: the model knows {cfg.num_scenarios} scenario(s)")
+  if trigger and kind != "item_to_item":
+    raise ValueError(f"--trigger is for item_to_item scenarios, not {kind or 'this model'}")
+  if query is not None and kind != "search":
+    raise ValueError(f"--query is for search scenarios, not {kind or 'this model'}")
+  if kind == "item_to_item":
+    if not trigger:
+      raise ValueError(f"scenario {sc['name']!r} is item-to-item: give the item being looked at (--trigger)")
+    raw_history = (raw_history + [trigger])[-(int(sc.get("context", 2)) + 1):]
+  if not raw_history:
+    raise ValueError("the history is empty: give at least one item id")
+  items = artifact.item_indices(raw_history)
+  arrays = pipeline.examples_to_arrays([Example(user=0, history=tuple(int(i) for i in items), target=0)],
+                                       cfg.max_history, scenario=scenario)
+  if cfg.scenario_triggers:
+    arrays = arrays.with_extras(trigger=np.asarray([items[-1] if kind == "item_to_item" else 0], np.int32))
+  if kind == "search":
+    from oxyjax.data.scenarios import normalise_query
+
+    if instruction or instruction_embedding is not None:
+      raise ValueError("a search scenario's I_r is its query: give --query, not --instruction")
+    instruction = normalise_query(query or "")
+    if not instruction:
+      raise ValueError(f"scenario {sc['name']!r} is search: give a non-empty query (--query)")
+  if cfg.instruction_dim:
+    emb, present = np.zeros((1, cfg.instruction_dim), np.float32), np.zeros((1,), bool)
+    if instruction:
+      if cfg.instruction_dim != 384:
+        raise ValueError(f"the model reads {cfg.instruction_dim}-d instructions; the sentence encoder gives 384")
+      emb, present = np.asarray(embed(instruction), np.float32).reshape(1, -1), np.ones((1,), bool)
+    elif instruction_embedding is not None:
+      emb = np.asarray(instruction_embedding, np.float32).reshape(1, -1)
+      if emb.shape[1] != cfg.instruction_dim:
+        raise ValueError(f"instruction embedding of size {emb.shape[1]}; the model reads {cfg.instruction_dim}")
+      present = np.ones((1,), bool)
+    arrays = arrays.with_extras(instruction_embedding=emb, instruction_mask=present)
+  elif instruction or instruction_embedding is not None:
+    raise ValueError("this model reads no instruction (instruction_dim = 0)")
+  return Request(features=model.convert_features(arrays), scenario=sc, pool=pool, items=items)
 
 
 def _define_flags():

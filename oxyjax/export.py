@@ -1,0 +1,215 @@
+r"""Exports a trained model for serving: `jax.export` of the whole request path, in one directory.
+
+  python -m oxyjax.export --model_dir=runs/quickstart                 # -> runs/quickstart/serving
+  python -m oxyjax.export --model_dir=runs/mixture --beam_sizes=20,256 --batch_sizes=1,8,64
+
+The serving function is one compiled program per (batch bucket B, beam W): the encoder runs
+once per request row, the decoder runs with its KV cache, and the beams are expanded, scored
+and pruned inside it (`RecModel.predict`), constrained to the row's candidate pool: every pool
+the model serves (one per scenario, or the artifact's pools) is one trie (`PrefixTrie.forest`)
+and each row starts at its pool's root (`pool_root`), so one program serves every scenario.
+
+  serve(params, features, trie) -> (items [B, W] int32, scores [B, W] float32)
+
+`params` is the parameter tree, `features` the dict of `SERVING_FEATURES` arrays the model
+reads (host arrays from `predict.build_request`, padded to B rows), `trie` the forest's four
+CSR arrays. Directory layout (format `oxyjax.serving_export`, version `SERVING_VERSION`):
+
+  serving.json            format, version, buckets, beam sizes, score normalisation, the
+                          feature and parameter specs the programs were traced with, each
+                          pool's root, the artifact's content digest, the platforms
+  serve_b{B}_w{W}.jaxexport   serialised `jax.export.Exported`, one per bucket and beam
+  forest.npz              the pools' trie (child_start, child_code, child_node, leaf_item)
+  artifact/               the model artifact (SID table, items and titles, pools, scenarios,
+                          text embeddings) with `params/`: the very weights exported
+
+The server (`oxyjax.serve`) loads this directory alone: no gin file, no training code path, no
+tracing of the model; the Flax module is never built. Batch sizes are buckets: a batch of n
+requests runs in the smallest bucket >= n, padded with empty rows (inference is row-wise, see
+tests/models/test_batch_independence.py, so padding never changes a row's answer). The
+directory is written next to its final place and renamed in when complete; an older export is
+moved aside to `<out>.replaced-<UTC time>`, never deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Sequence
+
+import numpy as np
+
+PROG = "python -m oxyjax.export"
+SERVING_FORMAT = "oxyjax.serving_export"
+SERVING_VERSION = 1
+MANIFEST = "serving.json"
+# What `RecModel.predict` reads of a batch (init_decode + decode_step); targets are not inputs.
+SERVING_FEATURES = ("history_items", "history_codes", "history_mask", "history_text", "scenario",
+                    "trigger_items", "trigger_codes", "trigger_text", "instruction_embedding",
+                    "instruction_mask", "pool_root")
+TRIE_FIELDS = ("child_start", "child_code", "child_node", "leaf_item")
+
+
+class ExportError(ValueError):
+  """A missing or inconsistent serving export (the message names the file)."""
+
+
+def program_name(batch: int, beam: int) -> str:
+  return f"serve_b{batch}_w{beam}.jaxexport"
+
+
+def serving_pools(artifact) -> list[str]:
+  """The pools a server decodes over: one per scenario, else every pool of the artifact."""
+  return [sc["name"] for sc in artifact.scenarios] if artifact.scenarios else sorted(artifact.pools)
+
+
+def feature_spec(model) -> dict[str, tuple[tuple[int, ...], str]]:
+  """name -> (shape without the batch dim, dtype) of the serving inputs of `model`."""
+  row = model.convert_features({"history": np.zeros((1, model.config.max_history), np.int32),
+                                "target": np.zeros((1,), np.int32), "scenario": np.zeros((1,), np.int32),
+                                "pool_root": np.zeros((1,), np.int32)})
+  return {k: (tuple(v.shape[1:]), str(v.dtype)) for k, v in row.items() if k in SERVING_FEATURES}
+
+
+def param_spec(params) -> list[list[Any]]:
+  """[path, shape, dtype] of every parameter leaf, in flattening order."""
+  import jax
+
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  return [[jax.tree_util.keystr(p), list(np.shape(x)), str(np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype)]
+          for p, x in leaves]
+
+
+def make_serve_fn(model, trie_static: dict[str, Any], beam_size: int, normalize: str = "vocab"):
+  """The function that is exported: (params, features, trie arrays) -> (items, scores)."""
+  from oxyjax.sid.trie import PrefixTrie
+
+  def serve(params, features, trie_arrays):
+    trie = PrefixTrie(*trie_arrays, **trie_static)
+    out = model.predict(params, features, trie, beam_size=beam_size, normalize=normalize)
+    return out.items, out.scores
+
+  return serve
+
+
+def export_model(model, params, artifact, out_dir: str, *, batch_sizes: Sequence[int] = (1, 8, 64),
+                 beam_sizes: Sequence[int] = (20,), normalize: str = "vocab", step: int = 0,
+                 platforms: Sequence[str] | None = None, log=print) -> str:
+  """Writes the serving directory for `model` with `params` (see the module docstring); returns it."""
+  import jax
+  from jax import export as jax_export
+
+  from oxyjax import checkpoints
+
+  batch_sizes = sorted({int(b) for b in batch_sizes})
+  beam_sizes = sorted({int(w) for w in beam_sizes})
+  if not batch_sizes or batch_sizes[0] < 1 or not beam_sizes or beam_sizes[0] < 1:
+    raise ValueError(f"batch and beam sizes must be positive, got {batch_sizes}, {beam_sizes}")
+  pools = serving_pools(artifact)
+  forest, roots = artifact.pool_forest(pools)
+  trie_arrays = tuple(np.asarray(getattr(forest, f)) for f in TRIE_FIELDS)
+  trie_static = {"num_levels": forest.num_levels, "max_children": tuple(forest.max_children),
+                 "vocab_sizes": tuple(forest.vocab_sizes)}
+  spec = feature_spec(model)
+  params = jax.tree_util.tree_map(np.asarray, params)
+  out_dir = os.path.abspath(out_dir)
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+  try:
+    abstract_params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    abstract_trie = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in trie_arrays)
+    programs = {}
+    for w in beam_sizes:
+      fn = jax.jit(make_serve_fn(model, trie_static, w, normalize))
+      for b in batch_sizes:
+        feats = {k: jax.ShapeDtypeStruct((b,) + shape, np.dtype(dt)) for k, (shape, dt) in spec.items()}
+        exp = jax_export.export(fn, platforms=platforms)(abstract_params, feats, abstract_trie)
+        name = program_name(b, w)
+        with open(os.path.join(tmp, name), "wb") as f:
+          f.write(exp.serialize())
+        programs[f"{b}x{w}"] = name
+        log(f"[export] {name}: batch {b}, beam {w}, platforms {list(exp.platforms)}")
+    np.savez(os.path.join(tmp, "forest.npz"), **dict(zip(TRIE_FIELDS, trie_arrays)))
+    art_dir = os.path.join(tmp, "artifact")
+    saved = dataclasses.replace(artifact, directory=None)
+    saved.save(art_dir, keep_params=False)
+    checkpoints.save_params(os.path.join(art_dir, "params"), params, {"step": int(step)}, log=log)
+    manifest = {
+        "format": SERVING_FORMAT, "version": SERVING_VERSION, "batch_sizes": batch_sizes,
+        "beam_sizes": beam_sizes, "normalize": normalize, "programs": programs,
+        "features": {k: [list(s), d] for k, (s, d) in spec.items()}, "params": param_spec(params),
+        "pools": pools, "roots": roots, "trie": {k: list(v) if isinstance(v, tuple) else v
+                                                 for k, v in trie_static.items()},
+        "artifact_digest": saved.content_digest(), "weights_step": int(step),
+        "platforms": list(platforms) if platforms else [jax.default_backend()],
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+      json.dump(manifest, f, indent=1)
+    if os.path.isdir(out_dir):
+      stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+      os.rename(out_dir, f"{out_dir}.replaced-{stamp}")
+      log(f"[export] the previous export was moved to {out_dir}.replaced-{stamp}")
+    os.rename(tmp, out_dir)
+  finally:
+    if os.path.isdir(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+  return out_dir
+
+
+def export_run(model_dir: str, out_dir: str | None = None, **kwargs) -> str:
+  """Exports a run directory (or an artifact directory) with the weights `oxyjax.predict` uses."""
+  from oxyjax import predict
+
+  p = predict.Predictor(model_dir)
+  out_dir = out_dir or os.path.join(model_dir, "serving")
+  return export_model(p.model, p.params, p.artifact, out_dir, step=p.step, **kwargs)
+
+
+def _define_flags():
+  from absl import flags
+
+  flags.DEFINE_string("model_dir", None, "A run directory (uses its artifact/ and evaluation weights) or an "
+                      "artifact directory.")
+  flags.DEFINE_string("out", None, "Serving directory to write (default: <model_dir>/serving).")
+  flags.DEFINE_list("batch_sizes", ["1", "8", "64"], "Batch buckets, one compiled program each.")
+  flags.DEFINE_list("beam_sizes", ["20", "256"], "Beam widths a request may ask for, one program each.")
+  flags.DEFINE_enum("normalize", "vocab", ["vocab", "valid"], "Beam score normalisation (decoding.beam_search).")
+  flags.DEFINE_list("platforms", [], "Platforms to lower for (e.g. cpu,cuda); default: this machine's backend.")
+
+
+def main(argv: Sequence[str]) -> None:
+  from absl import flags
+
+  from oxyjax.artifact import ArtifactError
+
+  fl = flags.FLAGS
+  if len(argv) > 1:
+    raise SystemExit(f"{PROG}: unexpected arguments {argv[1:]} (see --help)")
+  if not fl.model_dir:
+    raise SystemExit(f"{PROG}: --model_dir is required (a run directory or an artifact directory)")
+  if not os.path.isdir(fl.model_dir):
+    raise SystemExit(f"{PROG}: no model at {fl.model_dir} (no such directory)")
+  try:
+    out = export_run(fl.model_dir, fl.out, batch_sizes=[int(b) for b in fl.batch_sizes],
+                     beam_sizes=[int(w) for w in fl.beam_sizes], normalize=fl.normalize,
+                     platforms=fl.platforms or None)
+  except (ArtifactError, FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"{PROG}: {e}") from None
+  print(f"[export] wrote {out}")
+
+
+def run():
+  from oxyjax import cli
+
+  _define_flags()
+  cli.run(main, PROG)
+
+
+if __name__ == "__main__":
+  run()
