@@ -110,6 +110,28 @@ class _Progress:
           f"ETA {eta_s}", file=self.stream, flush=True)
 
 
+def prompt_for(dataset, example, scenario: str, max_items: int,
+               context_fn: Callable[..., prompt_lib.UserContext] = prompt_lib.context_for_example):
+  """(store key, prompt context, context key) of one example: step 2's input."""
+  ctx = context_fn(dataset, example, scenario=scenario, max_items=max_items)
+  return record_key(dataset, example, scenario), ctx, prompt_lib.context_key(ctx)
+
+
+def make_records(keys: Sequence[tuple], raw_texts: Sequence[str], encoder: Any, dim: int, version: str,
+                 created: float, max_items: int) -> list[InstructionRecord]:
+  """Step 3 after the LLM: first sentences, their embeddings (batched) and the store records of
+  ``keys`` ((store key, context key) pairs); an empty sentence is a ``fallback`` record."""
+  texts = [prompt_lib.postprocess(t) for t in raw_texts]
+  ok = [i for i, t in enumerate(texts) if t]
+  emb = np.zeros((len(keys), dim), np.float32)
+  if ok:
+    emb[ok] = np.asarray(encoder.encode([texts[i] for i in ok]), np.float32)
+  return [InstructionRecord(dataset=key[0], user=key[1], cutoff=key[2], scenario=key[3], history_key=key[4],
+                            text=texts[i], embedding=emb[i], model_version=version, created_at=created,
+                            context_key=ck, status="generated" if texts[i] else "fallback", max_items=max_items)
+          for i, (key, ck) in enumerate(keys)]
+
+
 def run_job(dataset, examples: Sequence, store: InstructionStore, backend: Backend,
             encoder: Any, *, scenario: str = "homepage", max_items: int = 5,
             batch_size: int = 32, chunk_size: int = 256, max_age_s: Optional[float] = None,
@@ -131,8 +153,7 @@ def run_job(dataset, examples: Sequence, store: InstructionStore, backend: Backe
     if key in seen:
       continue
     seen.add(key)
-    ctx = context_fn(dataset, ex, scenario=scenario, max_items=max_items)
-    ck = prompt_lib.context_key(ctx)
+    key, ctx, ck = prompt_for(dataset, ex, scenario, max_items, context_fn)
     if not needs_refresh(store.get(*key), ck, now, max_age_s):
       stats.fresh += 1
       continue
@@ -156,22 +177,11 @@ def run_job(dataset, examples: Sequence, store: InstructionStore, backend: Backe
                   len(batch), s, s + len(batch) - 1, e)
       progress.update(s + len(batch), stats.generated + stats.fallback)
       continue
-    texts = [prompt_lib.postprocess(t) for t in raw]
-    ok = [i for i, t in enumerate(texts) if t]
-    emb = np.zeros((len(batch), store.dim), np.float32)
-    if ok:
-      emb[ok] = np.asarray(encoder.encode([texts[i] for i in ok]), np.float32)
-    created = now_fn()
-    for i, (key, _, ck) in enumerate(batch):
-      status = "generated" if texts[i] else "fallback"
-      pending.append(InstructionRecord(
-          dataset=key[0], user=key[1], cutoff=key[2], scenario=key[3], history_key=key[4],
-          text=texts[i], embedding=emb[i], model_version=str(backend.version),
-          created_at=created, context_key=ck, status=status, max_items=max_items))
-      if status == "generated":
-        stats.generated += 1
-      else:
-        stats.fallback += 1
+    records = make_records([(key, ck) for key, _, ck in batch], raw, encoder, store.dim, str(backend.version),
+                           now_fn(), max_items)
+    pending += records
+    stats.generated += sum(r.status == "generated" for r in records)
+    stats.fallback += sum(r.status == "fallback" for r in records)
     if len(pending) >= chunk_size:
       store.put(pending)
       pending = []

@@ -142,6 +142,26 @@ def _atomic_write(path: Path, write) -> None:
   _fsync_dir(path.parent)
 
 
+def write_shard_file(path: str | os.PathLike, records: Sequence[InstructionRecord], dim: int = 384) -> None:
+  """Writes ``records`` as one shard file at ``path``, atomically (a batch job's workers write
+  shards outside the store; ``InstructionStore.publish`` moves them in)."""
+  arrays: dict[str, np.ndarray] = {f: np.array([str(getattr(r, f)) for r in records], dtype=str)
+                                   for f in _STR_FIELDS}
+  arrays["cutoff"] = np.array([int(r.cutoff) for r in records], np.int64)
+  arrays["max_items"] = np.array([int(r.max_items) for r in records], np.int64)
+  arrays["created_at"] = np.array([float(r.created_at) for r in records], np.float64)
+  emb = np.zeros((len(records), dim), np.float32)
+  for i, r in enumerate(records):
+    if r.status not in STATUSES:
+      raise ValueError(f"record {r.key}: status {r.status!r} not in {STATUSES}")
+    e = np.asarray(r.embedding, np.float32).reshape(-1)
+    if e.shape != (dim,):
+      raise ValueError(f"record {r.key}: embedding has shape {e.shape}, expected ({dim},)")
+    emb[i] = e
+  arrays["embedding"] = emb
+  _atomic_write(Path(path), lambda f: np.savez(f, **arrays))
+
+
 class InstructionStore:
   """Instruction records in a directory (see the module docstring for format and guarantees).
 
@@ -299,19 +319,7 @@ class InstructionStore:
     return f"shard-{max(nums, default=-1) + 1:05d}.npz"
 
   def _write_shard(self, name: str, records: Sequence[InstructionRecord]) -> None:
-    arrays: dict[str, np.ndarray] = {f: np.array([str(getattr(r, f)) for r in records], dtype=str)
-                                     for f in _STR_FIELDS}
-    arrays["cutoff"] = np.array([int(r.cutoff) for r in records], np.int64)
-    arrays["max_items"] = np.array([int(r.max_items) for r in records], np.int64)
-    arrays["created_at"] = np.array([float(r.created_at) for r in records], np.float64)
-    emb = np.zeros((len(records), self.dim), np.float32)
-    for i, r in enumerate(records):
-      e = np.asarray(r.embedding, np.float32).reshape(-1)
-      if e.shape != (self.dim,):
-        raise ValueError(f"record {r.key}: embedding has shape {e.shape}, expected ({self.dim},)")
-      emb[i] = e
-    arrays["embedding"] = emb
-    _atomic_write(self.path / name, lambda f: np.savez(f, **arrays))
+    write_shard_file(self.path / name, records, self.dim)
 
   def _write_manifest(self, shards: list[str]) -> None:
     body = json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "dim": self.dim,
@@ -334,6 +342,31 @@ class InstructionStore:
     for r in records:
       self._records[r.key] = r
     return len(records)
+
+  def publish(self, shard_files: Sequence[str | os.PathLike]) -> int:
+    """Moves shard files written elsewhere (`write_shard_file`, e.g. by the workers of
+    `oxyjax.instructions.beam_job`) into the store and lists them all in one atomic manifest
+    write: readers see every one of them or none. A file that does not read as a shard raises
+    (naming it) before the manifest changes. Returns the number of records published."""
+    files = [Path(f) for f in shard_files]
+    if not files:
+      return 0
+    names, used = [], set(self._shards) | {p.name for p in self.path.glob("shard-*.npz")}
+    for f in files:
+      nums = [int(s[6:-4]) for s in used if s.startswith("shard-") and s[6:-4].isdigit()]
+      name = f"shard-{max(nums, default=-1) + 1:05d}.npz"
+      used.add(name)
+      os.replace(f, self.path / name)  # unlisted until the manifest below: ignored by readers
+      names.append(name)
+    new = {}
+    for name in names:
+      for r in self._read_shard(name):
+        new[r.key] = r
+    shards = self._shards + names
+    self._write_manifest(shards)
+    self._shards = shards
+    self._records.update(new)
+    return sum(1 for _ in new)
 
   def compact(self) -> None:
     """Rewrites the live records into one shard (atomically), then deletes the old files."""
