@@ -8,7 +8,8 @@ r"""The HTTP recommendation endpoint: one exported model for every scenario, wit
 Request (JSON object, POST /v1/recommend; unknown fields are an error):
   scenario   name (or id) of the scenario; default: the first one
   history    the user's behaviours as raw item ids, oldest first (at most `max_history_items`)
-  user       raw user id: selects the user's reasoning instruction in the near-line store
+  user       raw user id (of the scenario's domain): selects the user's reasoning instruction in
+             the near-line store
   trigger    item_to_item scenarios: the raw id of the item being looked at
   query      search scenarios: the query text (embedded by the sentence encoder as I_r)
   k          how many items to return (1..beam; default 10)
@@ -361,7 +362,10 @@ class Recommender:
     elif cfg.instruction_dim:
       dataset = sc["domain"] if sc and sc.get("domain") else art.dataset
       store_scenario = sc["kind"] if sc else art.instructions.get("scenario", "homepage")
-      emb, reason = self.instructions.lookup(dataset, user, store_scenario, kwargs["raw_history"])
+      history = kwargs["raw_history"]
+      if len(art.domains) > 1:  # catalogue ids are '<domain>/<raw id>'; the store keys the domain's raw ids
+        history = [h.split("/", 1)[1] if h.startswith(f"{dataset}/") else h for h in history]
+      emb, reason = self.instructions.lookup(dataset, user, store_scenario, history)
       source = {"source": "near_line" if emb is not None else "default", "reason": reason}
     try:
       req = predict.build_request(art, self.model.model, scenario=sc["name"] if sc else 0,
@@ -588,11 +592,13 @@ class Server:
     return f"http://{self.address[0]}:{self.address[1]}"
 
   def start(self) -> "Server":
+    self._started = True
     threading.Thread(target=self.httpd.serve_forever, daemon=True, name="http").start()
     return self
 
   def close(self) -> None:
-    self.httpd.shutdown()
+    if getattr(self, "_started", False):
+      self.httpd.shutdown()  # waits for serve_forever to return: only when it runs
     self.httpd.server_close()
     self.batcher.close()
     self.instructions.close()

@@ -153,12 +153,14 @@ def test_predict_command_prints_top_k_and_one_line_errors(run, tmp_path):
 
 
 @pytest.mark.parametrize("module", ["oxyjax.train", "oxyjax.predict", "oxyjax.instructions.generate",
-                                    "oxyjax.rl.train"])
+                                    "oxyjax.rl.train", "oxyjax.export", "oxyjax.serve",
+                                    "oxyjax.instructions.beam_job"])
 def test_entry_points_answer_help_and_reject_an_unknown_flag_in_one_line(module):
   out = _cli(module, "--help", timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   flags_shown = {"oxyjax.train": "--gin_file", "oxyjax.predict": "--history", "oxyjax.instructions.generate": "--dataset",
-                 "oxyjax.rl.train": "--gin_file"}
+                 "oxyjax.rl.train": "--gin_file", "oxyjax.export": "--beam_sizes", "oxyjax.serve": "--serving_dir",
+                 "oxyjax.instructions.beam_job": "--pipeline_options"}
   assert flags_shown[module] in out.stdout
   if module in ("oxyjax.train", "oxyjax.rl.train"):
     assert "experiments/beauty.gin" in out.stdout and "modes/rl.gin" in out.stdout  # the gin files it accepts

@@ -34,9 +34,25 @@ import time
 import uuid
 from typing import Any, Callable, Sequence
 
-import apache_beam as beam
-from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions
+
+def _import_beam():
+  """apache_beam logs a warning on the root logger at import when the GCP client libraries are
+  absent (not needed here); keep it off stderr without touching the caller's logging set-up."""
+  root = logging.getLogger()
+  level, handler = root.level, logging.NullHandler()
+  root.addHandler(handler)  # logging.warning() would otherwise install a stderr handler
+  root.setLevel(logging.ERROR)
+  try:
+    import apache_beam
+  finally:
+    root.setLevel(level)
+    root.removeHandler(handler)
+  return apache_beam
+
+
+beam = _import_beam()
+from apache_beam.metrics import Metrics  # noqa: E402
+from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
 from oxyjax.instructions.generate import JobStats, make_records, prompt_for, select_examples
 from oxyjax.instructions.llm import BackendError

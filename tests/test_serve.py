@@ -1,0 +1,343 @@
+"""Serving (issue 16): the exported programs answer like the in-process model, alone and inside a
+batch; the HTTP endpoint refuses each bad request with a 4xx naming the field; instructions come
+from the near-line store only (an LLM that is down, blocked or writing garbage never holds up or
+fails a request); batching, the bounded queue and the deadline."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from oxyjax import export as export_lib
+from oxyjax import predict as predict_lib
+from oxyjax import serve
+from oxyjax import train as train_lib
+from oxyjax.data import readers
+from oxyjax.data.readers import Example
+from oxyjax.instructions import prompt as prompt_lib
+from oxyjax.instructions.generate import run_job
+from oxyjax.instructions.store import InstructionRecord, InstructionStore
+from oxyjax.models.encoder_decoder import ModelConfig
+from tests.instructions.conftest import HashEncoder
+from tests.models.test_batch_independence import _assert_same_ranking
+
+TINY = ModelConfig(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1, num_decoder_layers=1,
+                   dropout_rate=0.1, max_history=10, instruction_dim=384)
+SCENARIOS = [
+    train_lib.ScenarioConfig("office_homepage", "homepage", "office"),
+    train_lib.ScenarioConfig("office_i2i", "item_to_item", "office"),
+    train_lib.ScenarioConfig("office_search", "search", "office", rate=0.5),
+]
+BEAM = 10
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  root = tmp_path_factory.mktemp("serve")
+  model_dir = root / "run"
+  train_lib.train(
+      scenarios=SCENARIOS, model_config=TINY, model_dir=str(model_dir), batch_size=32, num_train_steps=4,
+      num_epochs=None, checkpoint_every_steps=4, eval_every_steps=4, eval_max_examples=32,
+      final_eval_splits=(), eval_batch_size=32, eval_beam_size=BEAM, log_every_steps=100, verbose=False,
+      mesh_shape={"data": 2, "fsdp": 2, "tensor": 2},
+      sid=train_lib.SIDConfig(codebook_size=16, embedding="collaborative", cache_dir=None))
+  out = export_lib.export_run(str(model_dir), str(root / "serving"), batch_sizes=(1, 8), beam_sizes=(BEAM,),
+                              log=lambda *a: None)
+  predictor = predict_lib.Predictor(str(model_dir), beam_size=BEAM)
+  predictor._encoder = HashEncoder()
+  return out, predictor
+
+
+@pytest.fixture(scope="module")
+def server(exported):
+  out, _ = exported
+  srv = serve.Server(out, encoder=HashEncoder(), log=lambda *a: None).start()
+  yield srv
+  srv.close()
+
+
+def _office_ids(predictor, n=40):
+  ids = predictor.artifact.raw_item_ids
+  return [ids[i] for i in predictor.artifact.pools["office_homepage"][:n]]
+
+
+def _post(srv, body, raw: bytes | None = None, path="/v1/recommend", headers=None):
+  c = http.client.HTTPConnection(*srv.address, timeout=30)
+  data = raw if raw is not None else json.dumps(body).encode()
+  c.request("POST", path, data, {"Content-Type": "application/json", **(headers or {})})
+  r = c.getresponse()
+  out = r.status, json.loads(r.read() or b"null")
+  c.close()
+  return out
+
+
+def _requests(predictor):
+  ids = _office_ids(predictor)
+  return [
+      {"scenario": "office_homepage", "history": ids[:6], "k": BEAM},
+      {"scenario": "office_homepage", "history": ids[10:11], "k": BEAM},
+      {"scenario": "office_i2i", "trigger": ids[20], "history": ids[3:5], "k": BEAM},
+      {"scenario": "office_search", "history": ids[5:9], "query": "ink pen refill", "k": BEAM},
+  ]
+
+
+def _in_process(predictor, body):
+  recs = predictor.recommend(body.get("history", []), top_k=BEAM, scenario=body["scenario"],
+                             trigger=body.get("trigger"), query=body.get("query"))
+  return [r[0] for r in recs], np.asarray([r[1] for r in recs])
+
+
+def test_exported_programs_answer_like_the_in_process_model(exported, server):
+  """Every scenario, alone (bucket 1) and packed into one bucket-8 call with the other requests
+  and padding rows: the same items and scores as `Predictor` (RecModel.predict, traced here).
+  Scores may differ by summation order (bucket 8 is another matrix shape); the tolerance and the
+  near-tie rule are those of tests/models/test_batch_independence.py (same layer sizes)."""
+  _, predictor = exported
+  rec = server.recommender
+  bodies = _requests(predictor)
+  packed = rec.recommend(bodies[::-1] + bodies)  # 8 rows: one bucket-8 call
+  alone = [rec.recommend([b])[0] for b in bodies]
+  for i, body in enumerate(bodies):
+    want_items, want_scores = _in_process(predictor, body)
+    assert len(want_items) == BEAM
+    for got, where in ((alone[i], "alone"), (packed[len(bodies) - 1 - i], "packed first"),
+                       (packed[len(bodies) + i], "packed second")):
+      items = np.asarray([predictor.artifact.item_indices([x["item_id"]])[0] for x in got.items])
+      scores = np.asarray([x["score"] for x in got.items])
+      _assert_same_ranking(items, scores, predictor.artifact.item_indices(want_items), want_scores,
+                           f"{body['scenario']} {where}")
+    # Every item comes from the scenario's own pool.
+    pool = set(predictor.artifact.pools[body["scenario"]].tolist())
+    assert set(predictor.artifact.item_indices([x["item_id"] for x in alone[i].items]).tolist()) <= pool
+
+
+def test_http_answers_and_health(exported, server):
+  _, predictor = exported
+  body = _requests(predictor)[0]
+  status, ans = _post(server, {**body, "k": 3})
+  assert status == 200, ans
+  assert [x["rank"] for x in ans["items"]] == [1, 2, 3] and ans["beam"] == BEAM and ans["scenario"] == "office_homepage"
+  want_items, _ = _in_process(predictor, body)
+  assert [x["item_id"] for x in ans["items"]] == want_items[:3]
+  assert all(x["title"] for x in ans["items"])  # Office has titles
+  assert ans["instruction"] == {"source": "default", "reason": "no_user"}
+  c = http.client.HTTPConnection(*server.address, timeout=30)
+  c.request("GET", "/healthz")
+  r = c.getresponse()
+  health = json.loads(r.read())
+  assert r.status == 200 and health["status"] == "ok" and health["scenarios"] == [s.name for s in SCENARIOS]
+
+
+@pytest.mark.parametrize("case", [
+    ("unknown scenario", {"scenario": "nope", "history": ["{0}"]}, 400, "scenario"),
+    ("unknown item", {"scenario": "office_homepage", "history": ["{0}", "NOPE"]}, 400, "history[1]"),
+    ("history not a list", {"scenario": "office_homepage", "history": "{0}"}, 400, "history"),
+    ("history item not a string", {"scenario": "office_homepage", "history": [12]}, 400, "history[0]"),
+    ("history too long", {"scenario": "office_homepage", "history": ["{0}"] * 300}, 400, "history"),
+    ("empty history", {"scenario": "office_homepage", "history": []}, 400, "history"),
+    ("k zero", {"scenario": "office_homepage", "history": ["{0}"], "k": 0}, 400, "k"),
+    ("k above beam", {"scenario": "office_homepage", "history": ["{0}"], "k": BEAM + 1}, 400, "k"),
+    ("k not an int", {"scenario": "office_homepage", "history": ["{0}"], "k": "5"}, 400, "k"),
+    ("beam not exported", {"scenario": "office_homepage", "history": ["{0}"], "beam": 256}, 400, "beam"),
+    ("unknown field", {"scenario": "office_homepage", "history": ["{0}"], "bream": 3}, 400, "bream"),
+    ("i2i without trigger", {"scenario": "office_i2i", "history": ["{0}"]}, 400, "trigger"),
+    ("trigger on homepage", {"scenario": "office_homepage", "history": ["{0}"], "trigger": "{0}"}, 400, "trigger"),
+    ("unknown trigger", {"scenario": "office_i2i", "trigger": "NOPE"}, 400, "trigger"),
+    ("search without query", {"scenario": "office_search", "history": ["{0}"]}, 400, "query"),
+    ("query on homepage", {"scenario": "office_homepage", "history": ["{0}"], "query": "pen"}, 400, "query"),
+    ("query too long", {"scenario": "office_search", "history": ["{0}"], "query": "x" * 600}, 400, "query"),
+    ("user not a string", {"scenario": "office_homepage", "history": ["{0}"], "user": 7}, 400, "user"),
+    ("not an object", ["{0}"], 400, None),
+], ids=lambda c: c[0])
+def test_each_bad_request_gets_a_4xx_naming_the_field(exported, server, case):
+  _, predictor = exported
+  _, body, status, field = case
+  item = _office_ids(predictor)[0]
+  body = json.loads(json.dumps(body).replace("{0}", item))
+  got_status, ans = _post(server, body)
+  assert (got_status, ans["field"]) == (status, field), ans
+  assert ans["error"]
+
+
+def test_malformed_bodies_and_paths(server):
+  status, ans = _post(server, None, raw=b"{not json")
+  assert status == 400 and ans["field"] == "body" and "not JSON" in ans["error"]
+  status, ans = _post(server, None, raw=b"x" * (serve.Limits.max_body_bytes + 1))
+  assert status == 413 and ans["field"] == "body"
+  status, ans = _post(server, {"history": []}, path="/v1/other")
+  assert status == 404 and ans["field"] == "path"
+
+
+def _office_examples(n):
+  """Test examples of n different Office users (a user may have several test examples)."""
+  ds = readers.load_dataset("office")
+  out, seen = [], set()
+  for ex in ds.test:
+    if ex.user not in seen and len(ex.history) >= 2:
+      seen.add(ex.user)
+      out.append(ex)
+    if len(out) == n:
+      return ds, out
+
+
+def _office_user(predictor):
+  """A real Office user and its test history, as raw ids."""
+  ds, (ex,) = _office_examples(1)
+  return ds, ex, ds.raw_user_ids[ex.user], [ds.raw_item_ids[i] for i in ex.history]
+
+
+def _record(ds, ex, **kw):
+  fields = dict(dataset="office", user=ds.raw_user_ids[ex.user], cutoff=len(ex.history), scenario="homepage",
+                history_key=prompt_lib.history_key(ds, ex), text="wants a refill for a fountain pen",
+                embedding=HashEncoder().encode(["wants a refill for a fountain pen"])[0], model_version="test",
+                created_at=time.time(), context_key="ctx", status="generated")
+  fields.update(kw)
+  return InstructionRecord(**fields)
+
+
+def test_instructions_come_from_the_near_line_store_when_fresh(exported, tmp_path):
+  out, predictor = exported
+  ds, (ex, other, poor, unseen) = _office_examples(4)
+  user, history = ds.raw_user_ids[ex.user], [ds.raw_item_ids[i] for i in ex.history]
+  store = InstructionStore(tmp_path / "store")
+  store.put([_record(ds, ex),
+             _record(ds, other, history_key="0" * 16),  # written for an older history: stale
+             _record(ds, poor, status="fallback", text="", embedding=np.zeros(384, np.float32))])
+  srv = serve.Server(out, store=str(tmp_path / "store"), encoder=HashEncoder(), warmup=False, log=lambda *a: None)
+  rec = srv.recommender
+
+  def ask(e):
+    return rec.recommend([{"scenario": "office_homepage", "user": ds.raw_user_ids[e.user],
+                           "history": [ds.raw_item_ids[i] for i in e.history], "k": BEAM}])[0]
+
+  fresh = ask(ex)
+  assert fresh.instruction == {"source": "near_line", "reason": "fresh"}
+  assert ask(other).instruction == {"source": "default", "reason": "stale"}
+  assert ask(poor).instruction == {"source": "default", "reason": "fallback"}
+  assert ask(unseen).instruction == {"source": "default", "reason": "missing"}
+  # The stored embedding is what the model read: the same answer as the in-process model given it.
+  want = predictor.recommend(history, top_k=BEAM, scenario="office_homepage",
+                             instruction="wants a refill for a fountain pen")
+  assert [x["item_id"] for x in fresh.items] == [w[0] for w in want]
+  np.testing.assert_allclose([x["score"] for x in fresh.items], [w[1] for w in want], rtol=0, atol=1e-4)
+  default = rec.recommend([{"scenario": "office_homepage", "history": history, "k": BEAM}])[0]
+  assert [x["score"] for x in default.items] != [x["score"] for x in fresh.items]  # it did change the input
+  # Too old for the server's age limit: stale.
+  srv2 = serve.Server(out, store=str(tmp_path / "store"), instruction_max_age_s=0.0, encoder=HashEncoder(),
+                      warmup=False, log=lambda *a: None)
+  time.sleep(0.01)
+  assert srv2.recommender.recommend([{"scenario": "office_homepage", "user": user, "history": history}])[0] \
+      .instruction == {"source": "default", "reason": "stale"}
+  for s in (srv, srv2):
+    s.close()
+
+
+class BlockedBackend:
+  """An LLM that hangs until released (a slow or stuck backend)."""
+
+  version = "blocked-v0"
+
+  def __init__(self):
+    self.release, self.entered = threading.Event(), threading.Event()
+
+  def generate(self, batch):
+    self.entered.set()
+    self.release.wait(60)
+    return ["\n  *** --- ###\n"] * len(batch)  # garbage: no usable sentence -> fallback records
+
+
+def test_a_stuck_or_garbage_llm_never_holds_up_or_fails_a_request(exported, tmp_path):
+  """The near-line job runs against a backend that blocks; while it is stuck the server answers
+  (so no request path waits on it). When it returns garbage the job writes fallback records, and
+  after the snapshot reload the user gets the default instruction with reason 'fallback'."""
+  out, predictor = exported
+  ds, ex, user, history = _office_user(predictor)
+  store_dir = tmp_path / "store"
+  store = InstructionStore(store_dir)
+  backend = BlockedBackend()
+  job = threading.Thread(target=run_job, args=(ds, [ex], store, backend, HashEncoder()), daemon=True)
+  srv = serve.Server(out, store=str(store_dir), store_reload_s=0, encoder=HashEncoder(), warmup=False,
+                     log=lambda *a: None).start()
+  try:
+    job.start()
+    assert backend.entered.wait(30)
+    status, ans = _post(srv, {"scenario": "office_homepage", "user": user, "history": history})
+    assert status == 200 and ans["instruction"] == {"source": "default", "reason": "missing"}
+    assert job.is_alive() and not backend.release.is_set()  # answered while the LLM was stuck
+    backend.release.set()
+    job.join(60)
+    assert [r.status for r in InstructionStore(store_dir).records()] == ["fallback"]
+    srv.instructions.reload()
+    status, ans = _post(srv, {"scenario": "office_homepage", "user": user, "history": history})
+    assert status == 200 and ans["instruction"] == {"source": "default", "reason": "fallback"}
+  finally:
+    backend.release.set()
+    srv.close()
+
+
+def test_concurrent_requests_share_calls_and_get_their_own_answers(exported, server):
+  _, predictor = exported
+  rec = server.recommender
+  ids = _office_ids(predictor)
+  bodies = [{"scenario": "office_homepage", "history": ids[i:i + 3], "k": 5} for i in range(16)]
+  alone = [[x["item_id"] for x in rec.recommend([b])[0].items] for b in bodies]
+  batcher = serve.Batcher(rec, max_wait_s=0.5, timeout_s=30)
+  got = [None] * len(bodies)
+  start = threading.Barrier(len(bodies))
+
+  def client(i):
+    start.wait()
+    got[i] = [x["item_id"] for x in batcher.submit(bodies[i]).items]
+
+  threads = [threading.Thread(target=client, args=(i,)) for i in range(len(bodies))]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(60)
+  batcher.close()
+  assert got == alone
+  assert batcher.rows == len(bodies) and batcher.batches < len(bodies)  # requests were batched together
+
+
+def test_a_full_queue_gets_503_and_a_late_answer_504(exported, server):
+  _, predictor = exported
+  body = {"scenario": "office_homepage", "history": _office_ids(predictor)[:2]}
+  batcher = serve.Batcher(server.recommender, max_wait_s=0.0, queue_size=1, timeout_s=0.5)
+  errors = []
+  with server.model._lock:  # the model is busy: nothing is answered
+    def client():
+      try:
+        batcher.submit(body)
+      except (serve.QueueFull, serve.DeadlineExceeded) as e:
+        errors.append(type(e))
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join(30)
+  batcher.close()
+  assert serve.QueueFull in errors and serve.DeadlineExceeded in errors and len(errors) == 4
+
+
+def test_a_serving_directory_that_does_not_match_is_refused(exported, tmp_path):
+  out, _ = exported
+  import shutil
+
+  bad = tmp_path / "serving"
+  shutil.copytree(out, bad)
+  with open(bad / export_lib.MANIFEST) as f:
+    m = json.load(f)
+  m["artifact_digest"] = "0" * 16
+  with open(bad / export_lib.MANIFEST, "w") as f:
+    json.dump(m, f)
+  with pytest.raises(export_lib.ExportError, match="artifact digest"):
+    serve.ServingModel(str(bad), log=lambda *a: None)
+  os.remove(bad / export_lib.MANIFEST)
+  with pytest.raises(export_lib.ExportError, match="serving.json is missing"):
+    serve.ServingModel(str(bad), log=lambda *a: None)
