@@ -503,6 +503,9 @@ class Batcher:
 def make_handler(batcher: Batcher, limits: Limits, health: dict):
   class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: a client reuses its connection
+    # Headers and body are two writes: with Nagle's algorithm the body would wait for the
+    # client's delayed ACK of the headers (~40 ms on Linux loopback).
+    disable_nagle_algorithm = True
 
     def log_message(self, fmt, *args):  # no line per request on stderr
       pass
@@ -520,7 +523,8 @@ def make_handler(batcher: Batcher, limits: Limits, health: dict):
 
     def do_GET(self):
       if self.path.rstrip("/") in ("/healthz", "/health"):
-        self._send(200, {"status": "ok", **health, "queued": batcher._q.qsize()})
+        self._send(200, {"status": "ok", **health, "queued": batcher._q.qsize(), "batches": batcher.batches,
+                         "rows": batcher.rows})
       else:
         self._error(404, f"no such path {self.path!r}; use POST /v1/recommend or GET /healthz", "path")
 
@@ -566,6 +570,11 @@ def make_handler(batcher: Batcher, limits: Limits, health: dict):
   return Handler
 
 
+class _HTTPServer(ThreadingHTTPServer):
+  request_queue_size = 1024  # listen backlog: the default 5 drops connections of a burst of clients (1 s SYN retry)
+  daemon_threads = True
+
+
 class Server:
   """The endpoint in-process (tests, benchmarks): `Server(dir).start()` serves on a thread."""
 
@@ -583,8 +592,7 @@ class Server:
     health = {"scenarios": [s["name"] for s in self.model.scenarios] or None, "beam_sizes": self.model.beam_sizes,
               "batch_sizes": self.model.batch_sizes, "weights_step": self.model.weights_step,
               "dataset": self.model.artifact.dataset, "instruction_store": store}
-    self.httpd = ThreadingHTTPServer((host, port), make_handler(self.batcher, limits, health))
-    self.httpd.daemon_threads = True
+    self.httpd = _HTTPServer((host, port), make_handler(self.batcher, limits, health))
     self.address = self.httpd.server_address
 
   @property

@@ -1,0 +1,347 @@
+r"""Serving latency: the exported programs in-process and the HTTP endpoint, beside brute force.
+
+  python benchmarks/serve_latency.py                       # small + 0.1B over Beauty, ~15 min on 2 cores
+  python benchmarks/serve_latency.py --models=small --out=docs/bench/serve_latency
+
+For each model (gin_configs/models/<name>.gin over Amazon Beauty's SID trie, 12,101 items;
+randomly initialised unless --small_weights names a trained params checkpoint: the latency of a
+constrained beam search does not depend on the weights' values, every beam is full at every
+level) the benchmark
+
+1. exports the serving programs (`oxyjax.export`: batch buckets 1, 8, 64 x beams 20, 256, 512);
+2. in-process: `ServingModel.infer` of B test histories at beam W, p50 / p99 over reps (the
+   compiled call from host features to host items, what the server's batcher runs);
+3. brute force, in the same run: every item of the pool scored by its full SID path's
+   log-likelihood (teacher-forced, encoder once per row, items in chunks), top-K; batch 1 and 8;
+4. through HTTP (small model): `python -m oxyjax.serve` in a subprocess on loopback;
+   one client at a time (batch 1) per beam, then C concurrent keep-alive clients (the batcher
+   packs them: batch ~C) for a fixed number of requests: p50 / p99 and requests/s;
+5. a bounded load test at beam 20 (`--load_requests` from `--load_clients` clients, then it
+   stops): errors, the latency distribution (PNG) and a table.
+
+Figures: JSON + markdown under --out, PNG at --png; the CPU model is printed and recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".cache", "jax_compilation_serve"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+import numpy as np  # noqa: E402
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def pct(xs, q):
+  return float(np.percentile(np.asarray(xs), q)) if len(xs) else float("nan")
+
+
+def build(model_name: str, dataset: str, weights: str | None):
+  import gin
+  import jax
+  import flax.linen as nn
+
+  from oxyjax import checkpoints
+  from oxyjax import experiment
+  from oxyjax.artifact import ModelArtifact
+  from oxyjax.data import readers
+  from oxyjax.models import encoder_decoder
+  from oxyjax.models.rec_model import RecModel
+
+  gin.clear_config()
+  gin.parse_config_files_and_bindings([os.path.join(REPO, "gin_configs", "models", f"{model_name}.gin")], [])
+  cfg = gin.get_configurable(encoder_decoder.ModelConfig)()
+  table = experiment.load_sid_table(dataset, experiment.SIDConfig())
+  model = RecModel(cfg, table.codes)
+  ds = readers.load_dataset(dataset)
+  art = ModelArtifact.from_dataset(ds, table, model.config, data_fingerprint=readers.dataset_fingerprint(dataset))
+  params = nn.unbox(model.init(jax.random.key(0), model.dummy_batch(1)))
+  if weights:
+    params, _ = checkpoints.load_params(weights, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  return model, params, art, ds, n_params
+
+
+def request_bodies(ds, n: int, k: int, beam: int, max_history: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  exs = [ds.test[i] for i in rng.choice(len(ds.test), size=n)]
+  return [{"history": [ds.raw_item_ids[i] for i in ex.history[-max_history:]], "k": k, "beam": beam} for ex in exs]
+
+
+def time_calls(fn, inputs, reps: int, budget_s: float, min_reps: int = 5):
+  out = []
+  t_end = time.perf_counter() + budget_s
+  for i in range(reps):
+    t = time.perf_counter()
+    fn(inputs[i % len(inputs)])
+    out.append(time.perf_counter() - t)
+    if i + 1 >= min_reps and time.perf_counter() > t_end:
+      break
+  return out
+
+
+def brute_force_fn(model, codes_all, items_all, k: int, chunk: int = 2048):
+  """Scores every pool item's SID path for each row (teacher-forced log-likelihood), top-k."""
+  import jax
+  import jax.numpy as jnp
+
+  from oxyjax.models.encoder_decoder import EncoderDecoder
+
+  n = codes_all.shape[0]
+  pad = -n % chunk
+  codes = jnp.asarray(np.concatenate([codes_all, np.zeros((pad, codes_all.shape[1]), np.int32)]))
+  valid = jnp.asarray(np.arange(n + pad) < n)
+  chunks = codes.reshape(-1, chunk, codes.shape[1])
+
+  @jax.jit
+  def run(params, batch):
+    b = batch["scenario"].shape[0]
+
+    def score(c):
+      cb = jnp.broadcast_to(c[None], (b,) + c.shape)
+      logits = model.network.apply({"params": params}, batch, cb, method=EncoderDecoder.group_logits)
+      lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+      return jnp.take_along_axis(lp, cb[..., None], axis=-1)[..., 0].sum(-1)  # [b, chunk]
+
+    s = jax.lax.map(score, chunks)  # [n_chunks, b, chunk]
+    s = jnp.moveaxis(s, 0, 1).reshape(b, -1)
+    s = jnp.where(valid[None], s, -jnp.inf)
+    top, idx = jax.lax.top_k(s, k)
+    return jnp.asarray(items_all)[jnp.minimum(idx, n - 1)], top
+
+  return run
+
+
+class ServerProc:
+  def __init__(self, serving_dir: str, max_wait_ms: float):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    self.proc = subprocess.Popen(
+        [sys.executable, "-m", "oxyjax.serve", f"--serving_dir={serving_dir}", "--port=0",
+         f"--max_batch_wait_ms={max_wait_ms}", "--request_timeout_s=30", "--queue_size=1024"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    self.url = None
+    for line in self.proc.stdout:
+      if line.startswith("[serve] http://"):
+        self.url = line.split()[1]
+        break
+    if self.url is None:
+      raise RuntimeError("the server did not start")
+    hostport = self.url.split("//")[1].split("/")[0]
+    self.host, self.port = hostport.split(":")[0], int(hostport.split(":")[1])
+    threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+
+  def health(self):
+    c = http.client.HTTPConnection(self.host, self.port, timeout=30)
+    c.request("GET", "/healthz")
+    return json.loads(c.getresponse().read())
+
+  def close(self):
+    self.proc.terminate()
+    self.proc.wait(30)
+
+
+def http_clients(srv: ServerProc, bodies, clients: int, total: int):
+  """`clients` keep-alive clients send `total` requests in all; returns (latencies, errors, wall_s)."""
+  lat, errors, lock = [], [], threading.Lock()
+  counter = iter(range(total))
+  start = threading.Barrier(clients + 1)
+
+  def client(c):
+    conn = http.client.HTTPConnection(srv.host, srv.port, timeout=60)
+    start.wait()
+    mine = []
+    for i in counter:
+      data = json.dumps(bodies[i % len(bodies)])
+      t = time.perf_counter()
+      try:
+        conn.request("POST", "/v1/recommend", data, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        body = r.read()
+        if r.status != 200:
+          errors.append((r.status, body[:200]))
+      except (OSError, http.client.HTTPException) as e:
+        errors.append(("conn", repr(e)))
+        conn = http.client.HTTPConnection(srv.host, srv.port, timeout=60)
+      mine.append(time.perf_counter() - t)
+    with lock:
+      lat.extend(mine)
+
+  threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+  for t in threads:
+    t.start()
+  start.wait()
+  t0 = time.perf_counter()
+  for t in threads:
+    t.join()
+  return lat, errors, time.perf_counter() - t0
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--dataset", default="beauty")
+  ap.add_argument("--models", default="small,base_0p1b")
+  ap.add_argument("--small_weights", default=None, help="trained params checkpoint of the small model")
+  ap.add_argument("--batch_sizes", default="1,8,64")
+  ap.add_argument("--beam_sizes", default="20,256,512")
+  ap.add_argument("--k", type=int, default=10)
+  ap.add_argument("--reps", type=int, default=50)
+  ap.add_argument("--case_budget_s", type=float, default=15.0, help="stop a case's reps after this (>= 5 reps)")
+  ap.add_argument("--max_rows_0p1b", type=int, default=8 * 256,
+                  help="0.1B cases with batch x beam above this are skipped on CPU (minutes per call)")
+  ap.add_argument("--http_requests", type=int, default=200, help="requests per HTTP case")
+  ap.add_argument("--load_requests", type=int, default=3000)
+  ap.add_argument("--load_clients", type=int, default=32)
+  ap.add_argument("--max_batch_wait_ms", type=float, default=2.0)
+  ap.add_argument("--out", default=os.path.join(REPO, "docs", "bench", "serve_latency"))
+  ap.add_argument("--png", default=os.path.join(REPO, "docs", "serving_latency.png"))
+  args = ap.parse_args()
+
+  import jax
+
+  from oxyjax import export as export_lib
+  from oxyjax import serve
+
+  batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
+  beam_sizes = [int(x) for x in args.beam_sizes.split(",")]
+  cpu = cpu_model()
+  print(f"# serve_latency on {cpu} ({os.cpu_count()} CPUs), jax {jax.__version__} {jax.default_backend()}", flush=True)
+  report = {"cpu": cpu, "cpus": os.cpu_count(), "backend": jax.default_backend(), "dataset": args.dataset,
+            "models": {}, "command": " ".join(sys.argv)}
+  tmp = tempfile.mkdtemp(prefix="serve_latency-")
+  load = None
+  for name in args.models.split(","):
+    model, params, art, ds, n_params = build(name, args.dataset, args.small_weights if name == "small" else None)
+    is_big = n_params > 50e6
+    cases = [(b, w) for w in beam_sizes for b in batch_sizes if not (is_big and b * w > args.max_rows_0p1b)]
+    skipped = [(b, w) for w in beam_sizes for b in batch_sizes if (b, w) not in cases]
+    sdir = os.path.join(tmp, name)
+    t = time.perf_counter()
+    export_lib.export_model(model, params, art, sdir, batch_sizes=sorted({b for b, _ in cases}),
+                            beam_sizes=sorted({w for _, w in cases}), log=lambda *a: None)
+    export_s = time.perf_counter() - t
+    sm = serve.ServingModel(sdir, log=lambda *a: None)
+    rec = serve.Recommender(sm)
+    mrep = {"params": n_params, "items": art.num_items, "export_s": export_s, "in_process": [], "brute_force": [],
+            "http": [], "skipped_cpu": [f"{b}x{w}" for b, w in skipped]}
+    print(f"\n## {name}: {n_params / 1e6:.1f}M parameters, {art.num_items} items; export {export_s:.1f}s; "
+          f"skipped on this CPU: {mrep['skipped_cpu'] or 'none'}", flush=True)
+    print("| case | compile s | p50 ms | p99 ms | rows/s | reps |\n|---|---|---|---|---|---|", flush=True)
+    for b, w in cases:
+      bodies = request_bodies(ds, 64, args.k, w, model.config.max_history, seed=b * 1000 + w)
+      rows = [rec.prepare(x)[0] for x in bodies]
+      inputs = [rows[i:i + b] if i + b <= len(rows) else rows[:b] for i in range(0, len(rows), b)] or [rows[:b]]
+      t = time.perf_counter()
+      sm.infer(inputs[0], w)
+      compile_s = time.perf_counter() - t
+      times = time_calls(lambda r: sm.infer(r, w), inputs, args.reps, args.case_budget_s)
+      p50, p99 = pct(times, 50), pct(times, 99)
+      mrep["in_process"].append({"batch": b, "beam": w, "compile_s": compile_s, "p50_ms": 1e3 * p50,
+                                 "p99_ms": 1e3 * p99, "rows_per_s": b / p50, "reps": len(times)})
+      print(f"| in-process {b} x {w} | {compile_s:.1f} | {1e3 * p50:.2f} | {1e3 * p99:.2f} | {b / p50:.0f} | "
+            f"{len(times)} |", flush=True)
+    # Brute force costs (items x levels) decoder tokens per row: the 0.1B model only at batch 1, 3 reps.
+    for b in [x for x in batch_sizes if x <= (1 if is_big else 8)]:
+      bodies = request_bodies(ds, 64, args.k, beam_sizes[0], model.config.max_history, seed=7 + b)
+      rows = [rec.prepare(x)[0] for x in bodies]
+      feats = [{k: np.concatenate([r[k] for r in rows[i:i + b]]) for k in rows[0]} for i in range(0, 64, b)]
+      codes = art.sid_table.codes[art.pools["all"]]
+      bf = brute_force_fn(model, codes, art.pools["all"], args.k)
+      t = time.perf_counter()
+      jax.block_until_ready(bf(sm.params, feats[0]))
+      compile_s = time.perf_counter() - t
+      times = time_calls(lambda f: jax.block_until_ready(bf(sm.params, f)), feats, args.reps, args.case_budget_s,
+                         min_reps=3 if is_big else 5)
+      p50, p99 = pct(times, 50), pct(times, 99)
+      mrep["brute_force"].append({"batch": b, "k": args.k, "compile_s": compile_s, "p50_ms": 1e3 * p50,
+                                  "p99_ms": 1e3 * p99, "reps": len(times)})
+      print(f"| brute force {b} (all {art.num_items} items, top {args.k}) | {compile_s:.1f} | {1e3 * p50:.2f} | "
+            f"{1e3 * p99:.2f} | {b / p50:.0f} | {len(times)} |", flush=True)
+    if name == "small":
+      srv = ServerProc(sdir, args.max_batch_wait_ms)
+      try:
+        print("\n| HTTP case | clients | p50 ms | p99 ms | req/s | rows per call | errors |\n|---|---|---|---|---|---|---|",
+              flush=True)
+        for w in beam_sizes:
+          for c in batch_sizes:
+            bodies = request_bodies(ds, 256, args.k, w, model.config.max_history, seed=w + c)
+            h0 = srv.health()
+            total = max(args.http_requests, 4 * c) if c * w <= 8 * 512 else 2 * c
+            lat, errors, wall = http_clients(srv, bodies, c, total)
+            h1 = srv.health()
+            calls = h1["batches"] - h0["batches"]
+            per_call = (h1["rows"] - h0["rows"]) / max(calls, 1)
+            mrep["http"].append({"beam": w, "clients": c, "requests": len(lat), "p50_ms": 1e3 * pct(lat, 50),
+                                 "p99_ms": 1e3 * pct(lat, 99), "req_per_s": len(lat) / wall,
+                                 "rows_per_call": per_call, "errors": len(errors)})
+            print(f"| beam {w} | {c} | {1e3 * pct(lat, 50):.2f} | {1e3 * pct(lat, 99):.2f} | {len(lat) / wall:.0f} | "
+                  f"{per_call:.1f} | {len(errors)} |", flush=True)
+        bodies = request_bodies(ds, 1024, args.k, 20, model.config.max_history, seed=99)
+        h0 = srv.health()
+        lat, errors, wall = http_clients(srv, bodies, args.load_clients, args.load_requests)
+        h1 = srv.health()
+        load = {"requests": len(lat), "clients": args.load_clients, "beam": 20, "errors": len(errors),
+                "error_samples": [str(e) for e in errors[:5]], "wall_s": wall, "req_per_s": len(lat) / wall,
+                "p50_ms": 1e3 * pct(lat, 50), "p90_ms": 1e3 * pct(lat, 90), "p99_ms": 1e3 * pct(lat, 99),
+                "max_ms": 1e3 * max(lat), "rows_per_call": (h1["rows"] - h0["rows"]) / max(h1["batches"] - h0["batches"], 1),
+                "latencies_ms": [round(1e3 * x, 3) for x in lat]}
+        print(f"\nload test: {len(lat)} requests from {args.load_clients} clients at beam 20: {len(errors)} errors, "
+              f"{load['req_per_s']:.0f} req/s, p50 {load['p50_ms']:.1f} ms, p99 {load['p99_ms']:.1f} ms, "
+              f"max {load['max_ms']:.1f} ms, {load['rows_per_call']:.1f} rows per call", flush=True)
+      finally:
+        srv.close()
+    report["models"][name] = mrep
+  if load:
+    report["load_test"] = {k: v for k, v in load.items() if k != "latencies_ms"}
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  with open(args.out + ".json", "w") as f:
+    json.dump(report, f, indent=1)
+  if load and args.png:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lat = np.asarray(load["latencies_ms"])
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax[0].hist(lat, bins=60, color="tab:blue")
+    for q, ls in ((50, "--"), (99, ":")):
+      ax[0].axvline(np.percentile(lat, q), color="k", ls=ls, label=f"p{q} {np.percentile(lat, q):.1f} ms")
+    ax[0].set_xlabel("latency (ms)")
+    ax[0].set_ylabel("requests")
+    ax[0].legend()
+    s = np.sort(lat)
+    ax[1].plot(s, np.arange(1, len(s) + 1) / len(s))
+    ax[1].set_xscale("log")
+    ax[1].set_xlabel("latency (ms, log)")
+    ax[1].set_ylabel("fraction of requests")
+    ax[1].grid(alpha=.3)
+    fig.suptitle(f"oxyjax.serve load test: {load['requests']} requests, {load['clients']} clients, beam 20, "
+                 f"small model; {load['req_per_s']:.0f} req/s, {load['errors']} errors\n{cpu}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(args.png, dpi=110)
+  print(f"\nwrote {args.out}.json" + (f" and {args.png}" if load else ""))
+
+
+if __name__ == "__main__":
+  main()
