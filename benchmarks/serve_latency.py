@@ -8,7 +8,8 @@ randomly initialised unless --small_weights names a trained params checkpoint: t
 constrained beam search does not depend on the weights' values, every beam is full at every
 level) the benchmark
 
-1. exports the serving programs (`oxyjax.export`: batch buckets 1, 8, 64 x beams 20, 256, 512);
+1. exports the serving programs (`oxyjax.export`: batch buckets 1, 2, 4, ..., 64 x beams 20, 256,
+   512; the 0.1B model only the measured batch sizes);
 2. in-process: `ServingModel.infer` of B test histories at beam W, p50 / p99 over reps (the
    compiled call from host features to host items, what the server's batcher runs);
 3. brute force, in the same run: every item of the pool scored by its full SID path's
@@ -203,7 +204,8 @@ def main():
   ap.add_argument("--dataset", default="beauty")
   ap.add_argument("--models", default="small,base_0p1b")
   ap.add_argument("--small_weights", default=None, help="trained params checkpoint of the small model")
-  ap.add_argument("--batch_sizes", default="1,8,64")
+  ap.add_argument("--batch_sizes", default="1,8,64", help="batch sizes measured (in-process) and client counts (HTTP)")
+  ap.add_argument("--buckets", default="1,2,4,8,16,32,64", help="batch buckets exported for the small model's server")
   ap.add_argument("--beam_sizes", default="20,256,512")
   ap.add_argument("--k", type=int, default=10)
   ap.add_argument("--reps", type=int, default=50)
@@ -238,7 +240,8 @@ def main():
     skipped = [(b, w) for w in beam_sizes for b in batch_sizes if (b, w) not in cases]
     sdir = os.path.join(tmp, name)
     t = time.perf_counter()
-    export_lib.export_model(model, params, art, sdir, batch_sizes=sorted({b for b, _ in cases}),
+    buckets = sorted({b for b, _ in cases} | (set(int(x) for x in args.buckets.split(",")) if name == "small" else set()))
+    export_lib.export_model(model, params, art, sdir, batch_sizes=buckets,
                             beam_sizes=sorted({w for _, w in cases}), log=lambda *a: None)
     export_s = time.perf_counter() - t
     sm = serve.ServingModel(sdir, log=lambda *a: None)

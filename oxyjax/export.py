@@ -1,7 +1,7 @@
 r"""Exports a trained model for serving: `jax.export` of the whole request path, in one directory.
 
   python -m oxyjax.export --model_dir=runs/quickstart                 # -> runs/quickstart/serving
-  python -m oxyjax.export --model_dir=runs/mixture --beam_sizes=20,256 --batch_sizes=1,8,64
+  python -m oxyjax.export --model_dir=runs/mixture --beam_sizes=20,256 --batch_sizes=1,2,4,8,16,32,64
 
 The serving function is one compiled program per (batch bucket B, beam W): the encoder runs
 once per request row, the decoder runs with its KV cache, and the beams are expanded, scored
@@ -22,12 +22,14 @@ CSR arrays. Directory layout (format `oxyjax.serving_export`, version `SERVING_V
   forest.npz              the pools' trie (child_start, child_code, child_node, leaf_item)
   artifact/               the model artifact (SID table, items and titles, pools, scenarios,
                           text embeddings) with `params/`: the very weights exported
+  users.jsonl             (--user_histories) each user's latest behaviours, for requests that
+                          give a user id and no history (a stand-in for a profile service)
 
 The server (`oxyjax.serve`) loads this directory alone: no gin file, no training code path, no
-tracing of the model; the Flax module is never built. Batch sizes are buckets: a batch of n
-requests runs in the smallest bucket >= n, padded with empty rows (inference is row-wise, see
-tests/models/test_batch_independence.py, so padding never changes a row's answer). The
-directory is written next to its final place and renamed in when complete; an older export is
+tracing of the model; the Flax network is never traced or initialised. Batch sizes are
+buckets: a batch of n requests runs in one or more buckets (`serve.ServingModel.plan`), padded
+with empty rows (inference is row-wise, see tests/models/test_batch_independence.py, so padding
+never changes a row's answer). The directory is written next to its final place and renamed in when complete; an older export is
 moved aside to `<out>.replaced-<UTC time>`, never deleted.
 """
 
@@ -52,6 +54,7 @@ SERVING_FEATURES = ("history_items", "history_codes", "history_mask", "history_t
                     "trigger_items", "trigger_codes", "trigger_text", "instruction_embedding",
                     "instruction_mask", "pool_root")
 TRIE_FIELDS = ("child_start", "child_code", "child_node", "leaf_item")
+USERS_FILE = "users.jsonl"
 
 
 class ExportError(ValueError):
@@ -96,7 +99,7 @@ def make_serve_fn(model, trie_static: dict[str, Any], beam_size: int, normalize:
   return serve
 
 
-def export_model(model, params, artifact, out_dir: str, *, batch_sizes: Sequence[int] = (1, 8, 64),
+def export_model(model, params, artifact, out_dir: str, *, batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
                  beam_sizes: Sequence[int] = (20,), normalize: str = "vocab", step: int = 0,
                  platforms: Sequence[str] | None = None, log=print) -> str:
   """Writes the serving directory for `model` with `params` (see the module docstring); returns it."""
@@ -162,13 +165,48 @@ def export_model(model, params, artifact, out_dir: str, *, batch_sizes: Sequence
   return out_dir
 
 
-def export_run(model_dir: str, out_dir: str | None = None, **kwargs) -> str:
-  """Exports a run directory (or an artifact directory) with the weights `oxyjax.predict` uses."""
+def write_user_histories(artifact, path: str, max_items: int | None = None) -> int:
+  """Writes each user's latest behaviours (the test example's history and its target: everything
+  the data knows) as JSON lines {"domain", "user", "history"} for the server's user-id requests;
+  raw item ids as the artifact spells them. Refuses data other than the artifact's."""
+  from oxyjax.data import readers
+  from oxyjax.data.catalogue import Catalogue
+
+  domains = artifact.domains or [artifact.dataset]
+  got = Catalogue.load(domains).fingerprint if artifact.domains else readers.dataset_fingerprint(artifact.dataset)
+  if artifact.data_fingerprint is not None and got != artifact.data_fingerprint:
+    raise ValueError(f"the data of {domains} (fingerprint {got}) is not the data the artifact was built from "
+                     f"({artifact.data_fingerprint}): user histories would name other items")
+  max_items = max_items or artifact.model_config.max_history
+  multi, n = len(domains) > 1, 0
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    for d in domains:
+      ds = readers.load_dataset(d)
+      latest = {}
+      for ex in ds.test:  # a user's later test example (longer history) replaces an earlier one
+        if ex.user not in latest or len(ex.history) >= len(latest[ex.user].history):
+          latest[ex.user] = ex
+      for u, ex in sorted(latest.items()):
+        seq = [ds.raw_item_ids[i] for i in tuple(ex.history) + (ex.target,)][-max_items:]
+        f.write(json.dumps({"domain": d, "user": ds.raw_user_ids[u],
+                            "history": [f"{d}/{x}" for x in seq] if multi else seq}) + "\n")
+        n += 1
+  os.replace(tmp, path)
+  return n
+
+
+def export_run(model_dir: str, out_dir: str | None = None, *, user_histories: bool = False, **kwargs) -> str:
+  """Exports a run directory (or an artifact directory) with the weights `oxyjax.predict` uses;
+  `user_histories` also writes `users.jsonl` (`write_user_histories`) from the data."""
   from oxyjax import predict
 
   p = predict.Predictor(model_dir)
   out_dir = out_dir or os.path.join(model_dir, "serving")
-  return export_model(p.model, p.params, p.artifact, out_dir, step=p.step, **kwargs)
+  out = export_model(p.model, p.params, p.artifact, out_dir, step=p.step, **kwargs)
+  if user_histories:
+    write_user_histories(p.artifact, os.path.join(out, USERS_FILE))
+  return out
 
 
 def _define_flags():
@@ -177,9 +215,11 @@ def _define_flags():
   flags.DEFINE_string("model_dir", None, "A run directory (uses its artifact/ and evaluation weights) or an "
                       "artifact directory.")
   flags.DEFINE_string("out", None, "Serving directory to write (default: <model_dir>/serving).")
-  flags.DEFINE_list("batch_sizes", ["1", "8", "64"], "Batch buckets, one compiled program each.")
+  flags.DEFINE_list("batch_sizes", ["1", "2", "4", "8", "16", "32", "64"], "Batch buckets, one compiled program "
+                    "each (the server runs a batch in the buckets that waste least).")
   flags.DEFINE_list("beam_sizes", ["20", "256"], "Beam widths a request may ask for, one program each.")
   flags.DEFINE_enum("normalize", "vocab", ["vocab", "valid"], "Beam score normalisation (decoding.beam_search).")
+  flags.DEFINE_bool("user_histories", False, "Also write users.jsonl: each user's latest behaviours from the data.")
   flags.DEFINE_list("platforms", [], "Platforms to lower for (e.g. cpu,cuda); default: this machine's backend.")
 
 
@@ -198,7 +238,7 @@ def main(argv: Sequence[str]) -> None:
   try:
     out = export_run(fl.model_dir, fl.out, batch_sizes=[int(b) for b in fl.batch_sizes],
                      beam_sizes=[int(w) for w in fl.beam_sizes], normalize=fl.normalize,
-                     platforms=fl.platforms or None)
+                     platforms=fl.platforms or None, user_histories=fl.user_histories)
   except (ArtifactError, FileNotFoundError, ValueError) as e:
     raise SystemExit(f"{PROG}: {e}") from None
   print(f"[export] wrote {out}")

@@ -9,14 +9,16 @@ Request (JSON object, POST /v1/recommend; unknown fields are an error):
   scenario   name (or id) of the scenario; default: the first one
   history    the user's behaviours as raw item ids, oldest first (at most `max_history_items`)
   user       raw user id (of the scenario's domain): selects the user's reasoning instruction in
-             the near-line store
+             the near-line store; without a history, the user's latest behaviours are read from
+             the export's users.jsonl (`oxyjax.export --user_histories`)
   trigger    item_to_item scenarios: the raw id of the item being looked at
   query      search scenarios: the query text (embedded by the sentence encoder as I_r)
   k          how many items to return (1..beam; default 10)
   beam       beam width, one of the exported beam sizes (default: the smallest >= k)
 
 Response: {"scenario", "items": [{"rank", "item_id", "score", "title"}], "instruction":
-{"source": "near_line" | "default" | "query" | "none", "reason"}, "beam", "k", "weights_step"}.
+{"source": "near_line" | "default" | "query" | "none", "reason"}, "history": "request" | "profile",
+"beam", "k", "weights_step"}.
 A bad request gets 400 (413 for a body over `max_body_bytes`, 404 for another path) with
 {"error": message, "field": the field it is about}; a full queue 503; a request not answered
 within `request_timeout_s` 504.
@@ -31,7 +33,7 @@ embedding (`near_line`, `fresh`); otherwise the model's learned default instruct
 
 Batching: requests queue (bounded, `queue_size`); one worker takes the oldest, waits up to
 `max_batch_wait_ms` for more, and runs those with the same beam in one compiled call of the
-smallest bucket that holds them (padded with empty rows). A row's answer never depends on the
+buckets of `ServingModel.plan` (padded with empty rows). A row's answer never depends on the
 rest of its batch (the programs are row-wise; tests/test_serve.py checks it).
 """
 
@@ -83,6 +85,7 @@ class Answer:
   scenario: str | None
   beam: int
   k: int
+  history: str = "request"  # or 'profile': read from the export's users.jsonl for a user-id request
 
 
 # ------------------------------------------------------------------------------ the model
@@ -151,6 +154,20 @@ class ServingModel:
         raise export_lib.ExportError(f"{fpath}: {e}") from None
       self._programs[(b, w)] = jax.jit(exp.call)
     self._lock = threading.Lock()  # one compiled call at a time (XLA uses every core per call)
+    self._users: dict[tuple[str, str], list[str]] = {}
+    users_path = os.path.join(self.directory, export_lib.USERS_FILE)
+    if os.path.isfile(users_path):
+      with open(users_path) as f:
+        for n, line in enumerate(f, 1):
+          try:
+            u = json.loads(line)
+            self._users[(str(u["domain"]), str(u["user"]))] = [str(x) for x in u["history"]]
+          except (ValueError, KeyError, TypeError) as e:
+            raise export_lib.ExportError(f"{users_path}:{n}: {e}") from None
+
+  def user_history(self, domain: str, user: str) -> list[str] | None:
+    """The user's latest behaviours from the export's users.jsonl (None when unknown)."""
+    return self._users.get((domain, user))
 
   @property
   def scenarios(self) -> list[dict]:
@@ -160,25 +177,40 @@ class ServingModel:
     """The smallest batch bucket holding n rows (the largest when none does)."""
     return next((b for b in self.batch_sizes if b >= n), self.batch_sizes[-1])
 
+  def plan(self, n: int) -> list[int]:
+    """The buckets n rows run in, in order: the smallest bucket that holds the rest when it is
+    at most a quarter padding, else the largest bucket the rest fills (a call's cost grows with
+    its bucket, so 17 rows run as 16 + 1, not padded to 32)."""
+    out = []
+    while n > 0:
+      up = self.bucket(n)
+      if up >= n and up - n <= up // 4:
+        out.append(up)
+        break
+      down = max([b for b in self.batch_sizes if b <= n], default=up)
+      out.append(down)
+      n -= down
+    return out
+
   def _empty_row(self) -> dict[str, np.ndarray]:
     return {k: np.zeros((1,) + s, d) for k, (s, d) in self.feature_spec.items()}
 
   def infer(self, rows: Sequence[dict[str, np.ndarray]], beam: int) -> tuple[np.ndarray, np.ndarray]:
     """Runs rows (each a dict of [1, ...] serving features, `pool_root` set) at beam `beam`;
-    returns (items [n, beam] int32, scores [n, beam] float32), in chunks of the largest bucket."""
+    returns (items [n, beam] int32, scores [n, beam] float32), in the chunks of `plan`."""
     if beam not in self.beam_sizes:
       raise ValueError(f"beam {beam} was not exported (have {self.beam_sizes})")
     out_items, out_scores = [], []
-    top = self.batch_sizes[-1]
-    for s in range(0, len(rows), top):
-      chunk = list(rows[s:s + top])
-      b = self.bucket(len(chunk))
-      chunk += [self._empty_row()] * (b - len(chunk))
+    s = 0
+    for b in self.plan(len(rows)):
+      chunk = list(rows[s:s + b])
+      n = len(chunk)
+      s += n
+      chunk += [self._empty_row()] * (b - n)
       feats = {k: np.concatenate([r[k] for r in chunk]).astype(d) for k, (_, d) in self.feature_spec.items()}
       with self._lock:
         items, scores = self._programs[(b, beam)](self.params, feats, self.trie)
         items, scores = np.asarray(items), np.asarray(scores)
-      n = len(rows[s:s + top])
       out_items.append(items[:n])
       out_scores.append(scores[:n])
     return np.concatenate(out_items), np.concatenate(out_scores)
@@ -253,6 +285,10 @@ class InstructionSnapshot:
 # ------------------------------------------------------------------------------ requests
 
 
+def kind_of(sc) -> str | None:
+  return sc["kind"] if sc else None
+
+
 def _string(obj, field, limit) -> str:
   if not isinstance(obj, str):
     raise BadRequest(f"{field} must be a string, got {type(obj).__name__}", field)
@@ -307,7 +343,18 @@ class Recommender:
         raise BadRequest(str(e), "scenario") from None
     elif body.get("scenario") not in (None, 0, "0"):
       raise BadRequest("this model has no named scenarios; leave scenario out", "scenario")
-    history = body.get("history", [])
+    history = body.get("history")
+    user = body.get("user")
+    if user is not None:
+      _string(user, "user", lim.max_id_chars)
+    history_source = "request"
+    if history is None and user is not None and kind_of(sc) != "item_to_item":
+      domain = sc["domain"] if sc and sc.get("domain") else art.dataset
+      history = self.model.user_history(domain, user)
+      if history is None:
+        raise BadRequest(f"user {user!r} has no known history in {domain!r}: give the history", "user")
+      history_source = "profile"
+    history = [] if history is None else history
     if not isinstance(history, list):
       raise BadRequest("history must be a list of raw item ids", "history")
     if len(history) > lim.max_history_items:
@@ -316,7 +363,7 @@ class Recommender:
       _string(h, f"history[{i}]", lim.max_id_chars)
       if h not in self._item_index:
         raise BadRequest(f"history[{i}]: unknown item id {h!r}", f"history[{i}]")
-    kind = sc["kind"] if sc else None
+    kind = kind_of(sc)
     trigger = body.get("trigger")
     if trigger is not None:
       _string(trigger, "trigger", lim.max_id_chars)
@@ -335,9 +382,6 @@ class Recommender:
       raise BadRequest(f"scenario {sc['name']!r} is search: give a query", "query")
     if kind != "item_to_item" and not history:
       raise BadRequest("history is empty: give at least one item id", "history")
-    user = body.get("user")
-    if user is not None:
-      _string(user, "user", lim.max_id_chars)
     beams = self.model.beam_sizes
     k = _int(body.get("k", min(10, beams[-1])), "k", 1, beams[-1])
     beam = body.get("beam")
@@ -347,13 +391,13 @@ class Recommender:
       raise BadRequest(f"beam must be one of the exported beam sizes {beams}, got {json.dumps(beam)[:40]}", "beam")
     if k > beam:
       raise BadRequest(f"k {k} is larger than the beam {beam}", "k")
-    return sc, dict(raw_history=history, trigger=trigger, query=query), k, beam, user
+    return sc, dict(raw_history=history, trigger=trigger, query=query), k, beam, user, history_source
 
   def prepare(self, body: Any):
     """Validates a request and builds its model row: (row, meta) for `finish`."""
     from oxyjax import predict
 
-    sc, kwargs, k, beam, user = self.parse(body)
+    sc, kwargs, k, beam, user, history_source = self.parse(body)
     art, cfg = self.model.artifact, self.model.model.config
     source = {"source": "none", "reason": "the model reads no instruction"}
     emb = None
@@ -374,14 +418,15 @@ class Recommender:
       raise BadRequest(str(e.args[0] if isinstance(e, KeyError) else e), None) from None
     row = dict(req.features)
     row["pool_root"] = np.asarray([self.model.roots[req.pool]], np.int32)
-    return row, (sc, k, beam, source)
+    return row, (sc, k, beam, source, history_source)
 
   def finish(self, items: np.ndarray, scores: np.ndarray, meta) -> Answer:
-    sc, k, beam, source = meta
+    sc, k, beam, source, history_source = meta
     art = self.model.artifact
     out = [{"rank": r + 1, "item_id": art.raw_item_ids[i], "score": float(s), "title": art.title(int(i))}
            for r, (i, s) in enumerate(zip(items[:k], scores[:k])) if i > 0]
-    return Answer(items=out, instruction=source, scenario=sc["name"] if sc else None, beam=beam, k=k)
+    return Answer(items=out, instruction=source, scenario=sc["name"] if sc else None, beam=beam, k=k,
+                  history=history_source)
 
   def recommend(self, bodies: Sequence[Any]) -> list[Answer | BadRequest]:
     """Answers several requests together (the batcher's path, without the queue)."""

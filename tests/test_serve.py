@@ -48,7 +48,7 @@ def exported(tmp_path_factory):
       mesh_shape={"data": 2, "fsdp": 2, "tensor": 2},
       sid=train_lib.SIDConfig(codebook_size=16, embedding="collaborative", cache_dir=None))
   out = export_lib.export_run(str(model_dir), str(root / "serving"), batch_sizes=(1, 8), beam_sizes=(BEAM,),
-                              log=lambda *a: None)
+                              user_histories=True, log=lambda *a: None)
   predictor = predict_lib.Predictor(str(model_dir), beam_size=BEAM)
   predictor._encoder = HashEncoder()
   return out, predictor
@@ -153,6 +153,7 @@ def test_http_answers_and_health(exported, server):
     ("query on homepage", {"scenario": "office_homepage", "history": ["{0}"], "query": "pen"}, 400, "query"),
     ("query too long", {"scenario": "office_search", "history": ["{0}"], "query": "x" * 600}, 400, "query"),
     ("user not a string", {"scenario": "office_homepage", "history": ["{0}"], "user": 7}, 400, "user"),
+    ("unknown user and no history", {"scenario": "office_homepage", "user": "NO-SUCH-USER"}, 400, "user"),
     ("not an object", ["{0}"], 400, None),
 ], ids=lambda c: c[0])
 def test_each_bad_request_gets_a_4xx_naming_the_field(exported, server, case):
@@ -341,3 +342,45 @@ def test_a_serving_directory_that_does_not_match_is_refused(exported, tmp_path):
   os.remove(bad / export_lib.MANIFEST)
   with pytest.raises(export_lib.ExportError, match="serving.json is missing"):
     serve.ServingModel(str(bad), log=lambda *a: None)
+
+
+def test_a_user_id_alone_reads_the_users_latest_behaviours(exported, server):
+  """users.jsonl (export --user_histories) holds each user's test history plus its target; a
+  request with only the user id answers as if that history had been sent."""
+  _, predictor = exported
+  ds, (ex,) = _office_examples(1)
+  user = ds.raw_user_ids[ex.user]
+  latest = max((e for e in ds.test if e.user == ex.user), key=lambda e: len(e.history))
+  want_history = [ds.raw_item_ids[i] for i in tuple(latest.history) + (latest.target,)][-TINY.max_history:]
+  assert server.model.user_history("office", user) == want_history
+  by_user = server.recommender.recommend([{"scenario": "office_homepage", "user": user}])[0]
+  by_history = server.recommender.recommend([{"scenario": "office_homepage", "history": want_history}])[0]
+  assert by_user.history == "profile" and by_history.history == "request"
+  assert by_user.items == by_history.items
+
+
+def test_a_batch_runs_in_the_buckets_that_waste_least(exported, server):
+  sm = server.model
+  assert sm.batch_sizes == [1, 8]
+  assert sm.plan(1) == [1] and sm.plan(8) == [8] and sm.plan(7) == [8]  # 1 padding row of 8: fine
+  assert sm.plan(3) == [1, 1, 1] and sm.plan(17) == [8, 8, 1]  # never 5 padding rows of 8
+  sm_buckets = sm.batch_sizes
+  try:
+    sm.batch_sizes = [1, 2, 4, 8, 16, 32, 64]
+    assert sm.plan(17) == [16, 1] and sm.plan(23) == [16, 8] and sm.plan(64) == [64] and sm.plan(130) == [64, 64, 2]
+  finally:
+    sm.batch_sizes = sm_buckets
+  # 11 rows (8 + 1 + 1 + 1 calls) answer as each row alone (bucket 8 vs 1: the float tolerance
+  # of tests/models/test_batch_independence.py).
+  _, predictor = exported
+  ids = _office_ids(predictor)
+  bodies = [{"scenario": "office_homepage", "history": ids[i:i + 4], "k": BEAM} for i in range(11)]
+  together = server.recommender.recommend(bodies)
+  for i, b in enumerate(bodies):
+    alone = server.recommender.recommend([b])[0]
+
+    def arrays(ans):
+      return (predictor.artifact.item_indices([x["item_id"] for x in ans.items]),
+              np.asarray([x["score"] for x in ans.items]))
+
+    _assert_same_ranking(*arrays(together[i]), *arrays(alone), f"row {i} of 11")
