@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import cpu_model  # noqa: E402
 
 
 def device_name() -> str:
@@ -27,14 +28,7 @@ def device_name() -> str:
   d = jax.devices()[0]
   if d.platform != "cpu":
     return d.device_kind
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
-  except OSError:
-    pass
-  return platform.processor() or "cpu"
+  return f"{cpu_model()} ({os.cpu_count()} cores)"
 
 
 def main():

@@ -83,8 +83,7 @@ def param_spec(params) -> list[list[Any]]:
   import jax
 
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  return [[jax.tree_util.keystr(p), list(np.shape(x)), str(np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype)]
-          for p, x in leaves]
+  return [[jax.tree_util.keystr(p), list(np.shape(x)), str(x.dtype)] for p, x in leaves]
 
 
 def make_serve_fn(model, trie_static: dict[str, Any], beam_size: int, normalize: str = "vocab"):

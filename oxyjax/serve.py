@@ -265,15 +265,14 @@ class InstructionSnapshot:
 
   def lookup(self, dataset: str, user: str | None, scenario: str, raw_history: Sequence[str]):
     """(embedding or None, reason): `fresh` records only; `missing`, `stale`, `fallback` else."""
-    import hashlib
+    from oxyjax.instructions.prompt import raw_history_key
 
     if not user:
       return None, "no_user"
     r = self._latest.get((dataset, user, scenario))
     if r is None:
       return None, "missing"
-    hkey = hashlib.sha256("\x1f".join(raw_history).encode("utf-8")).hexdigest()[:16]  # prompt.history_key
-    if r.history_key != hkey or int(r.cutoff) != len(raw_history):
+    if r.history_key != raw_history_key(raw_history) or int(r.cutoff) != len(raw_history):
       return None, "stale"  # written for an older history: the user has behaved since
     if r.status != "generated":
       return None, "fallback"

@@ -54,7 +54,7 @@ beam = _import_beam()
 from apache_beam.metrics import Metrics  # noqa: E402
 from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
-from oxyjax.instructions.generate import JobStats, make_records, prompt_for, select_examples
+from oxyjax.instructions.generate import JobStats, make_records, prompt_for
 from oxyjax.instructions.llm import BackendError
 from oxyjax.instructions.store import InstructionStore, needs_refresh, write_shard_file
 
@@ -192,6 +192,7 @@ def main(argv: Sequence[str]) -> JobStats:
 
   from oxyjax import cli
   from oxyjax.data.readers import load_dataset
+  from oxyjax.instructions import generate
   from oxyjax.instructions.llm import make_backend
   from oxyjax.sid.embeddings import SentenceEncoder
 
@@ -201,19 +202,9 @@ def main(argv: Sequence[str]) -> JobStats:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   cli.parse_gin(args)
   dataset_fn = functools.partial(load_dataset, args.dataset)
-  dataset = dataset_fn()
-  splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-  examples = select_examples(dataset, splits, args.train_fraction, args.seed, args.max_examples,
-                             args.user_fraction)
-  kwargs: dict[str, Any] = {}
-  if args.backend == "smollm":
-    kwargs["batch_size"] = args.batch_size
-    if args.max_new_tokens is not None:
-      kwargs["max_new_tokens"] = args.max_new_tokens
-  else:
-    kwargs.update({k: v for k, v in (("base_url", args.base_url), ("model", args.model)) if v})
-  stats = run_pipeline(dataset_fn, examples, args.store, backend_fn=functools.partial(make_backend, args.backend,
-                                                                                        **kwargs),
+  examples = generate.examples_from_flags(dataset_fn(), args)
+  backend_fn = functools.partial(make_backend, args.backend, **generate.backend_kwargs(args))
+  stats = run_pipeline(dataset_fn, examples, args.store, backend_fn=backend_fn,
                        encoder_fn=SentenceEncoder, scenario=args.scenario, max_items=args.max_items,
                        batch_size=args.batch_size, max_age_s=args.max_age_s,
                        pipeline_options=args.pipeline_options.split())

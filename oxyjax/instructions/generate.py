@@ -216,6 +216,27 @@ def _define_flags() -> None:
   cli.define_gin_flags()  # gin files configure make_backend, SmolLMBackend, OpenAIBackend
 
 
+def examples_from_flags(dataset, args) -> list:
+  """Step 1 with the flags' settings (--splits, --train_fraction, --seed, --max_examples, --user_fraction)."""
+  splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+  return select_examples(dataset, splits, args.train_fraction, args.seed, args.max_examples, args.user_fraction)
+
+
+def backend_kwargs(args) -> dict[str, Any]:
+  """`make_backend` keyword arguments from the flags (the backend's own ones only)."""
+  kwargs: dict[str, Any] = {}
+  if args.backend == "smollm":
+    kwargs["batch_size"] = args.batch_size
+    if args.max_new_tokens is not None:
+      kwargs["max_new_tokens"] = args.max_new_tokens
+  else:
+    if args.base_url:
+      kwargs["base_url"] = args.base_url
+    if args.model:
+      kwargs["model"] = args.model
+  return kwargs
+
+
 def main(argv: Sequence[str]) -> JobStats:
   """The job, with the flags `cli.run` parsed (`python -m oxyjax.instructions.generate --help`)."""
   from absl import flags
@@ -232,20 +253,8 @@ def main(argv: Sequence[str]) -> JobStats:
   cli.parse_gin(args)
   t_load = time.time()
   dataset = load_dataset(args.dataset)
-  splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-  examples = select_examples(dataset, splits, args.train_fraction, args.seed, args.max_examples,
-                             args.user_fraction)
-  kwargs: dict[str, Any] = {}
-  if args.backend == "smollm":
-    kwargs["batch_size"] = args.batch_size
-    if args.max_new_tokens is not None:
-      kwargs["max_new_tokens"] = args.max_new_tokens
-  else:
-    if args.base_url:
-      kwargs["base_url"] = args.base_url
-    if args.model:
-      kwargs["model"] = args.model
-  backend = make_backend(name=args.backend, **kwargs)
+  examples = examples_from_flags(dataset, args)
+  backend = make_backend(name=args.backend, **backend_kwargs(args))
   encoder = SentenceEncoder()
   store = InstructionStore(args.store)
   print(f"[instructions] loaded dataset {dataset.name}, backend {backend.version}, encoder and "

@@ -177,8 +177,12 @@ def history_key(dataset, example) -> str:
   of at most 10 items: two examples of one user can both have 10 items), so the store key
   also carries this hash.
   """
-  raw = "\x1f".join(dataset.raw_item_ids[int(i)] for i in example.history)
-  return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:16]
+  return raw_history_key([dataset.raw_item_ids[int(i)] for i in example.history])
+
+
+def raw_history_key(raw_item_ids: Sequence[str]) -> str:
+  """`history_key` of a history given as raw item ids (what a server receives)."""
+  return hashlib.sha256("\x1f".join(raw_item_ids).encode("utf-8")).hexdigest()[:16]
 
 
 def build_messages(ctx: UserContext) -> list[dict[str, str]]:
