@@ -21,7 +21,13 @@ Embedding source (``embedding=``):
     ``embeddings.collaborative_embeddings``. The per-user training sequence is rebuilt from
     the train split as the user's longest training history followed by its target; the
     validation and test targets are never seen.
+  * ``sasrec``: the item table of a small SASRec model trained for next-item prediction on the
+    same TRAINING sequences -- ``sasrec.sasrec_embeddings`` (settings: ``sasrec.SASRecConfig``).
   * ``auto``: ``text`` when the dataset has item text, else ``collaborative``.
+
+The quality report also measures, on the validation split (never used to build the table), how
+often a user's next item shares the code prefix of the item before it
+(``table.heldout_cooccurrence``).
 
 Quantiser: residual k-means (``rq_kmeans``), by default with plain k-means at level 1 and the
 balanced assignment at the residual levels (``balance=``), then the collision level
@@ -46,13 +52,14 @@ import numpy as np
 
 from oxyjax.sid import embeddings as emb_lib
 from oxyjax.sid import rq_kmeans
+from oxyjax.sid import sasrec as sasrec_lib
 from oxyjax.sid import table as table_lib
 from oxyjax.sid.table import SIDTable, SIDTableError, format_report, quality_report
 
 logger = logging.getLogger(__name__)
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
-EMBEDDINGS = ("auto", "text", "collaborative")
+EMBEDDINGS = ("auto", "text", "collaborative", "sasrec")
 BALANCE = ("none", "residual", "all")
 
 
@@ -190,14 +197,15 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
                       text_batch_size: int = 32, dataset: Any = None,
                       data_dir: str | os.PathLike | None = None,
                       embedding_cache_dir: str | os.PathLike | None = None,
-                      dataset_fingerprint: str | None = None) -> tuple[SIDTable, dict[str, Any]]:
+                      dataset_fingerprint: str | None = None,
+                      sasrec: sasrec_lib.SASRecConfig = sasrec_lib.SASRecConfig()) -> tuple[SIDTable, dict[str, Any]]:
   """Builds (and, with ``out_dir``, writes) the SID table of a dataset and its quality report.
 
   Args:
     dataset_name: ``beauty`` | ``sports`` | ``industrial`` | ``office``.
     num_levels: residual k-means levels ``L`` (the table has ``L + 1`` with the collision level).
     codebook_size: codes per k-means level (int or per-level tuple).
-    embedding: ``auto`` | ``text`` | ``collaborative`` (see the module docstring).
+    embedding: ``auto`` | ``text`` | ``collaborative`` | ``sasrec`` (see the module docstring).
     seed: seed of k-means and of the collaborative embedding's eigensolver.
     out_dir: where to write the table, the report and the embedding cache; ``None`` writes nothing.
     num_iters: max Lloyd iterations per level.
@@ -212,6 +220,7 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
     embedding_cache_dir: where text embeddings are cached (default: ``out_dir``).
     dataset_fingerprint: ``readers.dataset_fingerprint`` of the data ``dataset`` was read from,
       recorded in the table's meta (computed here when ``dataset`` is ``None``).
+    sasrec: model and training settings of the ``sasrec`` source.
 
   Returns:
     ``(table, report)``: the ``SIDTable`` (codes ``[num_items + 1, L + 1]``) and the
@@ -236,6 +245,12 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
   if source == "text":
     cache = Path(embedding_cache_dir) if embedding_cache_dir is not None else out
     x, emb_info = _text_embeddings(dataset, cache, text_batch_size)
+  elif source == "sasrec":
+    seqs = training_sequences(dataset.train)
+    x, info = sasrec_lib.sasrec_embeddings(seqs, dataset.num_items, sasrec, seed=seed)
+    emb_info = {"source": "sasrec", "method": "SASRec (causal self-attention, full-softmax next-item CE) on the "
+                "training sequences; item table L2-normalised", "dim": int(x.shape[1]),
+                "config": sasrec.to_dict(), "num_train_sequences": len(seqs), **info}
   else:
     seqs = training_sequences(dataset.train)
     x = emb_lib.collaborative_embeddings(seqs, dataset.num_items, dim=collaborative_dim,
@@ -272,7 +287,8 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
   labels = None
   if has_text:
     labels = [None] + [_brand(m) for m in dataset.item_meta[1:]]
-  report = quality_report(table, labels)
+  pairs = np.array([(history[-1], target) for _, history, target in dataset.validation if history], np.int64)
+  report = quality_report(table, labels, heldout_pairs=pairs)
   report["label"] = "brand" if labels is not None else None
   report["wall_time_s"] = {"embedding": round(t_embed, 2), "embedding_cached": bool(emb_info.get("cached")),
                            "rq_kmeans": round(t_kmeans, 2),
@@ -310,8 +326,19 @@ def sid_settings(*, num_levels: int, codebook_size: int | Sequence[int], embeddi
                  seed: int) -> dict[str, Any]:
   """The requested SID settings as recorded in a cached table's ``meta["settings"]``."""
   cb = int(codebook_size) if isinstance(codebook_size, (int, np.integer)) else [int(c) for c in codebook_size]
-  return {"num_levels": int(num_levels), "codebook_size": cb, "embedding": embedding, "balance": balance,
-          "seed": int(seed)}
+  settings = {"num_levels": int(num_levels), "codebook_size": cb, "embedding": embedding, "balance": balance,
+              "seed": int(seed)}
+  if embedding == "sasrec":
+    settings["sasrec"] = sasrec_lib.SASRecConfig().to_dict()
+  return settings
+
+
+def _embedding_key(embedding: str) -> str:
+  """The embedding's part of a cache directory name; ``sasrec`` adds a hash of its settings."""
+  if embedding != "sasrec":
+    return embedding
+  blob = json.dumps(sasrec_lib.SASRecConfig().to_dict(), sort_keys=True).encode()
+  return f"sasrec-{hashlib.sha256(blob).hexdigest()[:8]}"
 
 
 def sid_cache_dir(dataset_name: str, fingerprint: str, *, num_levels: int, codebook_size: int | Sequence[int],
@@ -320,7 +347,7 @@ def sid_cache_dir(dataset_name: str, fingerprint: str, *, num_levels: int, codeb
   ``<repo>/.cache/sid``): the default cache directory of a SID table, keyed by the data's
   content (``readers.dataset_fingerprint``) and every setting the table depends on."""
   base = Path(root) if root is not None else _REPO_ROOT / ".cache" / "sid"
-  return base / (f"{dataset_name}_{fingerprint}_{embedding}_{num_levels}x{_codebook_str(codebook_size)}"
+  return base / (f"{dataset_name}_{fingerprint}_{_embedding_key(embedding)}_{num_levels}x{_codebook_str(codebook_size)}"
                  f"_{balance}_s{seed}")
 
 

@@ -219,8 +219,30 @@ def _purity(clusters: np.ndarray, labels: Sequence[Hashable | None]) -> tuple[fl
   return (sum(majority.values()) / total if total else float("nan")), total
 
 
+def heldout_cooccurrence(table: SIDTable, pairs: np.ndarray, *, shuffle_seed: int = 0) -> dict[str, Any]:
+  """How often a held-out next item shares the code prefix of the item before it.
+
+  ``pairs [P, 2]`` holds ``(previous item, next item)`` index pairs that the table was NOT built
+  from (the SID builder passes each validation example's last history item and its target).
+  For each prefix depth ``d = 1 .. L`` (k-means levels) it reports the fraction of pairs whose
+  two items share the first ``d`` codes, and the same fraction with the next items permuted
+  over the pairs (seeded): a chance baseline that keeps both items' popularity. A code space
+  that places items taken one after another under one prefix makes the decoder's early tokens
+  informative; it is a purity measure against behaviour, for data without labels.
+  """
+  pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+  km_levels = table.num_levels - 1
+  perm = np.random.default_rng(shuffle_seed).permutation(len(pairs))
+  a, b, bs = table.codes[pairs[:, 0]], table.codes[pairs[:, 1]], table.codes[pairs[perm, 1]]
+  same, same_shuffled = [], []
+  for d in range(1, km_levels + 1):
+    same.append(float(np.all(a[:, :d] == b[:, :d], axis=1).mean()) if len(pairs) else None)
+    same_shuffled.append(float(np.all(a[:, :d] == bs[:, :d], axis=1).mean()) if len(pairs) else None)
+  return {"num_pairs": int(len(pairs)), "shared_prefix": same, "shared_prefix_shuffled": same_shuffled}
+
+
 def quality_report(table: SIDTable, labels: Sequence[Hashable | None] | None = None,
-                   *, shuffle_seed: int = 0) -> dict[str, Any]:
+                   *, shuffle_seed: int = 0, heldout_pairs: np.ndarray | None = None) -> dict[str, Any]:
   """SID quality numbers.
 
   Args:
@@ -240,6 +262,7 @@ def quality_report(table: SIDTable, labels: Sequence[Hashable | None] | None = N
       (null without labels); ``level1_purity_shuffled``: the same with labels permuted at
       random over the labelled items (a chance baseline for these cluster sizes);
       ``label_coverage``: fraction of items with a label; ``num_labels``: distinct labels.
+    ``heldout_cooccurrence`` (with ``heldout_pairs``): see ``heldout_cooccurrence``.
   """
   items = table.codes[1:]
   n = items.shape[0]
@@ -293,6 +316,8 @@ def quality_report(table: SIDTable, labels: Sequence[Hashable | None] | None = N
   report["level1_purity_shuffled"] = shuffled
   report["label_coverage"] = coverage
   report["num_labels"] = num_labels
+  if heldout_pairs is not None:
+    report["heldout_cooccurrence"] = heldout_cooccurrence(table, heldout_pairs, shuffle_seed=shuffle_seed)
   return report
 
 
@@ -319,6 +344,12 @@ def format_report(report: Mapping[str, Any], title: str | None = None) -> str:
         f"- level-1 purity: {f(report['level1_purity'])} (shuffled-label baseline "
         f"{f(report['level1_purity_shuffled'])}; {report['num_labels']} labels, "
         f"coverage {f(report['label_coverage'])})")
+  h = report.get("heldout_cooccurrence")
+  if h:
+    lines.append(
+        f"- held-out next item shares the previous item's prefix ({h['num_pairs']} validation pairs), "
+        "depth 1..L: " + " / ".join(f(v) for v in h["shared_prefix"]) + " (shuffled baseline "
+        + " / ".join(f(v) for v in h["shared_prefix_shuffled"]) + ")")
   lines += ["", "| level | codebook | used | usage | entropy (bits) | perplexity |",
             "|---|---|---|---|---|---|"]
   for lv in report["levels"]:

@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from oxyjax.sid.table import SIDTable, SIDTableError, add_collision_level, format_report, quality_report
+from oxyjax.sid.table import (SIDTable, SIDTableError, add_collision_level, format_report, heldout_cooccurrence,
+                              quality_report)
 
 # Hand-made k-means codes for items 1..6 (two levels, codebook sizes 3 and 2):
 # paths (0,0) x2, (0,1) x1, (1,0) x3; code 2 of level 1 is never used.
@@ -113,3 +114,21 @@ def test_quality_report_without_labels_and_markdown():
   assert md.count("\n|") == 2 + 3  # header, separator, one row per level
   with pytest.raises(ValueError, match="labels"):
     quality_report(_table(), ["a"] * 3)
+
+
+def test_heldout_cooccurrence_counts_shared_prefixes():
+  # Items 1..4 with 2 k-means levels + collision level.
+  codes = np.array([[0, 0, 0], [1, 1, 0], [1, 2, 0], [2, 1, 0], [1, 1, 1]], np.int32)
+  table = SIDTable(codes=codes, codebook_sizes=(3, 3, 2), meta={})
+  pairs = np.array([[1, 4], [1, 2], [1, 3], [2, 3]])
+  h = heldout_cooccurrence(table, pairs, shuffle_seed=0)
+  assert h["num_pairs"] == 4
+  # depth 1: (1,4) and (1,2) share code 1; depth 2: only (1,4) shares (1, 1).
+  assert h["shared_prefix"] == [0.5, 0.25]
+  perm = np.random.default_rng(0).permutation(4)
+  a, b = codes[pairs[:, 0]], codes[pairs[perm, 1]]
+  assert h["shared_prefix_shuffled"] == [float((a[:, 0] == b[:, 0]).mean()),
+                                         float(np.all(a[:, :2] == b[:, :2], axis=1).mean())]
+  report = quality_report(table, heldout_pairs=pairs)
+  assert report["heldout_cooccurrence"] == h
+  assert "held-out next item" in format_report(report)
