@@ -23,7 +23,11 @@ at the codes the trie allows (``normalize="vocab"``, the default: the path's joi
 log-probability under the model, so the ranking equals that of the model's distribution
 conditioned on a valid item). ``normalize="valid"`` instead takes each level's
 ``log_softmax`` over the trie's children of the beam's prefix only (a locally normalised
-distribution over valid items: an only child scores 0). A path whose score is ``-inf`` is
+distribution over valid items: an only child scores 0). ``level_weights`` (optional, one
+non-negative float per level) calibrates the levels: a path scores ``sum_l w_l log p_l``, so a
+level whose probabilities are over- or under-confident for ranking counts less or more; the
+beams are pruned on the weighted partial sums. ``None`` (all 1) is the joint log-probability.
+A path whose score is ``-inf`` is
 never returned (so a step function may also forbid codes by giving them ``-inf`` logits);
 when fewer than ``beam_size`` paths are available, the remaining beams have item ``-1``,
 codes ``-1`` and score ``-inf``. Returned beams are distinct valid paths sorted by score, best first.
@@ -81,6 +85,7 @@ def beam_search(
     return_cache: bool = False,
     normalize: str = "vocab",
     root: jax.Array | None = None,
+    level_weights: tuple[float, ...] | None = None,
 ) -> BeamSearchOutput:
   """Prefix-constrained beam search: the ``beam_size`` best valid paths per batch row.
 
@@ -98,6 +103,7 @@ def beam_search(
     root: optional ``[B] int32`` start node of each row (default node 0): with a forest of
       candidate pools (`PrefixTrie.forest`), row ``b`` starting at its pool's root returns
       only that pool's items, so one batch can mix pools.
+    level_weights: optional per-level weights of the log-probabilities (see the module docstring).
 
   Returns:
     `BeamSearchOutput` with ``items [B, W]``, ``codes [B, W, L]``, ``scores [B, W]``,
@@ -109,6 +115,10 @@ def beam_search(
   if normalize not in ("vocab", "valid"):
     raise ValueError(f"normalize must be 'vocab' or 'valid', got {normalize!r}")
   num_edges = trie.child_code.shape[0]
+  if level_weights is not None:
+    level_weights = tuple(float(x) for x in level_weights)
+    if len(level_weights) != L or any(not np.isfinite(x) or x < 0 for x in level_weights):
+      raise ValueError(f"level_weights must be {L} finite non-negative floats (one per level), got {level_weights}")
 
   # Live beams: node in the trie, score, and the codes chosen so far.
   node = jnp.zeros((B, 1), jnp.int32) if root is None else jnp.asarray(root, jnp.int32).reshape(B, 1)
@@ -145,6 +155,8 @@ def beam_search(
     else:
       lse = jax.nn.logsumexp(jnp.where(is_child, child_logits, neg_inf), axis=-1, keepdims=True)
     lp = child_logits - lse
+    if level_weights is not None and level_weights[level] != 1.0:
+      lp = lp * level_weights[level]
     # NaN (a broken step function) must not take a beam: treat it as -inf.
     cand = jnp.where(valid & ~jnp.isnan(lp), score[..., None] + lp, neg_inf)  # [B, w, k]
     if w > 1 and k > W:
@@ -193,6 +205,7 @@ def exhaustive_topk(
     k: int,
     *,
     normalize: bool | str = True,
+    level_weights: tuple[float, ...] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Brute-force reference (NumPy, one example): scores every valid path, keeps the top ``k``.
 
@@ -203,6 +216,7 @@ def exhaustive_topk(
       with ``normalize="valid"`` over each prefix's valid next codes only.
     trie: the valid paths.
     k: how many to return.
+    level_weights: per-level weights of the scores, as in `beam_search`.
 
   Returns:
     ``(items [k] int32, codes [k, L] int32, scores [k] float64)`` best first, padded with
@@ -221,7 +235,8 @@ def exhaustive_topk(
       scores = _log_softmax_np(np.where(allowed, scores, -np.inf))
     elif normalize:
       scores = _log_softmax_np(scores)
-    total += np.take_along_axis(scores, codes[:, level:level + 1].astype(np.int64), axis=1)[:, 0]
+    weight = 1.0 if level_weights is None else float(level_weights[level])
+    total += weight * np.take_along_axis(scores, codes[:, level:level + 1].astype(np.int64), axis=1)[:, 0]
   keep = np.flatnonzero(total > -np.inf)
   order = keep[np.argsort(-total[keep], kind="stable")][:k]
   out_items = np.full(k, -1, np.int32)

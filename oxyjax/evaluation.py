@@ -25,12 +25,14 @@ class Evaluator:
 
   def __init__(self, model, partitioner: partitioning.Partitioner, trie: PrefixTrie, *,
                beam_size: int, batch_size: int, ks: Sequence[int] = (1, 5, 10, 20),
-               score_normalization: str = "vocab"):
+               score_normalization: str = "vocab", level_weights: Sequence[float] | None = None):
     self.model, self.partitioner, self.trie = model, partitioner, trie
     self.beam_size, self.ks = beam_size, tuple(k for k in ks if k <= beam_size)
     dp = partitioner.data_parallel_size
     self.batch_size = max(dp, int(math.ceil(batch_size / dp)) * dp)
-    self._predict = jax.jit(functools.partial(model.predict, beam_size=beam_size, normalize=score_normalization))
+    self._predict = jax.jit(functools.partial(
+        model.predict, beam_size=beam_size, normalize=score_normalization,
+        level_weights=None if level_weights is None else tuple(float(x) for x in level_weights)))
 
   @property
   def headline_metric(self) -> str:

@@ -173,6 +173,7 @@ def train(
     eval_batch_size: int = 256,
     eval_beam_size: int = 20,
     eval_score_normalization: str = "vocab",
+    eval_level_weights: Sequence[float] | None = None,
     final_eval_splits: Sequence[str] = ("validation", "test"),
     final_eval_max_examples: int | None = None,
     checkpoint_every_steps: int = 1000,
@@ -200,7 +201,8 @@ def train(
   `final_eval_max_examples` evaluates a fixed random subset of each final split (quick runs and
   tests; default None: every example).
   `eval_score_normalization` ('vocab' or 'valid') is the beam search's per-level
-  normalisation (`decoding.beam_search`).
+  normalisation and `eval_level_weights` (one weight per SID level, default all 1) its per-level
+  calibration of the log-probabilities (`decoding.beam_search`).
   `length_bucketing` batches examples of similar history length together and trims
   padding columns to a multiple of `bucket_multiple` (fewer encoder FLOPs; a few compiled
   shapes: a larger multiple compiles fewer shapes and needs less compile-time memory).
@@ -219,7 +221,7 @@ def train(
     return evaluate_run(model_dir, partitioner=part, splits=final_eval_splits, weights=init_checkpoint,
                         instructions=instructions, data_source=data_source, eval_batch_size=eval_batch_size,
                         eval_beam_size=eval_beam_size, eval_score_normalization=eval_score_normalization,
-                        max_examples=final_eval_max_examples, log=log)
+                        eval_level_weights=eval_level_weights, max_examples=final_eval_max_examples, log=log)
   if batch_size % grad_accum_steps:
     raise ValueError(f"batch_size {batch_size} is not divisible by grad_accum_steps {grad_accum_steps}")
   # Multi-host: decisions every process must share (no-ops for one process).
@@ -308,7 +310,7 @@ def train(
     return f, tokens(batch)
 
   evaluator = Evaluator(model, part, exp.trie(), beam_size=eval_beam_size, batch_size=eval_batch_size,
-                        score_normalization=eval_score_normalization)
+                        score_normalization=eval_score_normalization, level_weights=eval_level_weights)
   logger = trainer_lib.ProgressLogger(model_dir if jax.process_index() == 0 else None, total_steps, batch_size,
                                       enabled=verbose and jax.process_index() == 0)
   validate = make_validation(exp, evaluator, eval_max_examples)
@@ -399,7 +401,8 @@ def load_eval_weights(model_dir: str, abstract_params, weights: str | None = Non
 def evaluate_run(model_dir: str, *, partitioner: partitioning.Partitioner, splits: Sequence[str] = ("test",),
                  weights: str | None = None, instructions: InstructionsConfig | None = None,
                  data_source: str = "seqio", eval_batch_size: int = 256, eval_beam_size: int = 20,
-                 eval_score_normalization: str = "vocab", max_examples: int | None = None, log=print) -> TrainResult:
+                 eval_score_normalization: str = "vocab", eval_level_weights: Sequence[float] | None = None,
+                 max_examples: int | None = None, log=print) -> TrainResult:
   """Evaluates a run from its artifact alone (no training split, no optimizer state) on
   `splits`, and merges the results into `<model_dir>/run_summary.json`."""
   t0 = time.time()
@@ -410,7 +413,7 @@ def evaluate_run(model_dir: str, *, partitioner: partitioning.Partitioner, split
   factory = trainer_lib.TrainStateFactory(exp.model, partitioner)
   params, step = load_eval_weights(model_dir, factory.params_abstract, weights, log=log)
   evaluator = Evaluator(exp.model, partitioner, exp.trie(), beam_size=eval_beam_size, batch_size=eval_batch_size,
-                        score_normalization=eval_score_normalization)
+                        score_normalization=eval_score_normalization, level_weights=eval_level_weights)
   results = evaluate_final(exp, evaluator, params, splits, log, max_examples)
   if jax.process_index() == 0 and results:
     write_summary(model_dir, exp.dataset, {"dataset": exp.dataset, "results": results}, merge=True)

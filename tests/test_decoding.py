@@ -81,10 +81,11 @@ class PrefixHashLogits:
     return fn
 
 
-def run_search(step_cls, trie, rng, batch, beam, return_cache=False, normalize="vocab"):
+def run_search(step_cls, trie, rng, batch, beam, return_cache=False, normalize="vocab", level_weights=None):
   fn = step_cls(rng, batch, trie.vocab_sizes)
   search = jax.jit(lambda t, c: beam_search(fn.step, c, t, batch_size=batch, beam_size=beam,
-                                            return_cache=return_cache, normalize=normalize))
+                                            return_cache=return_cache, normalize=normalize,
+                                            level_weights=level_weights))
   out = jax.tree_util.tree_map(np.asarray, search(trie, fn.init_cache(batch, trie.num_levels)))
   return fn, out
 
@@ -107,10 +108,11 @@ def check_valid(out, trie, batch, beam):
     assert (out.items[b][~live] == -1).all() and (out.codes[b][~live] == -1).all()
 
 
-def check_exact(fn, out, trie, batch, beam, normalize=True):
+def check_exact(fn, out, trie, batch, beam, normalize=True, level_weights=None):
   """Beam covering every item: the result is the exhaustive top set with equal scores."""
   for b in range(batch):
-    ref_items, ref_codes, ref_scores = exhaustive_topk(fn.reference(b), trie, beam, normalize=normalize)
+    ref_items, ref_codes, ref_scores = exhaustive_topk(fn.reference(b), trie, beam, normalize=normalize,
+                                                       level_weights=level_weights)
     live = out.items[b] >= 0
     assert sorted(out.items[b][live].tolist()) == sorted(ref_items[ref_items >= 0].tolist())
     got = dict(zip(out.items[b][live].tolist(), out.scores[b][live].tolist()))
@@ -193,6 +195,36 @@ def test_valid_normalization_is_a_distribution_over_items(case):
   widest = max(len({tuple(r) for r in trie_codes[:, :d].tolist()}) for d in range(trie.num_levels))
   if beam >= widest:
     check_exact(fn, out, trie, batch, beam, normalize="valid")
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[9]], ids=lambda c: f"seed{c[0]}")
+def test_level_weights_rank_by_the_weighted_sum(case):
+  """level_weights: a beam wide enough returns exactly the exhaustive top set under
+  sum_l w_l log p_l; weights of 1 give the unweighted search bit for bit; and a weighting
+  that changes the ranking changes the result."""
+  seed, n, vocab, skew, batch, beam = case
+  rng = np.random.default_rng(seed)
+  trie, _, _ = random_trie(rng, n, vocab, skew)
+  L = trie.num_levels
+  weights = tuple([1.0] * (L - 1) + [0.25]) if L > 1 else (0.5,)
+  fn, out = run_search(PrefixHashLogits, trie, np.random.default_rng(seed), batch, beam, level_weights=weights)
+  check_valid(out, trie, batch, beam)
+  trie_codes, _ = trie.paths()
+  widest = max(len({tuple(r) for r in trie_codes[:, :d].tolist()}) for d in range(L))
+  assert beam >= widest  # these cases search exactly
+  check_exact(fn, out, trie, batch, beam, level_weights=weights)
+  _, ones = run_search(PrefixHashLogits, trie, np.random.default_rng(seed), batch, beam, level_weights=(1.0,) * L)
+  _, plain = run_search(PrefixHashLogits, trie, np.random.default_rng(seed), batch, beam)
+  np.testing.assert_array_equal(ones.items, plain.items)
+  np.testing.assert_array_equal(ones.scores, plain.scores)
+  assert not np.array_equal(out.scores, plain.scores)
+
+
+def test_level_weights_are_checked():
+  trie, _, _ = random_trie(np.random.default_rng(0), 10, (3, 4), False)
+  for bad in [(1.0,), (1.0, -1.0), (1.0, float("nan"))]:
+    with pytest.raises(ValueError, match="level_weights"):
+      run_search(PrefixHashLogits, trie, np.random.default_rng(0), 1, 4, level_weights=bad)
 
 
 def test_valid_normalization_only_child_scores_zero():

@@ -157,9 +157,11 @@ class RecModel:
 
   # ---------------------------------------------------------------- decoding
   def predict(self, params, batch: Mapping[str, jax.Array], trie, *, beam_size: int,
-              normalize: str = "vocab") -> decoding.BeamSearchOutput:
+              normalize: str = "vocab", level_weights: tuple[float, ...] | None = None
+              ) -> decoding.BeamSearchOutput:
     """Top-`beam_size` distinct valid items per example, by constrained beam search
-    (`normalize`: how each level's scores are normalised, see `decoding.beam_search`)."""
+    (`normalize`, `level_weights`: how each level's scores are normalised and weighted, see
+    `decoding.beam_search`)."""
     context = self.network.apply({"params": params}, batch, method=EncoderDecoder.init_decode)
 
     def step_fn(level, prev_codes, cache):
@@ -168,4 +170,4 @@ class RecModel:
 
     # `pool_root` [B] (optional): each row's root in a forest of pools (PrefixTrie.forest).
     return decoding.beam_search(step_fn, None, trie, batch_size=batch["scenario"].shape[0], beam_size=beam_size,
-                                normalize=normalize, root=batch.get("pool_root"))
+                                normalize=normalize, root=batch.get("pool_root"), level_weights=level_weights)
