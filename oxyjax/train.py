@@ -402,9 +402,9 @@ def evaluate_run(model_dir: str, *, partitioner: partitioning.Partitioner, split
                  weights: str | None = None, instructions: InstructionsConfig | None = None,
                  data_source: str = "seqio", eval_batch_size: int = 256, eval_beam_size: int = 20,
                  eval_score_normalization: str = "vocab", eval_level_weights: Sequence[float] | None = None,
-                 max_examples: int | None = None, log=print) -> TrainResult:
+                 max_examples: int | None = None, write_results: bool = True, log=print) -> TrainResult:
   """Evaluates a run from its artifact alone (no training split, no optimizer state) on
-  `splits`, and merges the results into `<model_dir>/run_summary.json`."""
+  `splits`, and (`write_results`) merges the results into `<model_dir>/run_summary.json`."""
   t0 = time.time()
   art = ModelArtifact.load(artifact_dir(model_dir))
   exp = experiment_lib.from_artifact(art, partitioner=partitioner, instructions=instructions,
@@ -415,7 +415,7 @@ def evaluate_run(model_dir: str, *, partitioner: partitioning.Partitioner, split
   evaluator = Evaluator(exp.model, partitioner, exp.trie(), beam_size=eval_beam_size, batch_size=eval_batch_size,
                         score_normalization=eval_score_normalization, level_weights=eval_level_weights)
   results = evaluate_final(exp, evaluator, params, splits, log, max_examples)
-  if jax.process_index() == 0 and results:
+  if write_results and jax.process_index() == 0 and results:
     write_summary(model_dir, exp.dataset, {"dataset": exp.dataset, "results": results}, merge=True)
   return TrainResult({"params": params}, step, results.get("validation"), results.get("test"), None,
                      time.time() - t0, [])
