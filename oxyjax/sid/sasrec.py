@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 class SASRecConfig:
   """Size and training of the SASRec item-embedding model. The shape is SASRec's (64-d, 2
   blocks, 1 head, 50 positions). 40 epochs at learning rate 2e-3 is a compute budget (about
-  10 min for Beauty on 2 idle CPU cores), not a converged model: the Beauty training loss is
+  12 min for Beauty on 2 CPU cores: 10 epochs took 175 s), not a converged model: the Beauty training loss is
   still falling slowly at the end (9.26 -> 5.70, docs/sids.md). Not tuned on validation or test."""
 
   dim: int = 64
