@@ -79,3 +79,11 @@ def test_rl_mode_parses_and_builds_its_configs():
   opt = gin.get_configurable(train_lib.OptimizerConfig)()
   assert loss.name == "gspo" and loss.name in losses.names() and roll.group_size == 8
   assert reward.ranking == 0.0 and opt.learning_rate == 3e-5 and opt.decay == "constant"
+
+
+def test_default_configuration_parses_with_each_shipped_dataset():
+  for dataset in ("beauty", "sports", "industrial", "office"):
+    _parse("defaults/small.gin", [f"DATASET = '{dataset}'"])
+    assert _value("oxyjax.train.train.dataset") == dataset
+    assert gin.get_configurable(train_lib.OptimizerConfig)().ema_decay > 0
+    assert gin.get_configurable(ModelConfig)().emb_dim == 128  # the small model

@@ -93,6 +93,29 @@ def test_tiny_gin_config_runs_train_end_to_end(tmp_path):
   assert os.listdir(model_dir / "tensorboard")
 
 
+def test_default_configuration_trains_end_to_end_in_the_tiny_size(tmp_path):
+  """gin_configs/defaults/small.gin (the one default chosen on validation, docs/results.md),
+  unchanged but for the tiny model, a few steps and a small SID codebook, trains, keeps its
+  EMA weights and evaluates."""
+  model_dir = tmp_path / "run"
+  env = dict(os.environ, PYTHONPATH=REPO)
+  cmd = [sys.executable, "-m", "oxyjax.train", "--gin_file=gin_configs/defaults/small.gin",
+         "--gin_file=gin_configs/models/tiny.gin", "--gin.DATASET='industrial'", f"--gin.MODEL_DIR='{model_dir}'",
+         "--gin.BATCH_SIZE=64", "--gin.EVAL_EVERY_STEPS=3",
+         "--gin_bindings=oxyjax.train.train.num_train_steps = 6", "--gin_bindings=oxyjax.train.train.num_epochs = None",
+         "--gin_bindings=oxyjax.train.train.eval_max_examples = 64",
+         "--gin_bindings=oxyjax.train.train.final_eval_max_examples = 64",
+         "--gin_bindings=oxyjax.train.SIDConfig.codebook_size = 16",
+         "--gin_bindings=oxyjax.train.SIDConfig.embedding = 'collaborative'",
+         f"--gin_bindings=oxyjax.train.SIDConfig.cache_dir = '{tmp_path / 'sid'}'"]
+  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert "step 6/6" in out.stdout and "EMA weights" in out.stdout
+  summary = json.load(open(model_dir / "run_summary.json"))
+  assert set(summary["results"]) == {"validation", "test"}
+  assert summary["results"]["validation"]["num_examples"] == 64
+
+
 def test_missing_required_macro_fails_loudly(tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO)
   cmd = [sys.executable, "-m", "oxyjax.train", "--gin_file=gin_configs/modes/pretrain.gin",
