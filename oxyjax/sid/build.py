@@ -287,7 +287,9 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
   labels = None
   if has_text:
     labels = [None] + [_brand(m) for m in dataset.item_meta[1:]]
-  pairs = np.array([(history[-1], target) for _, history, target in dataset.validation if history], np.int64)
+  validation = getattr(dataset, "validation", None)  # a text-only item source has no splits
+  pairs = None if validation is None else np.array(
+      [(history[-1], target) for _, history, target in validation if history], np.int64)
   report = quality_report(table, labels, heldout_pairs=pairs)
   report["label"] = "brand" if labels is not None else None
   report["wall_time_s"] = {"embedding": round(t_embed, 2), "embedding_cached": bool(emb_info.get("cached")),
