@@ -1,6 +1,6 @@
 r"""Selects one default training configuration from candidates measured on every dataset's VALIDATION split.
 
-The rule (docs/results.md, "Defaults that transfer"), fixed before any candidate was measured:
+The rule (docs/results.md, "Defaults that transfer"):
 
 1. Each candidate must have a finished run on every dataset listed (Beauty, Sports, Industrial,
    Office); a candidate with a missing dataset is not eligible (printed as such).
