@@ -292,12 +292,17 @@ def collaborative_embeddings(sequences: Sequence[Sequence[int]], num_items: int,
     pos = vals > 0  # the PSD part only: negative components would push co-occurring items apart
     emb[:, : int(pos.sum())] = vecs[:, pos] * np.sqrt(vals[pos])[None, :]
   emb[0] = 0.0
-  norms = np.linalg.norm(emb, axis=1)
-  empty = norms[1:] <= 1e-12
-  if empty.any():
-    rnd = np.random.default_rng([seed, 1]).standard_normal((int(empty.sum()), dim))
-    idx = np.flatnonzero(empty) + 1
-    emb[idx] = rnd
-    norms[idx] = np.linalg.norm(rnd, axis=1)
-  emb[1:] /= norms[1:, None]
+  return unit_rows(emb, np.linalg.norm(emb[1:], axis=1) <= 1e-12, seed=seed)
+
+
+def unit_rows(emb: np.ndarray, empty: np.ndarray, *, seed: int) -> np.ndarray:
+  """Row 0 zeros, rows 1.. L2-normalised; the rows flagged ``empty`` (``[num_items]`` bool, for
+  items with no signal) are first replaced by a random Gaussian drawn from ``seed``, so they
+  depend on nothing in the data. Shared by every collaborative SID source. float32 out."""
+  emb = np.array(emb, np.float64)
+  emb[0] = 0.0
+  idx = np.flatnonzero(empty) + 1
+  if idx.size:
+    emb[idx] = np.random.default_rng([seed, 1]).standard_normal((idx.size, emb.shape[1]))
+  emb[1:] /= np.linalg.norm(emb[1:], axis=1, keepdims=True)
   return emb.astype(np.float32)

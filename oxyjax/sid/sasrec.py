@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from oxyjax.sid import embeddings
+
 logger = logging.getLogger(__name__)
 
 
@@ -201,7 +203,7 @@ def train_sasrec(sequences: Sequence[Sequence[int]], num_items: int, config: SAS
   history = []
   n_steps = 0
   for epoch in range(cfg.num_epochs):
-    total = jnp.zeros(()); count = jnp.zeros(())
+    total, count = jnp.zeros(()), jnp.zeros(())
     for bx, by in _epoch_batches(buckets, cfg, rng):
       drop_key, sub = jax.random.split(drop_key)
       params, opt_state, ls, c = step(params, opt_state, bx, by, sub)
@@ -221,15 +223,9 @@ def sasrec_embeddings(sequences: Sequence[Sequence[int]], num_items: int, config
   """SID-source embeddings ``[num_items + 1, dim]``: SASRec's item table, L2-normalised; items
   absent from every training sequence get a seeded random unit vector; row 0 is zeros."""
   table, info = train_sasrec(sequences, num_items, config, seed=seed)
-  emb = table.astype(np.float64)
   seen = np.zeros(num_items + 1, bool)
   for s in sequences:
     seen[np.asarray(list(s), np.int64)] = True
-  seen[0] = False
-  unseen = np.flatnonzero(~seen[1:]) + 1
-  if unseen.size:
-    emb[unseen] = np.random.default_rng([seed, 1]).standard_normal((unseen.size, emb.shape[1]))
-  emb[0] = 0.0
-  emb[1:] /= np.maximum(np.linalg.norm(emb[1:], axis=1, keepdims=True), 1e-12)
-  info = {**info, "num_items_without_interactions": int(unseen.size)}
-  return emb.astype(np.float32), info
+  unseen = ~seen[1:]
+  info = {**info, "num_items_without_interactions": int(unseen.sum())}
+  return embeddings.unit_rows(table, unseen, seed=seed), info
