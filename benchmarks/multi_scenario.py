@@ -51,30 +51,40 @@ def main():
   ap.add_argument("--eval_every", type=int, default=400)
   ap.add_argument("--eval_max_examples", type=int, default=300)
   ap.add_argument("--only", choices=["unified", "separate", "both"], default="both")
+  ap.add_argument("--seed", type=int, default=0, help="initialisation, dropout and data-order seed of every model")
+  ap.add_argument("--rate", action="append", default=[], metavar="SCENARIO=RATE",
+                  help="override one scenario's mixture rate (repeatable), e.g. --rate=office_search=1.0")
+  ap.add_argument("--final_splits", default="test",
+                  help="comma-separated splits evaluated in full at the end with the best weights "
+                       "(add 'validation' to choose between settings on it)")
   args = ap.parse_args()
 
   from oxyjax import train as train_lib
   from oxyjax.models.encoder_decoder import ModelConfig
 
   os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  configs = scenario_configs()
+  configs = apply_rates(scenario_configs(), args.rate)
+  splits = tuple(x for x in args.final_splits.split(",") if x)
   model = ModelConfig(emb_dim=128, num_heads=4, head_dim=32, mlp_dim=512, num_encoder_layers=2,
                       num_decoder_layers=2, dropout_rate=0.1, max_history=20, instruction_dim=384)
   common = dict(model_config=model, batch_size=args.batch_size, num_epochs=None, eval_max_examples=args.eval_max_examples,
-                eval_beam_size=20, eval_batch_size=256, final_eval_splits=("test",), log_every_steps=100,
+                eval_beam_size=20, eval_batch_size=256, final_eval_splits=splits, log_every_steps=100, seed=args.seed,
                 checkpoint_every_steps=10_000, mesh_shape={"data": 1},
                 optimizer=train_lib.OptimizerConfig(learning_rate=1e-3, warmup_steps=100),
                 # interaction SIDs for both approaches (the comparison is of the training regime)
                 sid=train_lib.SIDConfig(embedding="collaborative"))
   out_path = os.path.join(args.out, "multi_scenario.json")
   report = json.load(open(out_path)) if os.path.exists(out_path) else {}
-  report.update({"cpu": cpu_model(), "steps_total": args.steps, "batch_size": args.batch_size,
+  report.update({"cpu": cpu_model(), "steps_total": args.steps, "batch_size": args.batch_size, "seed": args.seed,
                  "scenarios": [dataclasses.asdict(c) for c in configs],
                  "command": "python benchmarks/multi_scenario.py " + " ".join(sys.argv[1:])})
 
-  def metrics(res, name):
-    r = res[f"test/{name}"] if f"test/{name}" in res else res["test"]
+  def metrics(res, name, split="test"):
+    r = res[f"{split}/{name}"] if f"{split}/{name}" in res else res[split]
     return {k: r[k] for k in ("recall@10", "ndcg@10", "hr@1", "num_examples")}
+
+  def per_split(summary):
+    return {split: {c.name: metrics(summary, c.name, split) for c in configs} for split in splits}
 
   if args.only in ("unified", "both"):
     t0 = time.time()
@@ -82,23 +92,38 @@ def main():
                           eval_every_steps=args.eval_every, **common)
     summary = json.load(open(os.path.join(args.out, "unified", "run_summary.json")))["results"]
     report["unified"] = {"wall_s": time.time() - t0, "checkpoints": 1, "best_step": res.best_step,
-                         "test": {c.name: metrics(summary, c.name) for c in configs}, "validation_history": res.history}
+                         **per_split(summary), "validation_history": res.history}
     json.dump(report, open(out_path, "w"), indent=1)
     plot(report, os.path.join(args.out, "unified_validation.png"), configs)
   if args.only in ("separate", "both"):
     per = args.steps // len(configs)
-    sep = {"wall_s": 0.0, "checkpoints": len(configs), "steps_each": per, "test": {}, "best_step": {}}
+    sep = {"wall_s": 0.0, "checkpoints": len(configs), "steps_each": per, "best_step": {}, **{x: {} for x in splits}}
     for c in configs:
       t0 = time.time()
       res = train_lib.train(scenarios=[c], model_dir=os.path.join(args.out, f"separate_{c.name}"), num_train_steps=per,
                             eval_every_steps=max(1, min(args.eval_every, per // 4)), **common)
       summary = json.load(open(os.path.join(args.out, f"separate_{c.name}", "run_summary.json")))["results"]
       sep["wall_s"] += time.time() - t0
-      sep["test"][c.name] = metrics(summary, c.name)
+      for split in splits:
+        sep[split][c.name] = metrics(summary, c.name, split)
       sep["best_step"][c.name] = res.best_step
       report["separate"] = sep
       json.dump(report, open(out_path, "w"), indent=1)
   print(json.dumps({k: v for k, v in report.items() if k != "scenarios"}, indent=1, default=str)[:4000])
+
+
+def apply_rates(configs, overrides):
+  """The scenario configs with `NAME=RATE` mixture-rate overrides applied (unknown names are an error)."""
+  rates = {}
+  for item in overrides:
+    name, _, value = item.partition("=")
+    if not value:
+      raise SystemExit(f"--rate {item!r}: expected SCENARIO=RATE")
+    rates[name] = float(value)
+  unknown = set(rates) - {c.name for c in configs}
+  if unknown:
+    raise SystemExit(f"--rate: unknown scenario(s) {sorted(unknown)}; known: {[c.name for c in configs]}")
+  return [dataclasses.replace(c, rate=rates.get(c.name, c.rate)) for c in configs]
 
 
 def plot(report, path, configs):

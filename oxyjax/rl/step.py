@@ -55,18 +55,21 @@ def fill_empty(codes: jax.Array, valid: jax.Array) -> jax.Array:
   return jnp.where(valid[..., None], codes, codes[:, :1])
 
 
-def make_rollout_step(model, cfg: RolloutConfig, reward_weights, item_embeddings, *, with_reference: bool = False):
-  """``(params, batch, trie, rng[, ref_params]) -> (rl arrays, stats)``, to be jitted.
+def make_rollout_step(model, cfg: RolloutConfig, reward_weights, item_embeddings, *, with_reference: bool = False,
+                      ranker=None):
+  """``(params, batch, trie, rng[, ref_params, ranker_params]) -> (rl arrays, stats)``, to be jitted.
 
   reward_weights: ``[num_scenarios, 5]`` (`rewards.weight_table`); item_embeddings ``[N+1, D]``
   for the similarity and diversity rewards. The anchor of the similarity is the query
   embedding on rows whose instruction is present and whose embedding has the items' width
-  (search), else the target item.
+  (search), else the target item. ranker: a `ranking_model.RankingModel` (with its params passed
+  as `ranker_params`): the ranking reward of a candidate (and of the real target, for ``R*``) is
+  its probability ``sigmoid(logit)`` under the ranking model; None: no ranking reward.
   """
   reward_weights = jnp.asarray(reward_weights, jnp.float32)
   item_embeddings = jnp.asarray(item_embeddings, jnp.float32)
 
-  def rollout_step(params, batch, trie, rng, ref_params=None):
+  def rollout_step(params, batch, trie, rng, ref_params=None, ranker_params=None):
     feats = _features(batch)
     ro = rollout_lib.rollout(cfg.method, model, params, feats, trie, group_size=cfg.group_size, rng=rng,
                              temperature=cfg.temperature)
@@ -76,8 +79,13 @@ def make_rollout_step(model, cfg: RolloutConfig, reward_weights, item_embeddings
     q = feats.get("instruction_embedding")
     if q is not None and q.shape[-1] == item_embeddings.shape[-1]:
       anchor = jnp.where(feats["instruction_mask"][:, None], q, item_embeddings[target])
+    ranking = target_ranking = None
+    if ranker is not None:
+      # One ranker pass scores the group and the real target together (history encoded once per row).
+      scored = jax.nn.sigmoid(ranker.score(ranker_params, feats, jnp.concatenate([ro.items, target[:, None]], 1)))
+      ranking, target_ranking = jax.lax.stop_gradient(scored[:, :-1]), jax.lax.stop_gradient(scored[:, -1])
     rw = rewards_lib.compute(ro.items, real, target, batch["scenario"], item_embeddings=item_embeddings,
-                             weights=reward_weights, anchor=anchor)
+                             weights=reward_weights, anchor=anchor, ranking=ranking, target_ranking=target_ranking)
     adv, flat = policy_losses.group_advantages(rw.total, real, ddof=cfg.advantage_ddof, eps=cfg.advantage_eps)
     codes = fill_empty(ro.codes, ro.valid)
     out = {"rl_codes": codes, "rl_advantages": adv, "rl_rewards": rw.total, "rl_r_star": rw.r_star,
@@ -104,6 +112,10 @@ def make_rollout_step(model, cfg: RolloutConfig, reward_weights, item_embeddings
         "advantage/positive_fraction": jnp.sum((adv > 0) * real) / n_cand,
         "rollout/logp_mean": jnp.sum(ro.logp.sum(-1) * real) / n_cand,
     })
+    if ranker is not None:  # does the reward service rank the real target above the group?
+      stats["reward/ranking_target"] = jnp.sum(target_ranking * rows) / n_rows
+      stats["reward/ranking_target_above_group"] = jnp.sum(
+          (target_ranking[:, None] > ranking) * real) / n_cand
     return out, stats
 
   return rollout_step

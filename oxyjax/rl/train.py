@@ -37,6 +37,7 @@ from oxyjax.artifact import ModelArtifact, artifact_dir
 from oxyjax.data import pipeline
 from oxyjax.evaluation import Evaluator
 from oxyjax.models.encoder_decoder import EncoderDecoder
+from oxyjax.rl import ranking_model
 from oxyjax.rl import rewards as rewards_lib
 from oxyjax.rl import step as step_lib
 from oxyjax.rl.losses import PolicyLossConfig
@@ -78,6 +79,7 @@ def train_rl(
                                                  weight_decay=0.0),
     reward_weights: Mapping[str, RewardWeights] | None = None,
     default_reward: RewardWeights = RewardWeights(),
+    ranking_model_dir: str | None = None,
     mesh_shape: dict[str, int] | None = None,
     grad_accum_steps: int = 1,
     seed: int = 0,
@@ -99,7 +101,9 @@ def train_rl(
 
   reward_weights: per scenario name (a single-dataset model's one scenario is its dataset name);
   the others take `default_reward`. With `loss.kl_beta` > 0 the starting weights are the frozen
-  reference policy.
+  reference policy. ranking_model_dir: a ranking model trained for this artifact
+  (`python -m oxyjax.rl.ranking_model`), the reward service of the ``ranking`` component; without
+  one, every ranking weight must be 0.
   """
   t_start = time.time()
   log = print if verbose else (lambda *a, **k: None)
@@ -131,7 +135,13 @@ def train_rl(
   scenario_ids = [s.id for s in exp.scenarios] if exp.scenarios else [0]
   table = np.tile(default_reward.as_array(), (max(scenario_ids) + 1, 1))
   table[scenario_ids] = rewards_lib.weight_table(reward_weights, names, default_reward)
-  rewards_lib.check_weights(table, has_ranking_model=False)
+  rewards_lib.check_weights(table, has_ranking_model=ranking_model_dir is not None)
+  ranker = ranker_params = None
+  if ranking_model_dir:
+    ranker, ranker_params, ranker_meta = ranking_model.load(ranking_model_dir, init_art, exp.load_split("train"), part)
+    log(f"[oxyjax] ranking reward from {ranking_model_dir} (step {ranker_meta['step']}, held-out AUC "
+        + ", ".join(f"{k} {ranker_meta['results']['validation'][k]:.4f}" for k in ("auc_uniform", "auc_popular"))
+        + " on validation)")
 
   # ---- state: resume this run, else the pre-trained weights
   mu = rollout.updates_per_rollout
@@ -154,7 +164,7 @@ def train_rl(
 
   # ---- the jitted halves and the step function
   with jax.set_mesh(part.mesh), part.rules_context():
-    rollout_step = jax.jit(step_lib.make_rollout_step(model, rollout, table, emb))
+    rollout_step = jax.jit(step_lib.make_rollout_step(model, rollout, table, emb, ranker=ranker))
     update_step = jax.jit(step_lib.make_update_step(model, tx, loss, temperature=rollout.temperature,
                                                     grad_accum_steps=grad_accum_steps),
                           donate_argnums=(0,))
@@ -171,7 +181,8 @@ def train_rl(
       sharded = part.shard_batch(batch)
       n = state["step"] // mu
       t0 = time.time()
-      rl, stats = rollout_step(state["params"], sharded, forest, jax.random.fold_in(base_rng, n), ref_params)
+      rl, stats = rollout_step(state["params"], sharded, forest, jax.random.fold_in(base_rng, n), ref_params,
+                               ranker_params)
       jax.block_until_ready(rl)
       t1 = time.time()
       full = {**sharded, **rl}
@@ -219,7 +230,8 @@ def train_rl(
   results = pretrain.evaluate_final(exp, evaluator, params, final_eval_splits, log, final_eval_max_examples)
   if jax.process_index() == 0:
     pretrain.write_summary(model_dir, exp.dataset, {
-        "dataset": exp.dataset, "init_model_dir": init_model_dir, "loss": dataclasses.asdict(loss),
+        "dataset": exp.dataset, "init_model_dir": init_model_dir, "ranking_model_dir": ranking_model_dir,
+        "loss": dataclasses.asdict(loss),
         "rollout": dataclasses.asdict(rollout), "steps": step, "train_seconds": train_seconds,
         "best_step": best_step, "results": results, "validation_history": eval_hook.history}, merge=False)
   ckpt.close(), best.close()
