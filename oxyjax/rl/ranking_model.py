@@ -285,6 +285,7 @@ def train_ranker(
     eval_every_steps: int = 500,
     eval_max_examples: int | None = 4000,
     eval_negatives: int = 20,
+    final_eval_max_examples: int | None = None,
     checkpoint_every_steps: int = 500,
     log_every_steps: int = 100,
     stop_after_steps: int | None = None,
@@ -292,7 +293,10 @@ def train_ranker(
     verbose: bool = True,
 ) -> dict[str, Any]:
   """Trains the ranking model for the policy of `init_model_dir` (its artifact: SID table, item
-  index, pools, and the data it was built from) into `model_dir`. Returns `ranker.json`'s content."""
+  index, pools, and the data it was built from) into `model_dir`. Validation AUC every
+  `eval_every_steps` on a fixed random `eval_max_examples` (the best checkpoint); at the end,
+  validation and test in full (or a fixed random `final_eval_max_examples` of each). Returns
+  `ranker.json`'s content."""
   t0 = time.time()
   log = print if verbose else (lambda *a, **k: None)
   part = partitioning.Partitioner(mesh_shape)
@@ -328,9 +332,12 @@ def train_ranker(
     with jax.set_mesh(part.mesh), part.rules_context():
       return train_step(state, part.shard_batch(batch), base_rng)
 
-  valid = exp.load_split("validation")
-  if eval_max_examples is not None and len(valid) > eval_max_examples:
-    valid = valid.take(np.sort(np.random.default_rng(0).choice(len(valid), eval_max_examples, replace=False)))
+  def subset(arrays, n):  # a fixed random subset (quick runs, tests)
+    if n is None or len(arrays) <= n:
+      return arrays
+    return arrays.take(np.sort(np.random.default_rng(0).choice(len(arrays), n, replace=False)))
+
+  valid = subset(exp.load_split("validation"), eval_max_examples)
 
   def validate(params):
     return evaluate_auc(ranker, params, valid, num_negatives=eval_negatives, score_fn=score_fn)
@@ -358,8 +365,8 @@ def train_ranker(
     params, _ = best.restore(factory.params_abstract)
     best_step = best.best_step()
   ckpt.close(), best.close()
-  results = {"validation": validate(params),
-             "test": evaluate_auc(ranker, params, exp.load_split("test"), num_negatives=eval_negatives, score_fn=score_fn)}
+  results = {split: evaluate_auc(ranker, params, subset(exp.load_split(split), final_eval_max_examples),
+                                 num_negatives=eval_negatives, score_fn=score_fn) for split in ("validation", "test")}
   log(f"[oxyjax] ranking model (step {best_step}): " + "; ".join(
       f"{split} AUC uniform {r['auc_uniform']:.4f}, popular {r['auc_popular']:.4f}" for split, r in results.items()))
   summary = {"config": dataclasses.asdict(config), "policy_artifact": art.content_digest(),

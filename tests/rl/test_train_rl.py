@@ -2,6 +2,7 @@
 per-step diagnostics, validation (the starting weights included), a test evaluation with the best
 weights, its own artifact, and an exact resume after a stop."""
 
+import dataclasses
 import json
 import os
 
@@ -14,6 +15,7 @@ from oxyjax.artifact import ModelArtifact
 from oxyjax.models.encoder_decoder import ModelConfig
 from oxyjax.rl import train as rl_train
 from oxyjax.rl.losses import PolicyLossConfig
+from oxyjax.rl.rewards import RewardWeights
 from oxyjax.rl.step import RolloutConfig
 from oxyjax.trainer import OptimizerConfig
 
@@ -34,12 +36,13 @@ def pretrained(tmp_path_factory):
 
 
 def _rl(init, model_dir, **kw):
-  return rl_train.train_rl(
+  args = dict(
       init_model_dir=str(init), model_dir=str(model_dir), num_steps=4, batch_size=16, mesh_shape=MESH,
       rollout=RolloutConfig(method="sample", group_size=4), loss=PolicyLossConfig(name="sa_gcpo"),
       optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=0, decay="constant", weight_decay=0.0),
       eval_every_steps=2, eval_max_examples=32, eval_batch_size=32, eval_beam_size=5, final_eval_max_examples=64,
-      checkpoint_every_steps=2, log_every_steps=2, data_source="readers", verbose=False, **kw)
+      checkpoint_every_steps=2, log_every_steps=2, data_source="readers", verbose=False)
+  return rl_train.train_rl(**{**args, **kw})
 
 
 def test_post_training_run_and_exact_resume(pretrained):
@@ -71,3 +74,46 @@ def test_post_training_run_and_exact_resume(pretrained):
   again = json.load(open(root / "resumed" / "run_summary.json"))
   assert [h["step"] for h in again["validation_history"]] == steps
   assert again["results"]["test"] == summary["results"]["test"]
+
+
+def _ranker(init, model_dir, **kw):
+  from oxyjax.rl import ranking_model as rm
+
+  cfg = rm.RankerConfig(emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32, num_layers=1)
+  return rm.train_ranker(init_model_dir=str(init), model_dir=str(model_dir), config=cfg, num_steps=4, batch_size=32,
+                         eval_every_steps=2, eval_max_examples=64, eval_negatives=5, checkpoint_every_steps=2,
+                         log_every_steps=2, final_eval_max_examples=64, mesh_shape=MESH, verbose=False, **kw)
+
+
+def test_ranking_model_run_resume_and_ranking_reward(pretrained):
+  """The reward service: trained from the artifact's logs with held-out AUC on validation and test,
+  resumed exactly after a stop, refused for another artifact, and read by post-training as the
+  ranking reward."""
+  from oxyjax import partitioning
+  from oxyjax.data import pipeline
+  from oxyjax.rl import ranking_model as rm
+
+  root, init = pretrained
+  full = _ranker(init, root / "ranker_full")
+  assert set(full["results"]) == {"validation", "test"}
+  for r in full["results"].values():
+    assert 0.0 <= r["auc_uniform"] <= 1.0 and 0.0 <= r["auc_popular"] <= 1.0
+  assert [h["step"] for h in full["validation_history"]] == [2, 4]
+  assert _ranker(init, root / "ranker_resumed", stop_after_steps=2) == {"stopped_at": 2}
+  resumed = _ranker(init, root / "ranker_resumed")
+  assert resumed["results"] == full["results"]  # same negatives, same batches, same updates
+  art = ModelArtifact.load(str(init / "artifact"))
+  part = partitioning.Partitioner(MESH)
+  train = pipeline.load_split("office", "train", art.model_config.max_history, source="readers")
+  ranker, params, meta = rm.load(str(root / "ranker_full"), art, train, part)
+  assert meta["step"] in (2, 4) and ranker.config.emb_dim == 16
+  other = dataclasses.replace(art, pools={"all": art.pools["all"][:-1]})
+  with pytest.raises(ValueError, match="trained for the artifact"):
+    rm.load(str(root / "ranker_full"), other, train, part)
+  # Post-training with the ranking reward (its value in the rollout: tests/rl/test_ranking_model.py).
+  with pytest.raises(ValueError, match="no ranking model"):
+    _rl(init, root / "rl_no_ranker", default_reward=RewardWeights(ranking=0.5))
+  _rl(init, root / "rl_ranked", ranking_model_dir=str(root / "ranker_full"), default_reward=RewardWeights(ranking=0.5),
+      num_steps=2, eval_every_steps=0, final_eval_splits=())
+  summary = json.load(open(root / "rl_ranked" / "run_summary.json"))
+  assert summary["ranking_model_dir"] == str(root / "ranker_full")
