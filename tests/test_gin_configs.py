@@ -87,3 +87,24 @@ def test_default_configuration_parses_with_each_shipped_dataset():
     assert _value("oxyjax.train.train.dataset") == dataset
     assert gin.get_configurable(train_lib.OptimizerConfig)().ema_decay > 0
     assert gin.get_configurable(ModelConfig)().emb_dim == 128  # the small model
+
+
+def test_ranker_mode_parses_and_rl_mode_takes_the_ranking_model():
+  """modes/ranker.gin builds the ranker's configs; rl.gin's RANKING_MODEL_DIR / RANKING_WEIGHT reach
+  train_rl and the reward weights."""
+  from oxyjax.rl import ranking_model, rewards
+  from oxyjax.rl import train as rl_train  # noqa: F401  (gin names)
+
+  gin.clear_config()
+  gin.add_config_file_search_path(CONFIGS)
+  gin.parse_config_files_and_bindings([os.path.join(CONFIGS, "modes", "ranker.gin")], [
+      "INIT_MODEL_DIR = '/tmp/pre'", "MODEL_DIR = '/tmp/ranker'", "NUM_STEPS = 7"])
+  cfg = gin.get_configurable(ranking_model.RankerConfig)()
+  assert isinstance(cfg, ranking_model.RankerConfig) and cfg.num_negatives >= 1
+  assert _value("oxyjax.rl.ranking_model.train_ranker.num_steps") == 7
+  gin.clear_config()
+  gin.parse_config_files_and_bindings([os.path.join(CONFIGS, "modes", "rl.gin")], [
+      "INIT_MODEL_DIR = '/tmp/pre'", "MODEL_DIR = '/tmp/rl'", "RANKING_MODEL_DIR = '/tmp/ranker'",
+      "RANKING_WEIGHT = 0.7"])
+  assert gin.get_configurable(rewards.RewardWeights)().ranking == 0.7
+  assert _value("oxyjax.rl.train.train_rl.ranking_model_dir") == "/tmp/ranker"

@@ -3,6 +3,7 @@ target; the AUC is the pairwise definition; a candidate's score does not depend 
 group; the model learns a planted preference that an untrained one does not have; and the rollout
 step's ranking reward is the ranker's probability of each candidate and of the real target."""
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -87,9 +88,7 @@ def test_auc_is_the_pairwise_fraction_with_ties_counting_half():
 
 def test_a_candidates_score_does_not_depend_on_its_group():
   ranker = _ranker()
-  params = ranker.init(jax.random.key(0), ranker.dummy_batch(2))
-  params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
-                        is_leaf=lambda x: hasattr(x, "value"))
+  params = nn.unbox(ranker.init(jax.random.key(0), ranker.dummy_batch(2)))
   ex = _planted(4, seed=3)
   feats = ranker.make_batch(ex, np.ones((4, 1), np.int32))
   items = np.random.default_rng(0).integers(1, 31, (4, 6)).astype(np.int32)
@@ -134,8 +133,7 @@ def test_rollout_ranking_reward_is_the_rankers_probability(tiny):
 
   pools = {0: np.arange(1, N_ITEMS + 1)}
   ranker = rm.RankingModel(SMALL, tiny.model.config, tiny.sid_codes, pools, np.ones(N_ITEMS + 1))
-  rparams = ranker.init(jax.random.key(3), ranker.dummy_batch(2))
-  rparams = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, rparams, is_leaf=lambda x: hasattr(x, "value"))
+  rparams = nn.unbox(ranker.init(jax.random.key(3), ranker.dummy_batch(2)))
   batch, _ = tiny.batch(6, seed=2)
   w = rewards.RewardWeights(format=0.0, hit=0.0, similarity=0.0, ranking=1.0, diversity=0.0)
   table = rewards.weight_table({"s0": w}, ["s0"])
