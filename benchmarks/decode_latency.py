@@ -8,6 +8,14 @@ and reported separately.
   python benchmarks/decode_latency.py
   python benchmarks/decode_latency.py --cases=1x20,32x20,1x256,32x256 --reps=20
   python benchmarks/decode_latency.py --checkpoint=runs/beauty/best   # trained weights
+  python benchmarks/decode_latency.py --cases=1x256 --floor   # + the dense-matmul floor of the same search
+
+--floor also times, in the same process, only the dense matrix products that any exact float32
+implementation of the same search has to do (per decoder level: the W beams' self-attention Q/K/V/O,
+cross-attention Q/O, gated MLP and output projections, plus the encoder once), each as one jitted
+[rows, in] x [in, out] product at this machine's matmul speed. Their sum is the floor of an exact
+decoder on this CPU: a p50 above it is overhead (attention over the tiny caches, gathers, top-k), and a
+speed-up beyond p50 / floor needs fewer FLOPs or lower precision, not a better search.
 """
 
 from __future__ import annotations
@@ -31,11 +39,43 @@ from oxyjax.models.rec_model import RecModel
 from oxyjax.sid.trie import PrefixTrie
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import cpu_model  # noqa: E402
 from train_throughput import model_config_from_gin  # noqa: E402
 
 # Peer figures (BENCHMARKS.md): (batch, beam) -> seconds per batch (p50 where given).
 PEER = {(1, 20): (0.071, 0.108), (32, 20): (3.6, None), (1, 256): (1.6, None), (32, 256): (77.7, None)}
 TARGET = {(1, 256): 10.0, (32, 256): 25.0}
+
+
+def matmul_floor(cfg, batch: int, beam: int, reps: int) -> float:
+  """Seconds of the dense products an exact float32 constrained search of `cfg` must run for one
+  batch (see the module docstring), each timed alone (median of `reps`) and summed."""
+  import jax.numpy as jnp
+
+  d, hd, m = cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim
+  levels = cfg.num_levels
+  enc_rows = batch * cfg.max_history
+  # (rows, in, out, how many such products)
+  shapes = [(enc_rows, d, 3 * hd, cfg.num_encoder_layers), (enc_rows, hd, d, cfg.num_encoder_layers),
+            (enc_rows, d, 2 * m, cfg.num_encoder_layers), (enc_rows, m, d, cfg.num_encoder_layers),
+            (enc_rows, d, 2 * hd, cfg.num_decoder_layers)]  # cross-attention K/V, once per request
+  for level in range(levels):
+    rows = batch * (1 if level == 0 else beam)
+    n = cfg.num_decoder_layers
+    shapes += [(rows, d, 3 * hd, n), (rows, hd, d, n), (rows, d, hd, n), (rows, hd, d, n), (rows, d, 2 * m, n),
+               (rows, m, d, n), (rows, d, cfg.max_vocab, 1)]
+  total = 0.0
+  for rows, k, n_out, count in shapes:
+    a, bm = jnp.ones((rows, k), jnp.float32), jnp.ones((k, n_out), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, bm).block_until_ready()
+    ts = []
+    for _ in range(max(reps, 5)):
+      t = time.perf_counter()
+      f(a, bm).block_until_ready()
+      ts.append(time.perf_counter() - t)
+    total += count * float(np.median(ts))
+  return total
 
 
 def main():
@@ -45,6 +85,7 @@ def main():
   ap.add_argument("--cases", default="1x20,32x20,1x256,32x256", help="comma-separated BATCHxBEAM")
   ap.add_argument("--reps", type=int, default=20)
   ap.add_argument("--checkpoint", default=None, help="a params checkpoint dir (e.g. <model_dir>/best)")
+  ap.add_argument("--floor", action="store_true", help="also time the dense-matmul floor of each case")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
 
@@ -60,7 +101,7 @@ def main():
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
   test = pipeline.load_split(args.dataset, "test", cfg.max_history, source="readers")
   results = []
-  print(f"\n## Constrained beam search latency ({jax.device_count()} x {jax.devices()[0].device_kind}, "
+  print(f"\n## Constrained beam search latency ({jax.device_count()} x {jax.devices()[0].device_kind}, {cpu_model()}, "
         f"{args.dataset}: {n} items, SID levels {model.config.sid_vocab_sizes})\n")
   print("| batch x beam | p50 (s) | p99 (s) | compile (s) | items/s | peer p50 (s) | speed-up vs peer | target |")
   print("|---|---|---|---|---|---|---|---|")
@@ -89,7 +130,11 @@ def main():
     print(f"| {b} x {w} | {p50:.4f} | {p99:.4f} | {compile_s:.1f} | {b / p50:.1f} | {peer if peer else '-'} | "
           f"{f'{speed:.1f}x' if speed else '-'} | {f'>= {tgt:.0f}x' if tgt else '-'} |")
     results.append({"batch": b, "beam": w, "p50_s": p50, "p99_s": p99, "compile_s": compile_s,
-                    "peer_p50_s": peer, "speedup": speed, "reps": args.reps})
+                    "peer_p50_s": peer, "speedup": speed, "reps": args.reps, "cpu": cpu_model()})
+    if args.floor:
+      floor = matmul_floor(model.config, b, w, args.reps)
+      results[-1]["matmul_floor_s"] = floor
+      print(f"|   dense-matmul floor of {b} x {w} | {floor:.4f} | | | | | p50 / floor {p50 / floor:.2f} | |")
   if args.out:
     with open(args.out, "w") as f:
       json.dump(results, f, indent=1)
