@@ -72,7 +72,7 @@ def main():
   table = rewards.weight_table({}, [exp.dataset])
   ranker = ranker_params = None
   if args.ranking_model_dir:
-    ranker, ranker_params, _ = ranking_model.load(args.ranking_model_dir, art, exp.load_split("train"), part)
+    ranker, ranker_params, _ = ranking_model.load(args.ranking_model_dir, art, part)
   tx = optax.adam(1e-5)
   opt_state = tx.init(params)
 
@@ -98,8 +98,7 @@ def main():
     def reward(items, valid, target, scenario, rparams):
       ranking = target_ranking = None
       if ranker is not None:
-        scored = jax.nn.sigmoid(ranker.score(rparams, batch, jax.numpy.concatenate([items, target[:, None]], 1)))
-        ranking, target_ranking = scored[:, :-1], scored[:, -1]
+        ranking, target_ranking = ranker.reward(rparams, batch, items, target)
       rw = rewards.compute(items, valid, target, scenario, item_embeddings=emb, weights=table, ranking=ranking,
                            target_ranking=target_ranking)
       return rw.total, rw.r_star, losses.group_advantages(rw.total, valid)[0]

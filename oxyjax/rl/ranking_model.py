@@ -139,9 +139,12 @@ class RankingModel:
   the host-side negative sampling, and `score` for the reward."""
 
   def __init__(self, config: RankerConfig, policy_config: ModelConfig, sid_codes: np.ndarray,
-               pools: Mapping[int, np.ndarray], popularity: np.ndarray):
+               pools: Mapping[int, np.ndarray], popularity: np.ndarray | None = None):
     """pools: scenario id -> item indices a candidate of that scenario comes from; popularity
-    [N + 1]: training-set counts of each item as a target (row 0 unused)."""
+    [N + 1]: training-set counts of each item as a target (row 0 unused), used only to draw
+    negatives (None: all equal; scoring never needs it)."""
+    if popularity is None:
+      popularity = np.zeros(np.asarray(sid_codes).shape[0])
     if not 0.0 <= config.popularity_negatives <= 1.0:
       raise ValueError(f"RankerConfig.popularity_negatives must be in [0, 1], got {config.popularity_negatives}")
     if config.num_negatives < 1:
@@ -222,6 +225,12 @@ class RankingModel:
     codes = jnp.asarray(self.sid_codes)[items]
     feats = {k: batch[k] for k in ("history_items", "history_codes", "history_mask", "scenario")}
     return self.network.apply({"params": params}, feats, items, codes, deterministic=True)
+
+  def reward(self, params, batch: Mapping[str, jax.Array], items: jax.Array, target: jax.Array):
+    """The ranking reward: ``(sigmoid(logit) of the candidates [B, G], of the real target [B])``,
+    in one pass (the history encoded once per row). Jittable."""
+    scored = jax.nn.sigmoid(self.score(params, batch, jnp.concatenate([items, target[:, None]], axis=1)))
+    return scored[:, :-1], scored[:, -1]
 
 
 # ====================================================================== building from a policy artifact
@@ -385,7 +394,7 @@ def _write_json_atomic(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def load(model_dir: str, art: ModelArtifact, train: pipeline.ExampleArrays, partitioner: partitioning.Partitioner):
+def load(model_dir: str, art: ModelArtifact, partitioner: partitioning.Partitioner):
   """(RankingModel, params, ranker.json) of the ranker in `model_dir`, for the policy of `art`.
   ValueError when it was trained for another artifact (SID table, item index, pools or config)."""
   path = os.path.join(model_dir, RANKER_JSON)
@@ -400,7 +409,7 @@ def load(model_dir: str, art: ModelArtifact, train: pipeline.ExampleArrays, part
   if meta.get("policy_artifact") != art.content_digest():
     raise ValueError(f"{path}: this ranking model was trained for the artifact {meta.get('policy_artifact')}, not "
                      f"{art.content_digest()} ({art.directory}): retrain it for this model")
-  ranker = build(RankerConfig(**meta["config"]), art, train)
+  ranker = RankingModel(RankerConfig(**meta["config"]), art.model_config, art.sid_table.codes, scenario_pools(art))
   factory = trainer_lib.TrainStateFactory(ranker, partitioner)
   params, _ = checkpoints.load_params(os.path.join(model_dir, "params"), factory.params_abstract)
   return ranker, params, meta

@@ -81,9 +81,7 @@ def make_rollout_step(model, cfg: RolloutConfig, reward_weights, item_embeddings
       anchor = jnp.where(feats["instruction_mask"][:, None], q, item_embeddings[target])
     ranking = target_ranking = None
     if ranker is not None:
-      # One ranker pass scores the group and the real target together (history encoded once per row).
-      scored = jax.nn.sigmoid(ranker.score(ranker_params, feats, jnp.concatenate([ro.items, target[:, None]], 1)))
-      ranking, target_ranking = jax.lax.stop_gradient(scored[:, :-1]), jax.lax.stop_gradient(scored[:, -1])
+      ranking, target_ranking = jax.lax.stop_gradient(ranker.reward(ranker_params, feats, ro.items, target))
     rw = rewards_lib.compute(ro.items, real, target, batch["scenario"], item_embeddings=item_embeddings,
                              weights=reward_weights, anchor=anchor, ranking=ranking, target_ranking=target_ranking)
     adv, flat = policy_losses.group_advantages(rw.total, real, ddof=cfg.advantage_ddof, eps=cfg.advantage_eps)

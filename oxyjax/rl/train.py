@@ -138,7 +138,7 @@ def train_rl(
   rewards_lib.check_weights(table, has_ranking_model=ranking_model_dir is not None)
   ranker = ranker_params = None
   if ranking_model_dir:
-    ranker, ranker_params, ranker_meta = ranking_model.load(ranking_model_dir, init_art, exp.load_split("train"), part)
+    ranker, ranker_params, ranker_meta = ranking_model.load(ranking_model_dir, init_art, part)
     log(f"[oxyjax] ranking reward from {ranking_model_dir} (step {ranker_meta['step']}, held-out AUC "
         + ", ".join(f"{k} {ranker_meta['results']['validation'][k]:.4f}" for k in ("auc_uniform", "auc_popular"))
         + " on validation)")

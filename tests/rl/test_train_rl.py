@@ -90,7 +90,6 @@ def test_ranking_model_run_resume_and_ranking_reward(pretrained):
   resumed exactly after a stop, refused for another artifact, and read by post-training as the
   ranking reward."""
   from oxyjax import partitioning
-  from oxyjax.data import pipeline
   from oxyjax.rl import ranking_model as rm
 
   root, init = pretrained
@@ -104,12 +103,11 @@ def test_ranking_model_run_resume_and_ranking_reward(pretrained):
   assert resumed["results"] == full["results"]  # same negatives, same batches, same updates
   art = ModelArtifact.load(str(init / "artifact"))
   part = partitioning.Partitioner(MESH)
-  train = pipeline.load_split("office", "train", art.model_config.max_history, source="readers")
-  ranker, params, meta = rm.load(str(root / "ranker_full"), art, train, part)
+  ranker, params, meta = rm.load(str(root / "ranker_full"), art, part)
   assert meta["step"] in (2, 4) and ranker.config.emb_dim == 16
   other = dataclasses.replace(art, pools={"all": art.pools["all"][:-1]})
   with pytest.raises(ValueError, match="trained for the artifact"):
-    rm.load(str(root / "ranker_full"), other, train, part)
+    rm.load(str(root / "ranker_full"), other, part)
   # Post-training with the ranking reward (its value in the rollout: tests/rl/test_ranking_model.py).
   with pytest.raises(ValueError, match="no ranking model"):
     _rl(init, root / "rl_no_ranker", default_reward=RewardWeights(ranking=0.5))
