@@ -59,7 +59,7 @@ def make_rollout_step(model, cfg: RolloutConfig, reward_weights, item_embeddings
                       ranker=None):
   """``(params, batch, trie, rng[, ref_params, ranker_params]) -> (rl arrays, stats)``, to be jitted.
 
-  reward_weights: ``[num_scenarios, 5]`` (`rewards.weight_table`); item_embeddings ``[N+1, D]``
+  reward_weights: ``[num_scenarios, len(rewards_lib.COMPONENTS)]`` (`rewards.weight_table`); item_embeddings ``[N+1, D]``
   for the similarity and diversity rewards. The anchor of the similarity is the query
   embedding on rows whose instruction is present and whose embedding has the items' width
   (search), else the target item. ranker: a `ranking_model.RankingModel` (with its params passed
@@ -83,7 +83,8 @@ def make_rollout_step(model, cfg: RolloutConfig, reward_weights, item_embeddings
     if ranker is not None:
       ranking, target_ranking = jax.lax.stop_gradient(ranker.reward(ranker_params, feats, ro.items, target))
     rw = rewards_lib.compute(ro.items, real, target, batch["scenario"], item_embeddings=item_embeddings,
-                             weights=reward_weights, anchor=anchor, ranking=ranking, target_ranking=target_ranking)
+                             weights=reward_weights, anchor=anchor, ranking=ranking, target_ranking=target_ranking,
+                             order_scores=ro.logp.sum(-1))
     adv, flat = policy_losses.group_advantages(rw.total, real, ddof=cfg.advantage_ddof, eps=cfg.advantage_eps)
     codes = fill_empty(ro.codes, ro.valid)
     out = {"rl_codes": codes, "rl_advantages": adv, "rl_rewards": rw.total, "rl_r_star": rw.r_star,

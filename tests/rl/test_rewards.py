@@ -45,3 +45,29 @@ def test_weight_table_errors():
   with pytest.raises(ValueError, match="no ranking model"):
     rewards.check_weights(table, has_ranking_model=False)
   rewards.check_weights(table, has_ranking_model=True)
+
+
+def test_rank_penalty_follows_the_policy_order_only_in_groups_with_the_target():
+  """MiniOneRec's ranking-aware rule reward: -d(r) / sum_j d(j), d(r) = 1 / log2(r + 2), for the
+  non-target candidates of a group that holds the target, r the rank by the policy's score."""
+  emb = np.eye(6, dtype=np.float32)
+  items = jnp.asarray([[1, 2, 3, 4], [1, 2, 3, 4], [2, 2, 5, -1]])
+  valid = items >= 0
+  target = jnp.asarray([3, 5, 5])
+  scores = jnp.asarray([[-1.0, -3.0, -2.0, -0.5], [-1.0, -2.0, -3.0, -4.0], [-1.0, -1.0, -2.0, 0.0]])
+  w = rewards.weight_table({}, ["a"], rewards.RewardWeights(format=0, hit=1, similarity=0, diversity=0,
+                                                            rank_penalty=1))
+  out = rewards.compute(items, valid, target, jnp.zeros(3, jnp.int32), item_embeddings=emb, weights=w,
+                        order_scores=scores)
+  pen = np.asarray(out.components["rank_penalty"])
+  norm = sum(1 / np.log2(j + 2) for j in range(4))
+  # row 0: ranks by score are item 4 (0), 1 (1), 3 (2, the target), 2 (3)
+  np.testing.assert_allclose(pen[0], [-1 / np.log2(3) / norm, -1 / np.log2(5) / norm, 0, -1 / norm], rtol=1e-6)
+  assert np.all(pen[1] == 0)  # the target is not in the group: no penalty anywhere
+  # row 2: the two copies of item 2 tie at rank 0; the empty beam (its score ignored) gets nothing
+  np.testing.assert_allclose(pen[2], [-1 / norm, -1 / norm, 0, 0], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(out.total), np.asarray(out.components["hit"]) + pen, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(out.r_star), [1, 1, 1])  # the target: hit 1, no penalty
+  # Without scores the component is 0 (and so is its part of the total).
+  plain = rewards.compute(items, valid, target, jnp.zeros(3, jnp.int32), item_embeddings=emb, weights=w)
+  assert np.all(np.asarray(plain.components["rank_penalty"]) == 0)
