@@ -151,6 +151,19 @@ class Experiment:
       self._tries[pool] = self.artifact.trie(pool)
     return self._tries[pool]
 
+  def scenario_forest(self) -> tuple[PrefixTrie, np.ndarray]:
+    """The decoder's constraint for a batch that may mix scenarios: every scenario's pool in one
+    trie, and ``root_of_scenario [num scenario ids]``, each scenario id's root node in it (a
+    batch's ``pool_root`` is ``root_of_scenario[batch["scenario"]]``). One dataset: its "all"
+    pool, root 0 for every id."""
+    if not self.scenarios:
+      return self.trie(), np.zeros(self.config.num_scenarios, np.int32)
+    forest, roots = self.artifact.pool_forest([s.name for s in self.scenarios])
+    root_of_scenario = np.zeros(max(s.id for s in self.scenarios) + 1, np.int32)
+    for s in self.scenarios:
+      root_of_scenario[s.id] = roots[s.name]
+    return forest, root_of_scenario
+
   def check_data(self) -> None:
     """The data on disk is the data the artifact was built from (item indices would shift otherwise)."""
     from oxyjax.data import readers

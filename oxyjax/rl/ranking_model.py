@@ -16,9 +16,12 @@ mean-pooled history]`` gives one logit. The history is encoded once per row and 
 of its candidates, so scoring a group of G candidates costs one encoder pass.
 
 Training (pointwise log loss, as CTR rankers are trained): each training example's real next
-item is a positive, and ``num_negatives`` items of the example's pool are negatives, a fraction
-``popularity_negatives`` of them drawn by training-set popularity (hard, popular items) and the
-rest uniformly. Negatives are drawn on the host from ``np.random.default_rng([seed, step])``,
+item is a positive, and ``num_negatives`` items of the example's pool are negatives:
+``policy_negatives`` of them are the starting policy's own best candidates for the example (its
+top constrained beams, the target excluded: `PolicyCandidates`), the hardest negatives a reward
+service meets in post-training, since the policy's samples are what it scores; of the rest, a
+fraction ``popularity_negatives`` is drawn by training-set popularity (hard, popular items) and
+the others uniformly. Negatives are drawn on the host from ``np.random.default_rng([seed, step])``,
 so a resumed run draws the same ones. A negative equal to the target is moved to the next item
 of the pool. The loop is the pre-training loop's parts (`trainer.TrainStateFactory`,
 `restore_or_init`, `train_loop`, `ProgressHook`, `EvalHook`, `CheckpointHook`, Orbax
@@ -27,8 +30,10 @@ of the pool. The loop is the pre-training loop's parts (`trainer.TrainStateFacto
 Held-out AUC (`evaluate_auc`): for each validation (or test) example, its target against
 ``eval_negatives`` negatives of its pool drawn with a fixed seed, uniformly (``auc_uniform``)
 and by popularity (``auc_popular``, the harder one); AUC = the fraction of (target, negative)
-pairs ranked correctly, ties counting one half. The best checkpoint is chosen by ``auc``, the
-mean of the two. Test is read once, at the end.
+pairs ranked correctly, ties counting one half; and, where the policy is given, against the
+policy's top ``eval_negatives`` beams (``auc_policy``: does the ranker prefer the real next item
+to what the policy would recommend? A ranker that does not will be gamed by RL). The best
+checkpoint is chosen by ``auc``, the mean of the AUCs measured. Test is read once, at the end.
 
 The run directory holds ``ranker.json`` (the network config, the policy artifact's content
 digest it was trained for, the held-out AUCs) and ``params/`` (Orbax). `load` refuses a ranker
@@ -76,7 +81,8 @@ class RankerConfig:
   num_layers: int = 2
   dropout_rate: float = 0.1
   num_negatives: int = 4  # training negatives per positive
-  popularity_negatives: float = 0.5  # fraction of the negatives drawn by training popularity
+  popularity_negatives: float = 0.5  # fraction of the pool-drawn negatives drawn by training popularity
+  policy_negatives: int = 0  # of num_negatives, how many are the starting policy's top beams
 
 
 def _encoder_config(cfg: RankerConfig, policy: ModelConfig) -> ModelConfig:
@@ -149,6 +155,9 @@ class RankingModel:
       raise ValueError(f"RankerConfig.popularity_negatives must be in [0, 1], got {config.popularity_negatives}")
     if config.num_negatives < 1:
       raise ValueError(f"RankerConfig.num_negatives must be >= 1, got {config.num_negatives}")
+    if not 0 <= config.policy_negatives <= config.num_negatives:
+      raise ValueError(f"RankerConfig.policy_negatives must be in [0, num_negatives={config.num_negatives}], "
+                       f"got {config.policy_negatives}")
     self.config = config
     self.policy_config = policy_config
     self.network = RankerNetwork(_encoder_config(config, policy_config))
@@ -202,6 +211,19 @@ class RankingModel:
       out[rows] = pool[pos]
     return out
 
+  def negatives(self, scenario: np.ndarray, target: np.ndarray, num: int, rng: np.random.Generator,
+                popularity_fraction: float, policy_items: np.ndarray | None = None) -> np.ndarray:
+    """[B, num] negatives: the first columns from `policy_items` [B, K] (the policy's candidates
+    in its order; the target, empty beams and, for a row with fewer than needed, the shortfall
+    are replaced by pool draws), the rest drawn from the pool (`sample_negatives`)."""
+    drawn = self.sample_negatives(scenario, target, num, rng, popularity_fraction)
+    if policy_items is None:
+      return drawn
+    p = min(num, np.asarray(policy_items).shape[1])
+    picked, ok = policy_negatives(policy_items, target, p)
+    drawn[:, :p] = np.where(ok, picked, drawn[:, :p])
+    return drawn
+
   def make_batch(self, examples: pipeline.ExampleArrays, negatives: np.ndarray,
                  weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Features of `examples` with candidates [target, negatives...] and labels [1, 0, ...]."""
@@ -247,6 +269,45 @@ def build(config: RankerConfig, art: ModelArtifact, train: pipeline.ExampleArray
   return RankingModel(config, art.model_config, art.sid_table.codes, scenario_pools(art), popularity)
 
 
+def policy_negatives(items: np.ndarray, target: np.ndarray, num: int) -> tuple[np.ndarray, np.ndarray]:
+  """The first `num` candidates of each row of `items` [B, K] (the policy's order) that are real
+  items (> 0) and not the row's target: ``(items [B, num], found [B, num] bool)``."""
+  items = np.asarray(items)
+  keep = (items > 0) & (items != np.asarray(target)[:, None])
+  order = np.argsort(~keep, axis=1, kind="stable")[:, :num]
+  return np.take_along_axis(items, order, 1).astype(np.int32), np.take_along_axis(keep, order, 1)
+
+
+class PolicyCandidates:
+  """The starting policy's top `beam_size` items per example (constrained beam search under the
+  policy that post-training samples from, `rollout.beam`, over each row's scenario pool):
+  ``__call__(examples) -> [B, beam_size]`` in descending policy score (-1 = empty beam). Batches
+  are padded to `batch_size` so that one shape is compiled."""
+
+  def __init__(self, exp: experiment_lib.Experiment, params, beam_size: int, batch_size: int):
+    from oxyjax.rl import rollout as rollout_lib
+
+    self.exp, self.params, self.beam_size, self.batch_size = exp, params, beam_size, batch_size
+    self.forest, self.root_of_scenario = exp.scenario_forest()
+    model = exp.model
+    with jax.set_mesh(exp.partitioner.mesh), exp.partitioner.rules_context():
+      self._fn = jax.jit(lambda p, b, t: rollout_lib.beam(model, p, b, t, group_size=beam_size).items)
+
+  def __call__(self, examples: pipeline.ExampleArrays) -> np.ndarray:
+    n = len(examples)
+    out = []
+    for start in range(0, n, self.batch_size):
+      idx = np.arange(start, min(start + self.batch_size, n))
+      pad = np.concatenate([idx, np.full(self.batch_size - idx.size, idx[0])])
+      batch = self.exp.model.convert_features(examples.take(pad))
+      batch["pool_root"] = self.root_of_scenario[np.asarray(batch["scenario"], np.int64)]
+      part = self.exp.partitioner
+      with jax.set_mesh(part.mesh), part.rules_context():
+        items = self._fn(self.params, part.shard_batch(batch), self.forest)
+      out.append(np.asarray(jax.device_get(items))[:idx.size])
+    return np.concatenate(out)
+
+
 def auc(scores_pos: np.ndarray, scores_neg: np.ndarray) -> float:
   """AUC of positives [B] against their own row's negatives [B, M]: the fraction of pairs ranked
   correctly, ties counting one half."""
@@ -256,18 +317,27 @@ def auc(scores_pos: np.ndarray, scores_neg: np.ndarray) -> float:
 
 
 def evaluate_auc(ranker: RankingModel, params, examples: pipeline.ExampleArrays, *, num_negatives: int = 20,
-                 batch_size: int = 256, seed: int = 1234, score_fn=None) -> dict[str, float]:
+                 batch_size: int = 256, seed: int = 1234, score_fn=None,
+                 policy_items: np.ndarray | None = None) -> dict[str, float]:
   """Held-out AUC of the target against `num_negatives` pool items per row drawn with a fixed
-  seed: uniformly (`auc_uniform`) and by popularity (`auc_popular`); `auc` is their mean."""
+  seed: uniformly (`auc_uniform`) and by popularity (`auc_popular`); with `policy_items`
+  ``[N, K]`` (`PolicyCandidates` of `examples`, K > num_negatives), against the policy's top
+  `num_negatives` candidates other than the target (`auc_policy`). `auc` is the mean of those
+  measured."""
   if score_fn is None:
     score_fn = jax.jit(lambda p, b: ranker.network.apply({"params": p}, b, b["candidates"], b["candidate_codes"]))
+  kinds = [("auc_uniform", 0.0, False), ("auc_popular", 1.0, False)]
+  if policy_items is not None:
+    kinds.append(("auc_policy", 0.0, True))
   out = {}
-  for name, frac in (("auc_uniform", 0.0), ("auc_popular", 1.0)):
+  for name, frac, use_policy in kinds:
     rng = np.random.default_rng([seed, int(frac)])
     pos, neg = [], []
     for start in range(0, len(examples), batch_size):
-      part = examples.take(np.arange(start, min(start + batch_size, len(examples))))
-      negs = ranker.sample_negatives(part.scenario, part.target, num_negatives, rng, frac)
+      idx = np.arange(start, min(start + batch_size, len(examples)))
+      part = examples.take(idx)
+      negs = ranker.negatives(part.scenario, part.target, num_negatives, rng, frac,
+                              policy_items[idx] if use_policy else None)
       batch = ranker.make_batch(part, negs)
       n = batch["candidates"].shape[0]
       if n < batch_size:  # one compiled shape: pad the last batch
@@ -276,7 +346,7 @@ def evaluate_auc(ranker: RankingModel, params, examples: pipeline.ExampleArrays,
       pos.append(logits[:, 0])
       neg.append(logits[:, 1:])
     out[name] = auc(np.concatenate(pos), np.concatenate(neg))
-  out["auc"] = 0.5 * (out["auc_uniform"] + out["auc_popular"])
+  out["auc"] = float(np.mean([out[k] for k, _, _ in kinds]))
   out["num_examples"] = float(len(examples))
   return out
 
@@ -314,6 +384,12 @@ def train_ranker(
   exp.check_data()
   train = exp.load_split("train")
   ranker = build(config, art, train)
+  # The starting policy, whose own candidates are hard negatives (training) and a held-out AUC.
+  policy_params, _ = checkpoints.load_params(art.params_dir,
+                                             trainer_lib.TrainStateFactory(exp.model, part).params_abstract)
+  eval_policy = PolicyCandidates(exp, policy_params, eval_negatives + 1, 256)
+  train_policy = (PolicyCandidates(exp, policy_params, config.policy_negatives + 1, batch_size)
+                  if config.policy_negatives else None)
 
   tx, schedule = trainer_lib.make_optimizer(optimizer, num_steps)
   factory = trainer_lib.TrainStateFactory(ranker, part, tx)
@@ -334,8 +410,9 @@ def train_ranker(
     ex = next(it)
     rng = np.random.default_rng([seed, step_box[0]])  # the step's negatives, the same after a resume
     step_box[0] += 1
-    return ranker.make_batch(ex, ranker.sample_negatives(ex.scenario, ex.target, config.num_negatives, rng,
-                                                         config.popularity_negatives))
+    beams = train_policy(ex) if train_policy is not None else None
+    return ranker.make_batch(ex, ranker.negatives(ex.scenario, ex.target, config.num_negatives, rng,
+                                                  config.popularity_negatives, beams))
 
   def step_fn(state, batch):
     with jax.set_mesh(part.mesh), part.rules_context():
@@ -347,9 +424,11 @@ def train_ranker(
     return arrays.take(np.sort(np.random.default_rng(0).choice(len(arrays), n, replace=False)))
 
   valid = subset(exp.load_split("validation"), eval_max_examples)
+  valid_beams = eval_policy(valid)
 
   def validate(params):
-    return evaluate_auc(ranker, params, valid, num_negatives=eval_negatives, score_fn=score_fn)
+    return evaluate_auc(ranker, params, valid, num_negatives=eval_negatives, score_fn=score_fn,
+                        policy_items=valid_beams)
 
   logger = trainer_lib.ProgressLogger(model_dir if jax.process_index() == 0 else None, num_steps, batch_size,
                                       enabled=verbose and jax.process_index() == 0)
@@ -374,10 +453,14 @@ def train_ranker(
     params, _ = best.restore(factory.params_abstract)
     best_step = best.best_step()
   ckpt.close(), best.close()
-  results = {split: evaluate_auc(ranker, params, subset(exp.load_split(split), final_eval_max_examples),
-                                 num_negatives=eval_negatives, score_fn=score_fn) for split in ("validation", "test")}
+  results = {}
+  for split in ("validation", "test"):
+    examples = subset(exp.load_split(split), final_eval_max_examples)
+    results[split] = evaluate_auc(ranker, params, examples, num_negatives=eval_negatives, score_fn=score_fn,
+                                  policy_items=eval_policy(examples))
   log(f"[oxyjax] ranking model (step {best_step}): " + "; ".join(
-      f"{split} AUC uniform {r['auc_uniform']:.4f}, popular {r['auc_popular']:.4f}" for split, r in results.items()))
+      f"{split} AUC uniform {r['auc_uniform']:.4f}, popular {r['auc_popular']:.4f}, policy's candidates "
+      f"{r['auc_policy']:.4f}" for split, r in results.items()))
   summary = {"config": dataclasses.asdict(config), "policy_artifact": art.content_digest(),
              "init_model_dir": init_model_dir, "step": int(best_step), "steps": int(step), "results": results,
              "validation_history": eval_hook.history, "train_seconds": time.time() - t0}

@@ -118,20 +118,16 @@ def train_rl(
   model = exp.model
 
   # ---- prompts: the training examples (each scenario's, sampled by its rate), each row's pool
+  forest, root_of_scenario = exp.scenario_forest()
   if exp.scenarios:
     names = [s.name for s in exp.scenarios]
-    forest, roots = exp.artifact.pool_forest(names)
     it = pipeline.MixtureBatchIterator([s.splits["train"] for s in exp.scenarios],
                                        [s.config.rate for s in exp.scenarios], batch_size, seed=seed,
                                        process_index=jax.process_index(), process_count=jax.process_count())
-    root_of_scenario = np.zeros(max(s.id for s in exp.scenarios) + 1, np.int32)
-    for s in exp.scenarios:
-      root_of_scenario[s.id] = roots[s.name]
   else:
-    names, forest = [exp.dataset], exp.trie()
+    names = [exp.dataset]
     it = pipeline.BatchIterator(exp.load_split("train"), batch_size, seed=seed, process_index=jax.process_index(),
                                 process_count=jax.process_count())
-    root_of_scenario = np.zeros(model.config.num_scenarios, np.int32)
   scenario_ids = [s.id for s in exp.scenarios] if exp.scenarios else [0]
   table = np.tile(default_reward.as_array(), (max(scenario_ids) + 1, 1))
   table[scenario_ids] = rewards_lib.weight_table(reward_weights, names, default_reward)
@@ -140,7 +136,7 @@ def train_rl(
   if ranking_model_dir:
     ranker, ranker_params, ranker_meta = ranking_model.load(ranking_model_dir, init_art, part)
     log(f"[oxyjax] ranking reward from {ranking_model_dir} (step {ranker_meta['step']}, held-out AUC "
-        + ", ".join(f"{k} {ranker_meta['results']['validation'][k]:.4f}" for k in ("auc_uniform", "auc_popular"))
+        + ", ".join(f"{k} {v:.4f}" for k, v in ranker_meta["results"]["validation"].items() if k.startswith("auc_"))
         + " on validation)")
 
   # ---- state: resume this run, else the pre-trained weights

@@ -3,6 +3,8 @@ target; the AUC is the pairwise definition; a candidate's score does not depend 
 group; the model learns a planted preference that an untrained one does not have; and the rollout
 step's ranking reward is the ranker's probability of each candidate and of the real target."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -46,6 +48,22 @@ def _planted(n, seed):
   target = pick((n,)).astype(np.int32)
   return pipeline.ExampleArrays(history=hist, history_len=np.full(n, HIST), target=target, user=np.arange(1, n + 1),
                                 scenario=np.zeros(n))
+
+
+def test_policy_negatives_are_the_policys_first_candidates_other_than_the_target():
+  beams = np.asarray([[5, 7, 9, 11], [7, 5, 9, 11], [3, -1, -1, -1]])
+  target = np.asarray([7, 7, 8])
+  picked, found = rm.policy_negatives(beams, target, 2)
+  np.testing.assert_array_equal(picked[:2], [[5, 9], [5, 9]])  # order kept, the target skipped
+  np.testing.assert_array_equal(found, [[True, True], [True, True], [True, False]])  # one real beam
+  assert picked[2, 0] == 3
+  ranker = _ranker(config=dataclasses.replace(SMALL, policy_negatives=2))
+  neg = ranker.negatives(np.zeros(3, np.int32), target, 4, np.random.default_rng(0), 0.5, beams)
+  np.testing.assert_array_equal(neg[:2, :2], [[5, 9], [5, 9]])
+  assert neg[2, 0] == 3 and 1 <= neg[2, 1] <= 30 and neg[2, 1] != 8  # the shortfall drawn from the pool
+  assert np.all((neg[:, 2:] >= 1) & (neg[:, 2:] <= 30) & (neg[:, 2:] != target[:, None]))
+  with pytest.raises(ValueError, match="policy_negatives"):
+    _ranker(config=dataclasses.replace(SMALL, policy_negatives=5))
 
 
 def test_negatives_come_from_the_rows_pool_and_never_equal_the_target():

@@ -79,7 +79,7 @@ def test_post_training_run_and_exact_resume(pretrained):
 def _ranker(init, model_dir, **kw):
   from oxyjax.rl import ranking_model as rm
 
-  cfg = rm.RankerConfig(emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32, num_layers=1)
+  cfg = rm.RankerConfig(emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32, num_layers=1, policy_negatives=2)
   return rm.train_ranker(init_model_dir=str(init), model_dir=str(model_dir), config=cfg, num_steps=4, batch_size=32,
                          eval_every_steps=2, eval_max_examples=64, eval_negatives=5, checkpoint_every_steps=2,
                          log_every_steps=2, final_eval_max_examples=64, mesh_shape=MESH, verbose=False, **kw)
@@ -96,11 +96,13 @@ def test_ranking_model_run_resume_and_ranking_reward(pretrained):
   full = _ranker(init, root / "ranker_full")
   assert set(full["results"]) == {"validation", "test"}
   for r in full["results"].values():
-    assert 0.0 <= r["auc_uniform"] <= 1.0 and 0.0 <= r["auc_popular"] <= 1.0
+    assert 0.0 <= r["auc_uniform"] <= 1.0 and 0.0 <= r["auc_popular"] <= 1.0 and 0.0 <= r["auc_policy"] <= 1.0
+    assert r["auc"] == pytest.approx((r["auc_uniform"] + r["auc_popular"] + r["auc_policy"]) / 3)
   assert [h["step"] for h in full["validation_history"]] == [2, 4]
   assert _ranker(init, root / "ranker_resumed", stop_after_steps=2) == {"stopped_at": 2}
   resumed = _ranker(init, root / "ranker_resumed")
-  assert resumed["results"] == full["results"]  # same negatives, same batches, same updates
+  # same negatives (the policy's beams are deterministic), same batches, same updates
+  assert resumed["results"] == full["results"]
   art = ModelArtifact.load(str(init / "artifact"))
   part = partitioning.Partitioner(MESH)
   ranker, params, meta = rm.load(str(root / "ranker_full"), art, part)
