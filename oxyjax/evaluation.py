@@ -20,6 +20,15 @@ from oxyjax.data import pipeline
 from oxyjax.sid.trie import PrefixTrie
 
 
+def fixed_subset(arrays: pipeline.ExampleArrays, max_examples: int | None) -> pipeline.ExampleArrays:
+  """A fixed random `max_examples` of `arrays` (all of them when None or more): the files are
+  ordered by user id, and the first users are not representative (the first 3,000 of Beauty
+  score half the full split's recall)."""
+  if max_examples is None or len(arrays) <= max_examples:
+    return arrays
+  return arrays.take(np.sort(np.random.default_rng(0).choice(len(arrays), max_examples, replace=False)))
+
+
 class Evaluator:
   """Runs constrained beam search over a split and computes full-catalogue metrics."""
 
@@ -43,13 +52,23 @@ class Evaluator:
                trie: PrefixTrie | None = None) -> dict[str, float]:
     """Metrics of `params` on `arrays` (a fixed random `max_examples` of them when given), decoding
     over `trie` (default: the evaluator's; a scenario's pool for a multi-scenario model)."""
-    trie = self.trie if trie is None else trie
-    if max_examples is not None and len(arrays) > max_examples:
-      # A fixed random subset: the files are ordered by user id, and the first users are
-      # not representative (the first 3,000 of Beauty score half the full split's recall).
-      subset = np.sort(np.random.default_rng(0).choice(len(arrays), max_examples, replace=False))
-      arrays = arrays.take(subset)
     acc = metrics_lib.MetricsAccumulator(ks=self.ks)
+    for items, targets, mask in self._decode(params, fixed_subset(arrays, max_examples), trie):
+      acc.update(items, targets, mask=mask)
+    return acc.result()
+
+  def target_ranks(self, params, arrays: pipeline.ExampleArrays, max_examples: int | None = None,
+                   trie: PrefixTrie | None = None) -> np.ndarray:
+    """``[N]`` the 0-based rank of each example's target in its decoded list (-1: not in the
+    beam), in row order, for per-example (paired) comparisons; the rows are those `__call__`
+    scores."""
+    ranks = [metrics_lib.target_ranks(items, targets)[mask]
+             for items, targets, mask in self._decode(params, fixed_subset(arrays, max_examples), trie)]
+    return np.concatenate(ranks) if ranks else np.zeros((0,), np.int64)
+
+  def _decode(self, params, arrays: pipeline.ExampleArrays, trie: PrefixTrie | None):
+    """Yields ``(items [b, beam], targets [b], mask [b] bool)`` per global batch, on every host."""
+    trie = self.trie if trie is None else trie
     # Several processes: each feeds its slice of every global batch (`eval_batches` with the
     # process index), and the predictions, targets and masks of the whole global batch are
     # gathered from the sharded arrays, so every host computes the same global metrics.
@@ -62,14 +81,13 @@ class Evaluator:
         sharded = self.partitioner.shard_batch(batch)
         out = self._predict(params, sharded, trie)
       if pc == 1:
-        acc.update(np.asarray(jax.device_get(out.items)), batch["target_items"], mask=mask)
+        yield np.asarray(jax.device_get(out.items)), np.asarray(batch["target_items"]), np.asarray(mask, bool)
       else:
         from jax.experimental import multihost_utils
         g_mask = self.partitioner.shard_batch({"mask": mask})["mask"]
         items, targets, g_mask = multihost_utils.process_allgather(
             (out.items, sharded["target_items"], g_mask), tiled=True)
-        acc.update(np.asarray(items), np.asarray(targets), mask=np.asarray(g_mask, bool))
-    return acc.result()
+        yield np.asarray(items), np.asarray(targets), np.asarray(g_mask, bool)
 
   def scenarios(self, params, sets, max_examples: int | None = None, trie_of=None) -> dict[str, dict[str, float]]:
     """One row per evaluation set (`{name: (examples, pool)}`, `Experiment.eval_sets`), each decoded

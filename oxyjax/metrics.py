@@ -105,6 +105,33 @@ class MetricsAccumulator:
     return out
 
 
+def per_example(ranks: np.ndarray, metric: str) -> np.ndarray:
+  """``[N]`` one example's value of ``recall@k`` / ``hr@k`` (1 if the target ranks < k) or
+  ``ndcg@k`` (``1 / log2(rank + 2)`` then) from `target_ranks`; their mean is the metric that
+  `MetricsAccumulator` gives."""
+  name, k = metric.split("@")
+  ranks = np.asarray(ranks)
+  hit = (ranks >= 0) & (ranks < int(k))
+  if name in ("recall", "hr"):
+    return hit.astype(np.float64)
+  if name == "ndcg":
+    return np.where(hit, 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0)
+  raise ValueError(f"unknown metric {metric!r}; expected recall@k, hr@k or ndcg@k")
+
+
+def paired_difference(ranks_a: np.ndarray, ranks_b: np.ndarray, metric: str) -> tuple[float, float]:
+  """(mean of b - a, its standard error) of `metric` over the same examples decoded by two
+  models: the paired test that tells a small change from noise (the standard error of one
+  model's recall on n rows is sqrt(p (1 - p) / n); the paired one counts only the examples the
+  two models disagree on). SE = std(differences, ddof=1) / sqrt(n)."""
+  a, b = per_example(ranks_a, metric), per_example(ranks_b, metric)
+  if a.shape != b.shape:
+    raise ValueError(f"paired metrics need the same examples, got {a.shape} and {b.shape}")
+  d = b - a
+  n = d.size
+  return float(d.mean()), float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else math.nan
+
+
 def ranking_metrics(
     pred_items: np.ndarray,
     targets: np.ndarray,

@@ -128,3 +128,25 @@ def test_write_metrics(tmp_path):
   assert len(lines) == 4 and lines[2].startswith("| oxyjax_beauty |")
   row = dict(zip(header, [c.strip() for c in lines[2].strip("|").split("|")]))
   assert row["recall@5"] == "1.0000" and row["ndcg@5"] == f"{1 / math.log2(3):.4f}"
+
+
+def test_per_example_means_are_the_accumulated_metrics_and_the_paired_difference():
+  from oxyjax.metrics import paired_difference, per_example
+
+  rng = np.random.default_rng(0)
+  ranks_a = rng.integers(-1, 25, 500)
+  ranks_b = np.where(rng.random(500) < 0.8, ranks_a, rng.integers(-1, 25, 500))
+  acc = MetricsAccumulator(ks=(1, 5, 10, 20))
+  preds = np.full((500, 20), -1)  # a list with the target at each row's rank
+  targets = np.arange(1, 501)
+  ok = (ranks_a >= 0) & (ranks_a < 20)
+  preds[np.flatnonzero(ok), ranks_a[ok]] = targets[ok]
+  res = acc.add(preds, targets).result()
+  for m in ("recall@5", "recall@10", "hr@1", "ndcg@5", "ndcg@10", "ndcg@20"):
+    assert per_example(ranks_a, m).mean() == pytest.approx(res[m], rel=1e-12)
+  mean, se = paired_difference(ranks_a, ranks_b, "recall@10")
+  d = per_example(ranks_b, "recall@10") - per_example(ranks_a, "recall@10")
+  assert mean == pytest.approx(d.mean()) and se == pytest.approx(d.std(ddof=1) / np.sqrt(500))
+  assert paired_difference(ranks_a, ranks_a, "ndcg@10") == (0.0, 0.0)  # identical models: no difference
+  with pytest.raises(ValueError, match="unknown metric"):
+    per_example(ranks_a, "mrr@10")

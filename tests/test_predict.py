@@ -167,3 +167,26 @@ def test_entry_points_answer_help_and_reject_an_unknown_flag_in_one_line(module)
   bad = _cli(module, "--no_such_flag=1", timeout=120)
   assert bad.returncode == 2
   assert bad.stderr.strip().splitlines() == [f"python -m {module}: Unknown command line flag 'no_such_flag' (see --help)"]
+
+
+def test_per_example_ranks_give_the_evaluators_metrics(run):
+  """`Evaluator.target_ranks` (for paired comparisons, benchmarks/paired_eval.py) decodes the same
+  rows as the evaluator's metrics: the per-example values average to them exactly."""
+  from oxyjax import experiment as experiment_lib
+  from oxyjax import metrics as metrics_lib
+  from oxyjax import trainer
+  from oxyjax.evaluation import Evaluator
+
+  model_dir, _ = run
+  part = _part()
+  exp = experiment_lib.from_artifact(ModelArtifact.load(str(model_dir / "artifact")), partitioner=part,
+                                     data_source="readers", log=lambda *a, **k: None)
+  params, _ = train_lib.load_eval_weights(str(model_dir), trainer.TrainStateFactory(exp.model, part).params_abstract,
+                                          log=lambda *a: None)
+  ev = Evaluator(exp.model, part, exp.trie(), beam_size=10, batch_size=64)
+  test = exp.load_split("test")
+  ranks = ev.target_ranks(params, test, max_examples=100)
+  metrics = ev(params, test, max_examples=100)
+  assert ranks.shape == (100,) and metrics["num_examples"] == 100
+  for m in ("recall@1", "recall@10", "ndcg@5", "ndcg@10"):
+    assert metrics_lib.per_example(ranks, m).mean() == pytest.approx(metrics[m], abs=1e-12)
