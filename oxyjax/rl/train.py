@@ -67,12 +67,30 @@ def item_embeddings(exp: experiment_lib.Experiment, params) -> tuple[np.ndarray,
   return np.asarray(item_e + side_e, np.float32), "the starting model's item embeddings"
 
 
+PROMPTS = ("all", "recent")
+
+
+def select_prompts(arrays: pipeline.ExampleArrays, prompts: str) -> pipeline.ExampleArrays:
+  """The training examples post-training draws its prompts from. ``all``: every one. ``recent``:
+  each user's last training example in the split's (chronological) order, whose target is the
+  user's latest training item, the nearest in time to the held-out validation and test targets,
+  and whose history is the longest the model was trained on for that user."""
+  if prompts == "all":
+    return arrays
+  if prompts != "recent":
+    raise ValueError(f"unknown prompts {prompts!r}; expected one of {PROMPTS}")
+  users = np.asarray(arrays.user)
+  last = users.size - 1 - np.unique(users[::-1], return_index=True)[1]  # each user's last row
+  return arrays.take(np.sort(last))
+
+
 def train_rl(
     *,
     init_model_dir: str,
     model_dir: str,
     num_steps: int = 200,
     batch_size: int = 64,
+    prompts: str = "all",
     rollout: RolloutConfig = RolloutConfig(),
     loss: PolicyLossConfig = PolicyLossConfig(),
     optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-5, warmup_steps=0, decay="constant",
@@ -99,6 +117,7 @@ def train_rl(
   """Post-trains the model of `init_model_dir` into `model_dir` for `num_steps` rollout steps of
   `batch_size` training prompts, `rollout.group_size` candidates each.
 
+  prompts: which training examples are prompts (`select_prompts`), in each scenario.
   reward_weights: per scenario name (a single-dataset model's one scenario is its dataset name);
   the others take `default_reward`. With `loss.kl_beta` > 0 the starting weights are the frozen
   reference policy. ranking_model_dir: a ranking model trained for this artifact
@@ -121,12 +140,12 @@ def train_rl(
   forest, root_of_scenario = exp.scenario_forest()
   if exp.scenarios:
     names = [s.name for s in exp.scenarios]
-    it = pipeline.MixtureBatchIterator([s.splits["train"] for s in exp.scenarios],
+    it = pipeline.MixtureBatchIterator([select_prompts(s.splits["train"], prompts) for s in exp.scenarios],
                                        [s.config.rate for s in exp.scenarios], batch_size, seed=seed,
                                        process_index=jax.process_index(), process_count=jax.process_count())
   else:
     names = [exp.dataset]
-    it = pipeline.BatchIterator(exp.load_split("train"), batch_size, seed=seed, process_index=jax.process_index(),
+    it = pipeline.BatchIterator(select_prompts(exp.load_split("train"), prompts), batch_size, seed=seed, process_index=jax.process_index(),
                                 process_count=jax.process_count())
   scenario_ids = [s.id for s in exp.scenarios] if exp.scenarios else [0]
   table = np.tile(default_reward.as_array(), (max(scenario_ids) + 1, 1))
@@ -155,7 +174,7 @@ def train_rl(
   ref_params = init_params if loss.kl_beta else None
   emb, emb_kind = item_embeddings(exp, init_params)
   log(f"[oxyjax] post-training {init_model_dir} -> {model_dir}: loss {loss.name}, {rollout.method} rollouts, "
-      f"G={rollout.group_size}, {batch_size} prompts/step, {num_steps} steps x {mu} update(s); similarity on {emb_kind}; "
+      f"G={rollout.group_size}, {batch_size} prompts/step ({prompts} training examples), {num_steps} steps x {mu} update(s); similarity on {emb_kind}; "
       f"reward weights {dict(zip(names, table[scenario_ids].tolist()))}")
 
   # ---- the jitted halves and the step function

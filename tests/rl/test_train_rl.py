@@ -117,3 +117,17 @@ def test_ranking_model_run_resume_and_ranking_reward(pretrained):
       num_steps=2, eval_every_steps=0, final_eval_splits=())
   summary = json.load(open(root / "rl_ranked" / "run_summary.json"))
   assert summary["ranking_model_dir"] == str(root / "ranker_full")
+
+
+def test_recent_prompts_are_each_users_last_training_example():
+  from oxyjax.data import pipeline
+
+  users = np.asarray([3, 3, 1, 1, 1, 7, 2, 2])
+  arrays = pipeline.ExampleArrays(history=np.arange(8)[:, None].repeat(2, 1), history_len=np.full(8, 2),
+                                  target=np.arange(10, 18), user=users, scenario=np.zeros(8))
+  recent = rl_train.select_prompts(arrays, "recent")
+  np.testing.assert_array_equal(recent.user, [3, 1, 7, 2])  # reader order kept
+  np.testing.assert_array_equal(recent.target, [11, 14, 15, 17])  # each user's last row
+  assert rl_train.select_prompts(arrays, "all") is arrays
+  with pytest.raises(ValueError, match="unknown prompts"):
+    rl_train.select_prompts(arrays, "latest")
