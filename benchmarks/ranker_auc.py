@@ -13,8 +13,6 @@ import json
 import os
 import sys
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import cpu_model  # noqa: E402
@@ -23,6 +21,7 @@ from oxyjax import partitioning
 from oxyjax import trainer as trainer_lib
 from oxyjax import checkpoints
 from oxyjax.artifact import ModelArtifact, artifact_dir
+from oxyjax.evaluation import fixed_subset
 from oxyjax.rl import ranking_model as rm
 
 
@@ -40,8 +39,7 @@ def main():
   art = ModelArtifact.load(artifact_dir(args.init_model_dir))
   exp = experiment_lib.from_artifact(art, partitioner=part, log=lambda *a, **k: None)
   examples = exp.load_split(args.split)
-  if len(examples) > args.max_examples:
-    examples = examples.take(np.sort(np.random.default_rng(0).choice(len(examples), args.max_examples, replace=False)))
+  examples = fixed_subset(examples, args.max_examples)  # the rows train_ranker validates on
   policy_params, _ = checkpoints.load_params(art.params_dir, trainer_lib.TrainStateFactory(exp.model, part).params_abstract)
   beams = rm.PolicyCandidates(exp, policy_params, args.negatives + 1, 256)(examples)
   rows = {}

@@ -61,6 +61,7 @@ from oxyjax import partitioning
 from oxyjax import trainer as trainer_lib
 from oxyjax.artifact import ALL_ITEMS_POOL, ModelArtifact, artifact_dir
 from oxyjax.data import pipeline
+from oxyjax.evaluation import fixed_subset
 from oxyjax.models import instruction
 from oxyjax.models import layers
 from oxyjax.models.encoder_decoder import EncoderLayer, ModelConfig
@@ -418,12 +419,7 @@ def train_ranker(
     with jax.set_mesh(part.mesh), part.rules_context():
       return train_step(state, part.shard_batch(batch), base_rng)
 
-  def subset(arrays, n):  # a fixed random subset (quick runs, tests)
-    if n is None or len(arrays) <= n:
-      return arrays
-    return arrays.take(np.sort(np.random.default_rng(0).choice(len(arrays), n, replace=False)))
-
-  valid = subset(exp.load_split("validation"), eval_max_examples)
+  valid = fixed_subset(exp.load_split("validation"), eval_max_examples)
   valid_beams = eval_policy(valid)
 
   def validate(params):
@@ -455,7 +451,7 @@ def train_ranker(
   ckpt.close(), best.close()
   results = {}
   for split in ("validation", "test"):
-    examples = subset(exp.load_split(split), final_eval_max_examples)
+    examples = fixed_subset(exp.load_split(split), final_eval_max_examples)
     results[split] = evaluate_auc(ranker, params, examples, num_negatives=eval_negatives, score_fn=score_fn,
                                   policy_items=eval_policy(examples))
   log(f"[oxyjax] ranking model (step {best_step}): " + "; ".join(
