@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from oxyjax import checkpoints
+from tests.xla_env import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 10, 2
@@ -36,7 +37,7 @@ TMP_STEP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 def shared(tmp_path_factory):
   root = tmp_path_factory.mktemp("crash")
   env = dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             XLA_FLAGS=xla_flags(2),
              JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   return {"root": root, "env": env}

@@ -20,6 +20,7 @@ from oxyjax import partitioning
 from oxyjax import train as train_lib
 from oxyjax.models.encoder_decoder import ModelConfig
 from tests.test_train_step import EPS32, _adam_drift_bound, _rounding_tol
+from tests.xla_env import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "distributed_worker.py")
@@ -91,7 +92,7 @@ def _start(args, num_processes, devices, tmp_path, tag):
   for i in range(num_processes):
     env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES}
     env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=xla_flags(devices))
     if num_processes > 1:
       env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(num_processes),
                  JAX_PROCESS_ID=str(i))

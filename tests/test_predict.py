@@ -19,6 +19,7 @@ from oxyjax.artifact import ArtifactError, ModelArtifact
 from oxyjax.data import pipeline
 from oxyjax.data import readers
 from oxyjax.models.encoder_decoder import ModelConfig
+from tests.xla_env import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ModelConfig(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1, num_decoder_layers=1,
@@ -133,7 +134,7 @@ def test_predictor_answers_from_the_artifact_alone(run, tmp_path, monkeypatch):
 
 
 def _cli(*args, timeout=300):
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
   return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=timeout)
 

@@ -12,6 +12,7 @@ import pytest
 
 from oxyjax import train as train_lib
 from oxyjax.models.encoder_decoder import ModelConfig
+from tests.xla_env import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ModelConfig(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1, num_decoder_layers=1,
@@ -77,7 +78,7 @@ def test_restart_that_reaches_a_saved_best_step_again_keeps_it(tmp_path, sid_cfg
 
 def test_tiny_gin_config_runs_train_end_to_end(tmp_path):
   model_dir = tmp_path / "run"
-  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=xla_flags(2))
   cmd = [sys.executable, "-m", "oxyjax.train", "--gin_file=gin_configs/tests/tiny_e2e.gin",
          f"--gin.MODEL_DIR='{model_dir}'", "--gin_bindings=MESH_SHAPE = {'data': 2}",
          f"--gin_bindings=oxyjax.train.SIDConfig.cache_dir = '{tmp_path / 'sid'}'"]
