@@ -54,6 +54,10 @@ def main():
   ap.add_argument("--seed", type=int, default=0, help="initialisation, dropout and data-order seed of every model")
   ap.add_argument("--rate", action="append", default=[], metavar="SCENARIO=RATE",
                   help="override one scenario's mixture rate (repeatable), e.g. --rate=office_search=1.0")
+  ap.add_argument("--instructions_store", default=None,
+                  help="a near-line instruction store (oxyjax.instructions.generate over the catalogues): the "
+                       "homepage scenarios read their generated reasoning instructions from it; the covered "
+                       "test rows are also scored with the learned default (benchmarks/slow_thinking_scenarios.py)")
   ap.add_argument("--final_splits", default="test",
                   help="comma-separated splits evaluated in full at the end with the best weights "
                        "(add 'validation' to choose between settings on it)")
@@ -72,11 +76,12 @@ def main():
                 checkpoint_every_steps=10_000, mesh_shape={"data": 1},
                 optimizer=train_lib.OptimizerConfig(learning_rate=1e-3, warmup_steps=100),
                 # interaction SIDs for both approaches (the comparison is of the training regime)
-                sid=train_lib.SIDConfig(embedding="collaborative"))
+                sid=train_lib.SIDConfig(embedding="collaborative"),
+                instructions=train_lib.InstructionsConfig(store=args.instructions_store))
   out_path = os.path.join(args.out, "multi_scenario.json")
   report = json.load(open(out_path)) if os.path.exists(out_path) else {}
   report.update({"cpu": cpu_model(), "steps_total": args.steps, "batch_size": args.batch_size, "seed": args.seed,
-                 "scenarios": [dataclasses.asdict(c) for c in configs],
+                 "scenarios": [dataclasses.asdict(c) for c in configs], "instructions_store": args.instructions_store,
                  "command": "python benchmarks/multi_scenario.py " + " ".join(sys.argv[1:])})
 
   def metrics(res, name, split="test"):

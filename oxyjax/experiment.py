@@ -91,6 +91,31 @@ def _store_lookup(dataset: str, split: str, cfg: InstructionsConfig, dim: int | 
   return len(examples), emb, present, stats
 
 
+def scenario_instruction_lookup(cfg: InstructionsConfig, instruction_dim: int, log=print):
+  """The `scenarios.InstructionLookup` of a multi-scenario run: scenarios of kind `cfg.scenario`
+  (homepage) read their domain's generated instructions from the store `cfg.store`, under the
+  store's keys for that domain's dataset; other kinds read none. None without a store."""
+  if not cfg.store:
+    return None
+  from oxyjax.instructions.store import InstructionStore
+
+  if not os.path.isdir(cfg.store):
+    raise FileNotFoundError(f"instruction store {cfg.store!r} does not exist; write it with "
+                            f"`python -m oxyjax.instructions.generate --dataset=<domain> --store={cfg.store}`")
+  store = InstructionStore(cfg.store, dim=instruction_dim, create=False)
+
+  def lookup(scenario_cfg, ds, split, examples):
+    if scenario_cfg.kind != cfg.scenario:
+      return None
+    emb, present, stats = store.lookup_embeddings(ds, examples, scenario=cfg.scenario, now=time.time(),
+                                                  max_age_s=cfg.max_age_s)
+    log(f"[oxyjax] scenario {scenario_cfg.name} {split}: {int(present.sum())}/{len(examples)} examples carry a "
+        f"generated instruction ({stats}); the rest use the learned default")
+    return emb, present
+
+  return lookup
+
+
 def instruction_coverage(dataset: str, split: str, cfg: InstructionsConfig) -> np.ndarray:
   """[N] bool: which examples of `split` have a fresh generated instruction in the store."""
   return _store_lookup(dataset, split, cfg)[2]
@@ -227,7 +252,7 @@ def from_artifact(artifact: ModelArtifact, *, partitioner: partitioning.Partitio
     fields = {f.name for f in dataclasses.fields(InstructionsConfig)}
     instructions = InstructionsConfig(**{k: v for k, v in artifact.instructions.items() if k in fields})
   if artifact.scenarios and read_data:
-    catalogue, built = scenarios_from_artifact(artifact)
+    catalogue, built = scenarios_from_artifact(artifact, instructions, log=log)
     return Experiment(artifact.dataset, artifact, artifact.make_model(), partitioner, instructions, data_source, log,
                       catalogue=catalogue, scenarios=built)
   return Experiment(artifact.dataset, artifact, artifact.make_model(), partitioner, instructions, data_source, log)
@@ -277,8 +302,11 @@ def _mixture_name(catalogue: Catalogue) -> str:
 
 def setup_scenarios(*, scenarios: Sequence[ScenarioConfig], model_config: ModelConfig, sid: SIDConfig,
                     partitioner: partitioning.Partitioner, label_smoothing: float = 0.0,
-                    q2i: losses.Q2IConfig = losses.Q2IConfig(), log=print) -> Experiment:
-  """A multi-scenario training run's experiment (see the module docstring)."""
+                    q2i: losses.Q2IConfig = losses.Q2IConfig(),
+                    instructions: InstructionsConfig = InstructionsConfig(), log=print) -> Experiment:
+  """A multi-scenario training run's experiment (see the module docstring). With an instruction
+  store, the homepage scenarios read their generated reasoning instructions from it
+  (`scenario_instruction_lookup`); search reads its query as I_r either way."""
   from oxyjax.data import scenario_tasks
   from oxyjax.data import scenarios as scenarios_lib
   from oxyjax.models.rec_model import RecModel
@@ -290,8 +318,11 @@ def setup_scenarios(*, scenarios: Sequence[ScenarioConfig], model_config: ModelC
   table = joint_sid_table(catalogue, sid)
   distributed.assert_same_across_hosts(distributed.checksum(table.codes), "SID table codes checksum")
   model_config = dataclasses.replace(model_config, num_scenarios=len(scenarios), scenario_triggers=True)
-  built = scenarios_lib.build_scenarios(catalogue, scenarios, max_history=model_config.max_history,
-                                        instruction_dim=model_config.instruction_dim)
+  if instructions.store and not model_config.instruction_dim:
+    raise ValueError("an instruction store is set, but the model reads no I_r: set ModelConfig.instruction_dim")
+  built = scenarios_lib.build_scenarios(
+      catalogue, scenarios, max_history=model_config.max_history, instruction_dim=model_config.instruction_dim,
+      instruction_lookup=scenario_instruction_lookup(instructions, model_config.instruction_dim, log))
   for s in built:
     log(f"[oxyjax] scenario {s.id} {s.name} ({s.config.kind}, {s.config.domain}, rate {s.config.rate}): "
         + ", ".join(f"{k} {len(v)}" for k, v in s.splits.items())
@@ -303,16 +334,18 @@ def setup_scenarios(*, scenarios: Sequence[ScenarioConfig], model_config: ModelC
   artifact = ModelArtifact.from_dataset(
       catalogue.as_dataset(), table, model.config, data_fingerprint=catalogue.fingerprint,
       sid_settings={k: v for k, v in dataclasses.asdict(sid).items() if k != "cache_dir"},
-      instructions=instruction_settings(InstructionsConfig(), model.config.instruction_dim), item_text_embeddings=text)
+      instructions=instruction_settings(instructions, model.config.instruction_dim), item_text_embeddings=text)
   artifact.pools, artifact.domains, artifact.scenarios = pools, domains, _scenario_dicts(built)
   artifact.__post_init__()
-  return Experiment(catalogue.name, artifact, model, partitioner, InstructionsConfig(), "seqio", log,
+  return Experiment(catalogue.name, artifact, model, partitioner, instructions, "seqio", log,
                     catalogue=catalogue, scenarios=built, mixture=mixture)
 
 
-def scenarios_from_artifact(artifact: ModelArtifact) -> tuple[Catalogue, list[Scenario]]:
+def scenarios_from_artifact(artifact: ModelArtifact, instructions: InstructionsConfig | None = None,
+                            log=print) -> tuple[Catalogue, list[Scenario]]:
   """The catalogue (read now, checked against the artifact's fingerprint) and the scenarios'
-  examples of a multi-scenario artifact."""
+  examples of a multi-scenario artifact, with the generated instructions of `instructions`'s store
+  (default: none)."""
   from oxyjax.data import scenarios as scenarios_lib
 
   catalogue = Catalogue.load(artifact.domains)
@@ -322,5 +355,6 @@ def scenarios_from_artifact(artifact: ModelArtifact) -> tuple[Catalogue, list[Sc
   fields = {f.name for f in dataclasses.fields(ScenarioConfig)}
   configs = [ScenarioConfig(**{k: v for k, v in sc.items() if k in fields}) for sc in artifact.scenarios]
   cfg = artifact.model_config
+  lookup = scenario_instruction_lookup(instructions, cfg.instruction_dim, log) if instructions else None
   return catalogue, scenarios_lib.build_scenarios(catalogue, configs, max_history=cfg.max_history,
-                                                  instruction_dim=cfg.instruction_dim)
+                                                  instruction_dim=cfg.instruction_dim, instruction_lookup=lookup)

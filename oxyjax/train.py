@@ -71,6 +71,8 @@ def evaluate_final(exp: experiment_lib.Experiment, evaluator: Evaluator, params,
   for split in splits:
     if exp.scenarios:
       rows = evaluator.scenarios(params, exp.eval_sets(split), max_examples, exp.trie)
+      if instructions.store and instructions.evaluate_covered_subset:
+        rows.update(covered_scenario_rows(evaluator, params, exp, split, max_examples))
       for name, r in rows.items():
         name = name if "/" in name else f"{split}/{name}"
         results[name] = r
@@ -90,6 +92,27 @@ def evaluate_final(exp: experiment_lib.Experiment, evaluator: Evaluator, params,
       log(f"[oxyjax] {exp.dataset} {name} ({len(subset)} examples, beam {evaluator.beam_size}): "
           + ", ".join(f"{k} {v:.4f}" for k, v in sorted(results[name].items())))
   return results
+
+
+def covered_scenario_rows(evaluator: Evaluator, params, exp: experiment_lib.Experiment, split: str,
+                          max_examples: int | None = None) -> dict[str, dict[str, float]]:
+  """For each scenario with generated instructions in `split` (not search, whose rows carry their
+  query): its covered rows as they are ('<split>/<scenario>_with_instruction') and the same rows
+  with the learned default instruction instead ('..._with_instruction_as_default'), decoded by the
+  same weights: what the generated instruction changes for this model."""
+  rows = {}
+  for s in exp.scenarios:
+    arrays = s.splits[split]
+    mask = arrays.extras.get("instruction_mask")
+    if s.config.kind == "search" or mask is None or not mask.any():
+      continue
+    covered = arrays.take(np.flatnonzero(mask))
+    as_default = covered.with_extras(instruction_mask=np.zeros(len(covered), bool),
+                                     instruction_embedding=np.zeros_like(covered.extras["instruction_embedding"]))
+    trie = exp.trie(s.name)
+    rows[f"{split}/{s.name}_with_instruction"] = evaluator(params, covered, max_examples, trie)
+    rows[f"{split}/{s.name}_with_instruction_as_default"] = evaluator(params, as_default, max_examples, trie)
+  return rows
 
 
 def make_validation(exp: experiment_lib.Experiment, evaluator: Evaluator, max_examples: int | None):
@@ -235,10 +258,8 @@ def train(
   if bool(scenarios) == bool(dataset):
     raise ValueError("train on a dataset or on scenarios: set exactly one of dataset= and scenarios=")
   if scenarios:
-    if instructions.store:
-      raise ValueError("instruction stores are read per dataset; with scenarios, search queries are the I_r")
     exp = experiment_lib.setup_scenarios(scenarios=scenarios, model_config=model_config, sid=sid, partitioner=part,
-                                         label_smoothing=label_smoothing, q2i=q2i, log=log)
+                                         label_smoothing=label_smoothing, q2i=q2i, instructions=instructions, log=log)
     dataset = exp.dataset
   else:
     exp = experiment_lib.setup(dataset=dataset, model_config=model_config, sid=sid, instructions=instructions,

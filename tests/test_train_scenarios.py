@@ -94,3 +94,42 @@ def test_predict_errors_name_the_problem(predictor, kwargs, message):
     predictor.recommend(["office/1"], top_k=5, **kwargs)
   with pytest.raises(ValueError, match="the history is empty"):
     predictor.recommend([], top_k=5, scenario="office_homepage")
+
+
+def test_a_store_gives_homepage_rows_their_instructions_and_covered_rows_are_scored_both_ways(run, tmp_path):
+  """Evaluation of the run with an instruction store (what `train(..., instructions=...)` and
+  `evaluate_final` use): the office homepage rows with a record read it; the covered rows are
+  scored as they are and again with the learned default, by the same weights."""
+  from oxyjax import experiment as experiment_lib
+  from oxyjax import partitioning, trainer
+  from oxyjax.evaluation import Evaluator
+  from oxyjax.instructions import prompt
+  from oxyjax.instructions.store import InstructionRecord, InstructionStore, record_key
+
+  model_dir, _ = run
+  cat = Catalogue.load(["office", "industrial"])
+  office = cat.dataset("office")
+  covered = [1, 5, 9, 30, 31]
+  rng = np.random.default_rng(1)
+  store = InstructionStore(tmp_path / "store")
+  store.put([InstructionRecord(*record_key(office, office.test[i]), text=f"needs {i}",
+                               embedding=rng.normal(size=384).astype(np.float32), model_version="test", created_at=1e9,
+                               context_key=prompt.context_key(prompt.context_for_example(office, office.test[i])))
+             for i in covered])
+  part = partitioning.Partitioner({"data": -1})
+  art = ModelArtifact.load(str(model_dir / "artifact"))
+  exp = experiment_lib.from_artifact(art, partitioner=part, log=lambda *a: None,
+                                     instructions=train_lib.InstructionsConfig(store=str(tmp_path / "store")))
+  home = next(s for s in exp.scenarios if s.name == "office_homepage")
+  assert np.flatnonzero(home.splits["test"].extras["instruction_mask"]).tolist() == covered
+  params, _ = train_lib.load_eval_weights(str(model_dir), trainer.TrainStateFactory(exp.model, part).params_abstract,
+                                          log=lambda *a: None)
+  ev = Evaluator(exp.model, part, exp.trie(), beam_size=10, batch_size=64)
+  rows = train_lib.covered_scenario_rows(ev, params, exp, "test")
+  assert set(rows) == {"test/office_homepage_with_instruction", "test/office_homepage_with_instruction_as_default"}
+  assert all(r["num_examples"] == len(covered) for r in rows.values())
+  # as-default is exactly the model's answer for those rows without a store
+  plain = experiment_lib.from_artifact(art, partitioner=part, log=lambda *a: None)
+  home_plain = next(s for s in plain.scenarios if s.name == "office_homepage")
+  assert ev(params, home_plain.splits["test"].take(covered), None, exp.trie("office_homepage")) == \
+      rows["test/office_homepage_with_instruction_as_default"]

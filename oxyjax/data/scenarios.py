@@ -32,7 +32,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -40,10 +40,16 @@ from oxyjax.data import pipeline
 from oxyjax.data import readers
 from oxyjax.data.catalogue import Catalogue
 
-__all__ = ["KINDS", "ScenarioConfig", "Scenario", "search_query", "normalise_query", "query_embeddings", "build_scenarios",
+__all__ = ["KINDS", "InstructionLookup", "ScenarioConfig", "Scenario", "search_query", "normalise_query",
+           "query_embeddings", "build_scenarios",
            "QUERY_RULE_VERSION"]
 
 KINDS = ("homepage", "item_to_item", "search")
+# (scenario config, its domain's dataset, split, the split's examples in row order) ->
+# (I_r embeddings [n, instruction_dim], present [n]) of the generated reasoning instructions
+# (`oxyjax.experiment.scenario_instruction_lookup`: the near-line store), or None where the
+# scenario reads none (its rows then use the learned default).
+InstructionLookup = Callable[..., Optional[tuple[np.ndarray, np.ndarray]]]
 # Bump when `search_query` changes what it returns (it keys the query-embedding cache).
 QUERY_RULE_VERSION = "1"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -179,7 +185,8 @@ def _subset(n: int, fraction: float, name: str) -> np.ndarray:
 
 
 def _scenario_split(catalogue: Catalogue, cfg: ScenarioConfig, sid: int, split: str, max_history: int,
-                    instruction_dim: int, queries: Optional[np.ndarray]) -> tuple[pipeline.ExampleArrays, int]:
+                    instruction_dim: int, queries: Optional[np.ndarray],
+                    instruction_lookup: Optional[InstructionLookup] = None) -> tuple[pipeline.ExampleArrays, int]:
   ds = catalogue.dataset(cfg.domain)
   examples = ds.split(split)
   skipped = 0
@@ -211,15 +218,21 @@ def _scenario_split(catalogue: Catalogue, cfg: ScenarioConfig, sid: int, split: 
                          f"instruction_dim={instruction_dim}")
       emb[:] = queries[local_targets]
       mask[:] = True
+    elif instruction_lookup is not None and n:
+      found = instruction_lookup(cfg, ds, split, examples)
+      if found is not None:
+        emb[:], mask[:] = found
     extras.update(instruction_embedding=emb, instruction_mask=mask)
   return arrays.with_extras(**extras), skipped
 
 
 def build_scenarios(catalogue: Catalogue, configs: Sequence[ScenarioConfig], *, max_history: int,
                     instruction_dim: int = 0, splits: Sequence[str] = readers.SPLITS,
-                    query_cache_dir: str | os.PathLike | None = None, query_encoder=None) -> list[Scenario]:
+                    query_cache_dir: str | os.PathLike | None = None, query_encoder=None,
+                    instruction_lookup: Optional[InstructionLookup] = None) -> list[Scenario]:
   """The scenarios' examples, ids (their order in `configs`) and pools. `query_encoder`
-  (default all-MiniLM-L6-v2) embeds search queries; see `query_embeddings`."""
+  (default all-MiniLM-L6-v2) embeds search queries; see `query_embeddings`. `instruction_lookup`
+  gives the non-search scenarios their generated reasoning instructions (`InstructionLookup`)."""
   names = [c.name for c in configs]
   if len(set(names)) != len(names):
     raise ValueError(f"scenario names must be distinct, got {names}")
@@ -240,6 +253,7 @@ def build_scenarios(catalogue: Catalogue, configs: Sequence[ScenarioConfig], *, 
       q = queries[cfg.domain]
     parts, skipped = {}, {}
     for split in splits:
-      parts[split], skipped[split] = _scenario_split(catalogue, cfg, sid, split, max_history, instruction_dim, q)
+      parts[split], skipped[split] = _scenario_split(catalogue, cfg, sid, split, max_history, instruction_dim, q,
+                                                     instruction_lookup)
     out.append(Scenario(sid, cfg, catalogue.items_of(cfg.domain), parts, skipped))
   return out

@@ -292,3 +292,45 @@ def test_scenario_gin_file_parses_to_the_documented_mixture():
   kinds = {c.name: (c.kind, c.domain, c.rate, c.train_fraction) for c in configs}
   assert kinds["industrial_i2i_poor"] == ("item_to_item", "industrial", 0.2, 0.1)
   assert {k for k, *_ in kinds.values()} == {"homepage", "item_to_item", "search"}
+
+
+def test_homepage_rows_read_generated_instructions_from_the_store_and_other_kinds_do_not(catalogue, tmp_path):
+  """With an instruction store, a homepage scenario's covered rows carry the stored I_r (keyed by
+  their domain's dataset, user and history), every other row the learned default; item-to-item
+  reads none, and search keeps its query."""
+  from oxyjax.experiment import InstructionsConfig, scenario_instruction_lookup
+  from oxyjax.instructions import prompt
+  from oxyjax.instructions.store import InstructionRecord, InstructionStore, record_key
+
+  office = catalogue.dataset("office")
+  covered = [2, 7, 40]
+  rng = np.random.default_rng(0)
+  vecs = rng.normal(size=(len(covered), HashEncoder.dim)).astype(np.float32)
+  store = InstructionStore(tmp_path / "store", dim=HashEncoder.dim)
+  records = [InstructionRecord(*record_key(office, office.test[i]), text=f"needs {i}", embedding=v,
+                               model_version="test", created_at=1e9,
+                               context_key=prompt.context_key(prompt.context_for_example(office, office.test[i])))
+             for i, v in zip(covered, vecs)]
+  store.put(records)
+  configs = [ScenarioConfig("office_homepage", "homepage", "office"),
+             ScenarioConfig("office_i2i", "item_to_item", "office"),
+             ScenarioConfig("office_search", "search", "office", rate=0.5)]
+  lookup = scenario_instruction_lookup(InstructionsConfig(store=str(tmp_path / "store")), HashEncoder.dim,
+                                       log=lambda *a: None)
+  home, i2i, search = build_scenarios(catalogue, configs, max_history=10, instruction_dim=HashEncoder.dim,
+                                      splits=("test",), query_cache_dir=tmp_path / "q", query_encoder=HashEncoder(),
+                                      instruction_lookup=lookup)
+  a = home.splits["test"]
+  assert np.flatnonzero(a.extras["instruction_mask"]).tolist() == covered
+  np.testing.assert_array_equal(a.extras["instruction_embedding"][covered], vecs)
+  assert not a.extras["instruction_embedding"][~a.extras["instruction_mask"]].any()
+  assert not i2i.splits["test"].extras["instruction_mask"].any()
+  assert search.splits["test"].extras["instruction_mask"].all()
+  # the store's scenario key decides which kind reads it
+  none = scenario_instruction_lookup(InstructionsConfig(store=str(tmp_path / "store"), scenario="item_to_item"),
+                                     HashEncoder.dim, log=lambda *a: None)
+  (home2,) = build_scenarios(catalogue, configs[:1], max_history=10, instruction_dim=HashEncoder.dim,
+                             splits=("test",), instruction_lookup=none)
+  assert not home2.splits["test"].extras["instruction_mask"].any()
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    scenario_instruction_lookup(InstructionsConfig(store=str(tmp_path / "nowhere")), HashEncoder.dim)
