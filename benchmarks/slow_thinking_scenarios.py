@@ -11,7 +11,8 @@ homepage scenario, the rows of `--split` whose user has a fresh generated instru
 store (the covered rows) are decoded twice by the same weights: with the instruction as I_r, and
 with the learned default instead. The difference is paired per row (`metrics.paired_difference`),
 so its standard error counts only the rows the two answers disagree on. With `--baseline` runs
-(one per positional run, in the same order: the same set-up trained without the store), the
+(one per positional run, in the same order, for the first runs: the same set-up and seed trained
+without the store), the
 covered rows are also decoded by the baseline with the learned default, and the instructed model
 with its instruction is compared with it row by row: the effect of training with instructions
 and using them, not only of using them.
@@ -77,8 +78,8 @@ def main():
   ap.add_argument("--batch_size", type=int, default=256)
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
-  if args.baseline and len(args.baseline) != len(args.runs):
-    raise SystemExit("give one --baseline per run, in the same order")
+  if len(args.baseline) > len(args.runs):
+    raise SystemExit("give at most one --baseline per run, in the same order (the first runs get them)")
   print(f"[slow_thinking_scenarios] CPU: {cpu_model()}")
   part = partitioning.Partitioner({"data": 1})
   out = {"cpu": cpu_model(), "split": args.split, "beam": args.beam, "store": args.store, "runs": {},
@@ -86,7 +87,7 @@ def main():
   for i, run in enumerate(args.runs):
     exp, params, step = _load(run, args.store, part)
     ev = Evaluator(exp.model, part, exp.trie(), beam_size=args.beam, batch_size=args.batch_size)
-    base = _load(args.baseline[i], None, part) if args.baseline else None
+    base = _load(args.baseline[i], None, part) if i < len(args.baseline) else None
     rec = out["runs"][run] = {"step": step, "scenarios": {}}
     for s in exp.scenarios:
       arrays = s.splits[args.split]
@@ -123,7 +124,7 @@ def main():
     print(f"\n{kind}\n\n| scenario | seed | rows | " + " | ".join(METRICS) + " |\n|---|---|---|"
           + "---|" * len(METRICS))
     for n in names:
-      per = [(run, r["scenarios"][n]) for run, r in out["runs"].items() if n in r["scenarios"]]
+      per = [(run, r["scenarios"][n]) for run, r in out["runs"].items() if kind in r["scenarios"].get(n, {})]
       for run, row in per:
         print(f"| {n} | {run} | {row['rows']} | "
               + " | ".join(f"{row[kind][m]['diff'][0]:+.4f} ± {row[kind][m]['diff'][1]:.4f}" for m in METRICS) + " |")
