@@ -57,11 +57,6 @@ def _load(run_dir: str, store: str | None, part):
   return exp, params, step
 
 
-def _as_default(arrays):
-  return arrays.with_extras(instruction_mask=np.zeros(len(arrays), bool),
-                            instruction_embedding=np.zeros_like(arrays.extras["instruction_embedding"]))
-
-
 def _summary(ranks_a, ranks_b):
   mean = lambda r, m: float(metrics_lib.per_example(r, m).mean())  # noqa: E731
   return {m: {"a": mean(ranks_a, m), "b": mean(ranks_b, m), "diff": metrics_lib.paired_difference(ranks_a, ranks_b, m)}
@@ -97,13 +92,13 @@ def main():
       covered = arrays.take(np.flatnonzero(mask))
       trie = exp.trie(s.name)
       with_instr = ev.target_ranks(params, covered, None, trie)
-      default = ev.target_ranks(params, _as_default(covered), None, trie)
+      default = ev.target_ranks(params, train_lib.with_default_instruction(covered), None, trie)
       row = {"rows": int(len(covered)), "of": int(len(arrays)),
              "instruction_vs_default": _summary(default, with_instr)}
       if base is not None:
         b_exp, b_params, _ = base
         b_ev = Evaluator(b_exp.model, part, b_exp.trie(), beam_size=args.beam, batch_size=args.batch_size)
-        b_ranks = b_ev.target_ranks(b_params, _as_default(covered), None, b_exp.trie(s.name))
+        b_ranks = b_ev.target_ranks(b_params, train_lib.with_default_instruction(covered), None, b_exp.trie(s.name))
         row["instructed_model_vs_baseline"] = _summary(b_ranks, with_instr)
       rec["scenarios"][s.name] = row
       print(f"[slow_thinking_scenarios] {run} (step {step}) {s.name}: {len(covered)}/{len(arrays)} {args.split} rows "

@@ -76,16 +76,22 @@ def load_sid_table(dataset: str, cfg: SIDConfig):
       balance=cfg.balance, seed=cfg.seed, cache_dir=cfg.cache_dir)
 
 
-def _store_lookup(dataset: str, split: str, cfg: InstructionsConfig, dim: int | None = None):
-  from oxyjax.data import readers
+def _open_store(cfg: InstructionsConfig, dataset: str, dim: int | None = None):
+  """The store of `cfg` for reading; a clear error (with the command that writes it) when missing."""
   from oxyjax.instructions.store import InstructionStore
 
   if not os.path.isdir(cfg.store):
     raise FileNotFoundError(f"instruction store {cfg.store!r} does not exist; write it with "
                             f"`python -m oxyjax.instructions.generate --dataset={dataset} --store={cfg.store}`")
+  return InstructionStore(cfg.store, dim=dim, create=False) if dim else InstructionStore(cfg.store, create=False)
+
+
+def _store_lookup(dataset: str, split: str, cfg: InstructionsConfig, dim: int | None = None):
+  from oxyjax.data import readers
+
+  store = _open_store(cfg, dataset, dim)
   ds = readers.load_dataset(dataset)
   examples = ds.split(split)
-  store = InstructionStore(cfg.store, dim=dim, create=False) if dim else InstructionStore(cfg.store, create=False)
   emb, present, stats = store.lookup_embeddings(ds, examples, scenario=cfg.scenario, now=time.time(),
                                                 max_age_s=cfg.max_age_s)
   return len(examples), emb, present, stats
@@ -97,12 +103,7 @@ def scenario_instruction_lookup(cfg: InstructionsConfig, instruction_dim: int, l
   store's keys for that domain's dataset; other kinds read none. None without a store."""
   if not cfg.store:
     return None
-  from oxyjax.instructions.store import InstructionStore
-
-  if not os.path.isdir(cfg.store):
-    raise FileNotFoundError(f"instruction store {cfg.store!r} does not exist; write it with "
-                            f"`python -m oxyjax.instructions.generate --dataset=<domain> --store={cfg.store}`")
-  store = InstructionStore(cfg.store, dim=instruction_dim, create=False)
+  store = _open_store(cfg, "<domain>", instruction_dim)
 
   def lookup(scenario_cfg, ds, split, examples):
     if scenario_cfg.kind != cfg.scenario:

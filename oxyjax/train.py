@@ -94,6 +94,12 @@ def evaluate_final(exp: experiment_lib.Experiment, evaluator: Evaluator, params,
   return results
 
 
+def with_default_instruction(arrays: pipeline.ExampleArrays) -> pipeline.ExampleArrays:
+  """The same rows reading the learned default instruction instead of any generated one."""
+  return arrays.with_extras(instruction_mask=np.zeros(len(arrays), bool),
+                            instruction_embedding=np.zeros_like(arrays.extras["instruction_embedding"]))
+
+
 def covered_scenario_rows(evaluator: Evaluator, params, exp: experiment_lib.Experiment, split: str,
                           max_examples: int | None = None) -> dict[str, dict[str, float]]:
   """For each scenario with generated instructions in `split` (not search, whose rows carry their
@@ -107,8 +113,7 @@ def covered_scenario_rows(evaluator: Evaluator, params, exp: experiment_lib.Expe
     if s.config.kind == "search" or mask is None or not mask.any():
       continue
     covered = arrays.take(np.flatnonzero(mask))
-    as_default = covered.with_extras(instruction_mask=np.zeros(len(covered), bool),
-                                     instruction_embedding=np.zeros_like(covered.extras["instruction_embedding"]))
+    as_default = with_default_instruction(covered)
     trie = exp.trie(s.name)
     rows[f"{split}/{s.name}_with_instruction"] = evaluator(params, covered, max_examples, trie)
     rows[f"{split}/{s.name}_with_instruction_as_default"] = evaluator(params, as_default, max_examples, trie)
