@@ -9,11 +9,22 @@ The standard error of one model's recall@10 on n rows is sqrt(p (1 - p) / n), ab
 Beauty's 22,363 test rows; the paired SE is std(b_i - a_i) / sqrt(n) over the rows, which only the
 rows where the two models disagree make non-zero. Each model is a run directory (its evaluation
 weights: the artifact's params, see `train.load_eval_weights`) or `<run dir>@<params dir>`.
+
+A multi-scenario run is scored per scenario, each over its own pool, and models are paired per
+scenario by name: a model that holds only some scenarios (one of the separately trained models of
+benchmarks/multi_scenario.py) is compared with the baseline on those. Rows are paired by content,
+not by position: each set's rows are fingerprinted by their users' behaviours and targets as raw
+ids (`"<domain>/<raw id>"`), and models whose rows differ are refused, so that two runs over
+different catalogues or SIDs (a unified model and a one-domain model, or two SID sources) can be
+compared on the same examples.
+
+  python benchmarks/paired_eval.py --split=test runs/ms/unified runs/ms/separate_office_homepage ...
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -29,48 +40,83 @@ from oxyjax import partitioning  # noqa: E402
 from oxyjax import train as train_lib  # noqa: E402
 from oxyjax import trainer  # noqa: E402
 from oxyjax.artifact import ModelArtifact, artifact_dir  # noqa: E402
-from oxyjax.evaluation import Evaluator  # noqa: E402
+from oxyjax.evaluation import Evaluator, fixed_subset  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 METRICS = ("hr@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
+_quiet = lambda *a, **k: None  # noqa: E731
+
+
+def qualified_item_ids(exp) -> np.ndarray:
+  """Each item index's ``"<domain>/<raw id>"`` in the run's item space."""
+  if exp.catalogue is not None:
+    return exp.catalogue.qualified_ids()
+  return np.asarray([""] + [f"{exp.dataset}/{r}" for r in exp.artifact.raw_item_ids[1:]], dtype=object)
+
+
+def rows_fingerprint(arrays, ids: np.ndarray) -> str:
+  """Digest of the rows' contents as raw ids (history, in order, then target; row order counts)."""
+  h = hashlib.sha256()
+  for hist, n, target in zip(arrays.history, arrays.history_len, arrays.target):
+    h.update(("|".join(ids[hist[:n]].tolist()) + ">" + ids[target] + "\n").encode())
+  return h.hexdigest()[:16]
+
+
+def eval_sets(exp, split: str):
+  """``{name: (examples, trie)}``: the split's rows per scenario over its pool, or one set 'all'."""
+  if exp.scenarios:
+    return {s.name: (s.splits[split], exp.trie(s.name)) for s in exp.scenarios}
+  return {"all": (exp.load_split(split), exp.trie())}
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("models", nargs="+", help="run directories; the first is the baseline")
   ap.add_argument("--split", default="test")
-  ap.add_argument("--max_examples", type=int, default=None, help="a fixed random subset (default: every row)")
+  ap.add_argument("--max_examples", type=int, default=None, help="a fixed random subset of each set (default: every row)")
   ap.add_argument("--beam", type=int, default=20)
   ap.add_argument("--batch_size", type=int, default=256)
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
   print(f"[paired_eval] CPU: {cpu_model()}")
   part = partitioning.Partitioner({"data": 1})
-  ranks, digest, rows = {}, None, None
+  ranks: dict[str, dict[str, np.ndarray]] = {}  # set -> model -> [rows]
+  fingerprints: dict[str, tuple[str, str]] = {}  # set -> (fingerprint, the model that set it)
   for spec in args.models:
     run_dir, _, weights = spec.partition("@")
     art = ModelArtifact.load(artifact_dir(run_dir))
-    if digest is None:
-      digest = art.content_digest()
-    elif art.content_digest() != digest:  # the same items, SIDs and pools, or the rows would differ
-      raise SystemExit(f"{run_dir}: a different artifact from {args.models[0]}; paired rows need the same one")
-    exp = experiment_lib.from_artifact(art, partitioner=part, log=lambda *a, **k: None)
+    exp = experiment_lib.from_artifact(art, partitioner=part, log=_quiet)
     params, step = train_lib.load_eval_weights(run_dir, trainer.TrainStateFactory(exp.model, part).params_abstract,
-                                               weights or None, log=lambda *a, **k: None)
+                                               weights or None, log=_quiet)
     ev = Evaluator(exp.model, part, exp.trie(), beam_size=args.beam, batch_size=args.batch_size)
-    t0 = time.time()
-    ranks[spec] = ev.target_ranks(params, exp.load_split(args.split), args.max_examples)
-    rows = rows or len(ranks[spec])
-    print(f"[paired_eval] {spec} (step {step}): {args.split}, {rows} rows decoded in {time.time() - t0:.0f} s")
+    ids = qualified_item_ids(exp)
+    for name, (arrays, trie) in eval_sets(exp, args.split).items():
+      arrays = fixed_subset(arrays, args.max_examples)
+      fp = rows_fingerprint(arrays, ids)
+      seen = fingerprints.setdefault(name, (fp, spec))
+      if seen[0] != fp:
+        raise SystemExit(f"{spec}: its {args.split} rows of '{name}' differ from {seen[1]}'s "
+                         f"(fingerprint {fp} against {seen[0]}); paired rows need the same examples")
+      t0 = time.time()
+      ranks.setdefault(name, {})[spec] = ev.target_ranks(params, arrays, None, trie)
+      print(f"[paired_eval] {spec} (step {step}) {name}: {args.split}, {len(arrays)} rows decoded in "
+            f"{time.time() - t0:.0f} s")
   base = args.models[0]
-  out = {"cpu": cpu_model(), "split": args.split, "rows": rows, "beam": args.beam, "baseline": base, "models": {}}
-  print(f"\n{args.split}, {rows} rows, beam {args.beam}; difference = model - {base} (paired SE)\n")
-  print("| model | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS))
-  for spec, r in ranks.items():
-    vals = {m: float(metrics_lib.per_example(r, m).mean()) for m in METRICS}
-    diffs = {m: metrics_lib.paired_difference(ranks[base], r, m) for m in METRICS} if spec != base else {}
-    out["models"][spec] = {"metrics": vals, "difference": diffs}
-    cells = [f"{vals[m]:.4f}" + (f" ({diffs[m][0]:+.4f} ± {diffs[m][1]:.4f})" if diffs else "") for m in METRICS]
-    print(f"| {spec} | " + " | ".join(cells) + " |")
+  out = {"cpu": cpu_model(), "split": args.split, "beam": args.beam, "baseline": base, "sets": {},
+         "command": "python benchmarks/paired_eval.py " + " ".join(sys.argv[1:])}
+  for name, by_model in ranks.items():
+    rows = len(next(iter(by_model.values())))
+    ref = base if base in by_model else next(iter(by_model))
+    print(f"\n{args.split} / {name}, {rows} rows, beam {args.beam}; difference = model - {ref} (paired SE)\n")
+    print("| model | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS))
+    rec = out["sets"][name] = {"rows": rows, "baseline": ref, "models": {}}
+    for spec, r in by_model.items():
+      vals = {m: float(metrics_lib.per_example(r, m).mean()) for m in METRICS}
+      diffs = {m: metrics_lib.paired_difference(by_model[ref], r, m) for m in METRICS} if spec != ref else {}
+      rec["models"][spec] = {"metrics": vals, "difference": diffs}
+      cells = [f"{vals[m]:.4f}" + (f" ({diffs[m][0]:+.4f} ± {diffs[m][1]:.4f})" if diffs else "") for m in METRICS]
+      print(f"| {spec} | " + " | ".join(cells) + " |")
   if args.out:
     with open(args.out, "w") as f:
       json.dump(out, f, indent=1)

@@ -132,6 +132,15 @@ class Catalogue:
       raise CatalogueError(f"unknown item id {raw_id!r}{hint}")
     return i
 
+  def qualified_ids(self) -> np.ndarray:
+    """``[num_items + 1]`` str: each joint index's ``"<domain>/<raw id>"`` (``""`` for padding), the
+    same in every catalogue that holds the domain (a one-domain catalogue's `raw_item_ids` have no
+    prefix), so rows of two runs over different catalogues can be matched by item."""
+    out = [""]
+    for ds in self.datasets:
+      out += [f"{ds.name}/{r}" for r in ds.raw_item_ids[1:]]
+    return np.asarray(out, dtype=object)
+
   def meta(self, item: int) -> Optional[readers.ItemMeta]:
     if not 1 <= item <= self.num_items:
       raise CatalogueError(f"item index {item} outside 1..{self.num_items}")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from oxyjax.data import pipeline, readers
+from tests.data.conftest import REPO
 from oxyjax.data.catalogue import Catalogue, CatalogueError
 from oxyjax.data.scenarios import ScenarioConfig, build_scenarios, search_query
 
@@ -334,3 +335,27 @@ def test_homepage_rows_read_generated_instructions_from_the_store_and_other_kind
   assert not home2.splits["test"].extras["instruction_mask"].any()
   with pytest.raises(FileNotFoundError, match="does not exist"):
     scenario_instruction_lookup(InstructionsConfig(store=str(tmp_path / "nowhere")), HashEncoder.dim)
+
+
+def test_paired_evaluation_matches_rows_by_raw_ids_across_item_spaces(catalogue, built, tmp_path):
+  """benchmarks/paired_eval.py pairs a unified model's scenario rows with those of a model trained on
+  one domain alone (another item space) by content: the same examples fingerprint the same in both
+  spaces, and a different set or order of rows does not."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("paired_eval", REPO / "benchmarks" / "paired_eval.py")
+  pe = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(pe)
+  _, (_, i2i, _, _) = built
+  one = Catalogue.load(["industrial"])
+  (one_i2i,) = build_scenarios(one, [ScenarioConfig("industrial_i2i", "item_to_item", "industrial", context=2)],
+                               max_history=10, instruction_dim=HashEncoder.dim, query_cache_dir=tmp_path,
+                               query_encoder=HashEncoder())
+  joint_ids, one_ids = catalogue.qualified_ids(), one.qualified_ids()
+  assert joint_ids[catalogue.index("industrial/5")] == one_ids[one.index("5")] == "industrial/5"
+  a, b = i2i.splits["test"], one_i2i.splits["test"]
+  assert not np.array_equal(a.target, b.target)  # the same rows in two item spaces
+  fp = pe.rows_fingerprint(a, joint_ids)
+  assert fp == pe.rows_fingerprint(b, one_ids)
+  assert fp != pe.rows_fingerprint(a.take(np.arange(1, len(a))), joint_ids)  # a row fewer
+  assert fp != pe.rows_fingerprint(a.take(np.arange(len(a))[::-1]), joint_ids)  # another order
+  assert fp != pe.rows_fingerprint(i2i.splits["validation"], joint_ids)
