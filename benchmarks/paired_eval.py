@@ -19,6 +19,13 @@ different catalogues or SIDs (a unified model and a one-domain model, or two SID
 compared on the same examples.
 
   python benchmarks/paired_eval.py --split=test runs/ms/unified runs/ms/separate_office_homepage ...
+
+`--default_instruction` also scores each model on the rows that carry an instruction (search
+queries, generated reasoning instructions) with the learned default `I_r` in its place, paired with
+the model itself: how much the model reads its instruction.
+
+  python benchmarks/paired_eval.py --sets=office_search,industrial_search --default_instruction \
+      runs/ms/unified runs/ms/separate_office_search runs/ms/separate_industrial_search
 """
 
 from __future__ import annotations
@@ -77,8 +84,13 @@ def main():
   ap.add_argument("--max_examples", type=int, default=None, help="a fixed random subset of each set (default: every row)")
   ap.add_argument("--beam", type=int, default=20)
   ap.add_argument("--batch_size", type=int, default=256)
+  ap.add_argument("--sets", default=None, help="comma-separated scenario names to score (default: all)")
+  ap.add_argument("--default_instruction", action="store_true",
+                  help="also score each model with the learned default I_r in place of every row's instruction "
+                       "(a query, a generated instruction), as '<model>#default_instruction': does the model use it?")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
+  wanted = None if args.sets is None else set(args.sets.split(","))
   print(f"[paired_eval] CPU: {cpu_model()}")
   part = partitioning.Partitioner({"data": 1})
   ranks: dict[str, dict[str, np.ndarray]] = {}  # set -> model -> [rows]
@@ -92,6 +104,8 @@ def main():
     ev = Evaluator(exp.model, part, exp.trie(), beam_size=args.beam, batch_size=args.batch_size)
     ids = qualified_item_ids(exp)
     for name, (arrays, trie) in eval_sets(exp, args.split).items():
+      if wanted is not None and name not in wanted:
+        continue
       arrays = fixed_subset(arrays, args.max_examples)
       fp = rows_fingerprint(arrays, ids)
       seen = fingerprints.setdefault(name, (fp, spec))
@@ -102,19 +116,27 @@ def main():
       ranks.setdefault(name, {})[spec] = ev.target_ranks(params, arrays, None, trie)
       print(f"[paired_eval] {spec} (step {step}) {name}: {args.split}, {len(arrays)} rows decoded in "
             f"{time.time() - t0:.0f} s")
+      mask = arrays.extras.get("instruction_mask")
+      if args.default_instruction and mask is not None and mask.any():
+        ranks[name][f"{spec}#default_instruction"] = ev.target_ranks(
+            params, train_lib.with_default_instruction(arrays), None, trie)
   base = args.models[0]
   out = {"cpu": cpu_model(), "split": args.split, "beam": args.beam, "baseline": base, "sets": {},
          "command": "python benchmarks/paired_eval.py " + " ".join(sys.argv[1:])}
   for name, by_model in ranks.items():
     rows = len(next(iter(by_model.values())))
     ref = base if base in by_model else next(iter(by_model))
-    print(f"\n{args.split} / {name}, {rows} rows, beam {args.beam}; difference = model - {ref} (paired SE)\n")
+    print(f"\n{args.split} / {name}, {rows} rows, beam {args.beam}; difference = model - {ref} (paired SE; "
+          f"'#default_instruction' rows: minus the same model with its instructions)\n")
     print("| model | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS))
     rec = out["sets"][name] = {"rows": rows, "baseline": ref, "models": {}}
     for spec, r in by_model.items():
+      # '<model>#default_instruction' is compared with its own model, every other one with the baseline
+      own = spec.partition("#")[0]
+      against = own if own != spec and own in by_model else ref
       vals = {m: float(metrics_lib.per_example(r, m).mean()) for m in METRICS}
-      diffs = {m: metrics_lib.paired_difference(by_model[ref], r, m) for m in METRICS} if spec != ref else {}
-      rec["models"][spec] = {"metrics": vals, "difference": diffs}
+      diffs = {m: metrics_lib.paired_difference(by_model[against], r, m) for m in METRICS} if spec != ref else {}
+      rec["models"][spec] = {"metrics": vals, "difference": diffs, "against": against}
       cells = [f"{vals[m]:.4f}" + (f" ({diffs[m][0]:+.4f} ± {diffs[m][1]:.4f})" if diffs else "") for m in METRICS]
       print(f"| {spec} | " + " | ".join(cells) + " |")
   if args.out:
