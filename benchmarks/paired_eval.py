@@ -71,10 +71,10 @@ def rows_fingerprint(arrays, ids: np.ndarray) -> str:
 
 
 def eval_sets(exp, split: str):
-  """``{name: (examples, trie)}``: the split's rows per scenario over its pool, or one set 'all'."""
-  if exp.scenarios:
-    return {s.name: (s.splits[split], exp.trie(s.name)) for s in exp.scenarios}
-  return {"all": (exp.load_split(split), exp.trie())}
+  """``{name: (examples, trie)}``: `Experiment.eval_sets` keyed by scenario name ('all' without
+  scenarios), each with its pool's trie."""
+  return {key.partition("/")[2] or "all": (arrays, exp.trie(pool))
+          for key, (arrays, pool) in exp.eval_sets(split).items()}
 
 
 def main():

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from oxyjax.data import pipeline, readers
-from tests.data.conftest import REPO
 from oxyjax.data.catalogue import Catalogue, CatalogueError
 from oxyjax.data.scenarios import ScenarioConfig, build_scenarios, search_query
+from tests.data.conftest import REPO
 
 
 class HashEncoder:
