@@ -30,14 +30,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import cpu_model  # noqa: E402
 
 
-def scenario_configs():
+def scenario_configs(path="gin_configs/scenarios/amazon2018.gin"):
   import gin
 
   from oxyjax import train as train_lib  # noqa: F401  (gin names)
 
   gin.clear_config()
+  gin.add_config_file_search_path("gin_configs")  # includes, as the CLI resolves them
   gin.parse_config_files_and_bindings(["gin_configs/modes/pretrain.gin", "gin_configs/models/small.gin",
-                                       "gin_configs/scenarios/amazon2018.gin"], ["MODEL_DIR = '/unused'"])
+                                       path], ["MODEL_DIR = '/unused'"])
   configs = [r.scoped_configurable_fn() for r in gin.query_parameter("oxyjax.train.train.scenarios")]
   gin.clear_config()
   return configs
@@ -52,6 +53,9 @@ def main():
   ap.add_argument("--eval_max_examples", type=int, default=300)
   ap.add_argument("--only", choices=["unified", "separate", "both"], default="both")
   ap.add_argument("--seed", type=int, default=0, help="initialisation, dropout and data-order seed of every model")
+  ap.add_argument("--scenarios", default="gin_configs/scenarios/amazon2018.gin",
+                  help="the gin file of the scenarios (e.g. gin_configs/scenarios/amazon2018_events.gin: each "
+                       "scenario on its own third of its domain's training events)")
   ap.add_argument("--rate", action="append", default=[], metavar="SCENARIO=RATE",
                   help="override one scenario's mixture rate (repeatable), e.g. --rate=office_search=1.0")
   ap.add_argument("--instructions_store", default=None,
@@ -67,7 +71,7 @@ def main():
   from oxyjax.models.encoder_decoder import ModelConfig
 
   os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  configs = apply_rates(scenario_configs(), args.rate)
+  configs = apply_rates(scenario_configs(args.scenarios), args.rate)
   splits = tuple(x for x in args.final_splits.split(",") if x)
   model = ModelConfig(emb_dim=128, num_heads=4, head_dim=32, mlp_dim=512, num_encoder_layers=2,
                       num_decoder_layers=2, dropout_rate=0.1, max_history=20, instruction_dim=384)

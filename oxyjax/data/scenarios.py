@@ -17,7 +17,17 @@ leave-one-out splits (`readers`), with every held-out target held out of every s
   embedded by the sentence encoder (all-MiniLM-L6-v2) as the reasoning instruction ``I_r``;
   the history personalises it. Needs item text (the 2018 data).
 
-`train_fraction < 1` keeps a fixed random subset (seeded by the scenario's name) of the
+`train_events = (lo, hi)` gives the scenario a slice of its domain's training events: each
+event (a user's behaviour at one position of their sequence) has a fixed uniform draw
+``u in [0, 1)`` (a hash of the domain, the user and the position: `event_draws`), and the
+scenario trains on the events with ``lo <= u < hi``. Scenarios of one domain with
+non-overlapping slices train on disjoint events, as in a real log, where each behaviour
+happened in exactly one scenario; the default ``(0, 1)`` gives every scenario every event (so
+that, for example, a search row and a homepage row can be the same user, history and target).
+The slice belongs to the scenario, not to the run: a model trained on one scenario alone gets
+the same events as that scenario in a mixture.
+
+`train_fraction < 1` then keeps a fixed random subset (seeded by the scenario's name) of those
 training examples: a data-poor scenario. Validation and test are always complete.
 
 The pool of a scenario (its decoder constraint) is its domain's items.
@@ -65,6 +75,8 @@ class ScenarioConfig:
   rate: float = 1.0  # mixture rate (relative; seqio.Mixture)
   train_fraction: float = 1.0  # < 1: a data-poor scenario (this fraction of its training examples)
   context: int = 2  # item_to_item: behaviours of context before the trigger
+  # [lo, hi): the slice of its domain's training events it trains on (`event_draws`); (0, 1): all
+  train_events: tuple[float, float] = (0.0, 1.0)
 
   def __post_init__(self):
     if not re.fullmatch(r"[a-z0-9_]+", self.name):
@@ -77,6 +89,13 @@ class ScenarioConfig:
       raise ValueError(f"scenario {self.name!r}: train_fraction must be in (0, 1], got {self.train_fraction}")
     if self.context < 0:
       raise ValueError(f"scenario {self.name!r}: context must be >= 0, got {self.context}")
+    try:
+      lo, hi = (float(x) for x in self.train_events)
+    except (TypeError, ValueError):
+      raise ValueError(f"scenario {self.name!r}: train_events must be a pair (lo, hi), got {self.train_events!r}")
+    if not 0 <= lo < hi <= 1:
+      raise ValueError(f"scenario {self.name!r}: train_events must satisfy 0 <= lo < hi <= 1, got {self.train_events!r}")
+    object.__setattr__(self, "train_events", (lo, hi))  # a list from JSON (the artifact) -> a tuple
 
 
 # --------------------------------------------------------------------------- search queries
@@ -184,11 +203,27 @@ def _subset(n: int, fraction: float, name: str) -> np.ndarray:
   return np.sort(np.random.default_rng(seed).choice(n, keep, replace=False))
 
 
+def event_draws(domain: str, users: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+  """The fixed uniform draw in [0, 1) of each training event of `domain` (user index, position of
+  the target in the user's sequence = its history length): a hash, independent of the order of the
+  events and of the other scenarios, so a scenario's `train_events` slice is the same in every run."""
+  name = readers.resolve_dataset_name(domain)
+  out = np.empty((len(users),), np.float64)
+  for k, (u, p) in enumerate(zip(users, positions)):
+    h = hashlib.blake2b(f"{name}/{int(u)}/{int(p)}".encode(), digest_size=8).digest()
+    out[k] = int.from_bytes(h, "little") / 2.0**64
+  return out
+
+
 def _scenario_split(catalogue: Catalogue, cfg: ScenarioConfig, sid: int, split: str, max_history: int,
                     instruction_dim: int, queries: Optional[np.ndarray],
                     instruction_lookup: Optional[InstructionLookup] = None) -> tuple[pipeline.ExampleArrays, int]:
   ds = catalogue.dataset(cfg.domain)
   examples = ds.split(split)
+  if split == "train" and cfg.train_events != (0.0, 1.0):
+    lo, hi = cfg.train_events
+    u = event_draws(cfg.domain, [ex.user for ex in examples], [len(ex.history) for ex in examples])
+    examples = [ex for ex, x in zip(examples, u) if lo <= x < hi]
   skipped = 0
   if cfg.kind == "search":
     has_query = queries is not None and np.any(queries != 0, axis=1)

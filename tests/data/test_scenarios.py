@@ -143,13 +143,45 @@ def test_data_poor_scenario_keeps_a_fixed_tenth_of_training_only(built):
   _, (_, i2i, poor, _) = built
   n = len(i2i.splits["train"])
   assert len(poor.splits["train"]) == round(0.1 * n)
-  full = {(u, t, tuple(h)) for u, t, h in zip(i2i.splits["train"].user, i2i.splits["train"].target,
-                                                i2i.splits["train"].history.tolist())}
-  sub = {(u, t, tuple(h)) for u, t, h in zip(poor.splits["train"].user, poor.splits["train"].target,
-                                               poor.splits["train"].history.tolist())}
-  assert sub < full
+  assert _events(poor.splits["train"]) < _events(i2i.splits["train"])
   for split in ("validation", "test"):
     assert np.array_equal(poor.splits[split].target, i2i.splits[split].target)
+
+
+def _events(arrays):
+  """(user, target, history) of each row: one training event."""
+  return {(u, t, tuple(h)) for u, t, h in zip(arrays.user, arrays.target, arrays.history.tolist())}
+
+
+def test_train_event_slices_partition_a_domains_training_events(catalogue, tmp_path):
+  """Scenarios of one domain with non-overlapping `train_events` slices train on disjoint events
+  whose union is every event; the slice does not depend on the other scenarios of the run
+  (a scenario trained alone gets the same rows); validation and test stay complete."""
+  whole = ScenarioConfig("office_homepage", "homepage", "office")
+  thirds = [ScenarioConfig(f"office_home{k}", "homepage", "office", train_events=(k / 3, (k + 1) / 3))
+            for k in range(3)]
+  out = build_scenarios(catalogue, [whole, *thirds], max_history=10)
+  every = _events(out[0].splits["train"])
+  parts = [_events(s.splits["train"]) for s in out[1:]]
+  assert sum(len(p) for p in parts) == len(every) == len(out[0].splits["train"])
+  assert set().union(*parts) == every
+  assert all(not (a & b) for i, a in enumerate(parts) for b in parts[i + 1:])
+  # each slice holds about a third (the draws are uniform): a binomial(n, 1/3) count is within
+  # 5 standard deviations of n/3 except with probability < 1e-6
+  n = len(every)
+  assert all(abs(len(p) - n / 3) < 5 * np.sqrt(n * 2 / 9) for p in parts)
+  alone = build_scenarios(catalogue, [thirds[1]], max_history=10)[0]
+  assert _events(alone.splits["train"]) == parts[1]
+  for split in ("validation", "test"):
+    assert np.array_equal(out[2].splits[split].target, out[0].splits[split].target)
+  # a search scenario on the same slice as a homepage one: the same events, less those without a query
+  search_cfg = ScenarioConfig("office_search2", "search", "office", train_events=thirds[2].train_events)
+  search = build_scenarios(catalogue, [search_cfg], max_history=10, instruction_dim=HashEncoder.dim,
+                           query_cache_dir=tmp_path, query_encoder=HashEncoder())[0]
+  assert _events(search.splits["train"]) <= parts[2]
+  assert len(search.splits["train"]) + search.skipped["train"] == len(parts[2])
+  # the artifact stores the slice as a JSON list; it reads back as the same config
+  assert ScenarioConfig(**{**thirds[1].__dict__, "train_events": list(thirds[1].train_events)}) == thirds[1]
 
 
 def test_search_rows_carry_their_targets_query_embedding(catalogue, built, tmp_path):
@@ -189,6 +221,10 @@ def test_scenario_config_errors(catalogue):
     ScenarioConfig("x", "homepage", "office", train_fraction=0.0)
   with pytest.raises(ValueError, match="lower-case"):
     ScenarioConfig("Office Home", "homepage", "office")
+  with pytest.raises(ValueError, match="0 <= lo < hi <= 1"):
+    ScenarioConfig("x", "homepage", "office", train_events=(0.5, 0.5))
+  with pytest.raises(ValueError, match="a pair"):
+    ScenarioConfig("x", "homepage", "office", train_events=0.5)
   with pytest.raises(ValueError, match="search needs item text"):
     build_scenarios(Catalogue.load(["beauty"]), [ScenarioConfig("s", "search", "beauty")], max_history=5,
                     instruction_dim=8)
@@ -293,6 +329,29 @@ def test_scenario_gin_file_parses_to_the_documented_mixture():
   kinds = {c.name: (c.kind, c.domain, c.rate, c.train_fraction) for c in configs}
   assert kinds["industrial_i2i_poor"] == ("item_to_item", "industrial", 0.2, 0.1)
   assert {k for k, *_ in kinds.values()} == {"homepage", "item_to_item", "search"}
+  assert all(c.train_events == (0.0, 1.0) for c in configs)
+
+
+def test_event_sliced_scenario_gin_file_gives_each_domains_scenarios_disjoint_slices():
+  """amazon2018_events.gin: the same scenarios, the slices of each domain disjoint and covering [0, 1)."""
+  import gin
+
+  from oxyjax import train  # noqa: F401
+
+  gin.clear_config()
+  try:
+    gin.add_config_file_search_path(str(REPO / "gin_configs"))
+    gin.parse_config_files_and_bindings(
+        ["gin_configs/modes/pretrain.gin", "gin_configs/models/tiny.gin", "gin_configs/scenarios/amazon2018_events.gin"],
+        ["MODEL_DIR = '/tmp/unused'"], skip_unknown=False)
+    configs = [r.scoped_configurable_fn() for r in gin.query_parameter("oxyjax.train.train.scenarios")]
+  finally:
+    gin.clear_config()
+  assert len(configs) == 6
+  for domain in ("office", "industrial"):
+    slices = sorted(c.train_events for c in configs if c.domain == domain)
+    assert len(slices) == 3 and slices[0][0] == 0.0 and slices[-1][1] == 1.0
+    assert all(a[1] == b[0] for a, b in zip(slices, slices[1:]))  # contiguous, no overlap
 
 
 def test_homepage_rows_read_generated_instructions_from_the_store_and_other_kinds_do_not(catalogue, tmp_path):
