@@ -56,6 +56,8 @@ def main():
   ap.add_argument("--scenarios", default="gin_configs/scenarios/amazon2018.gin",
                   help="the gin file of the scenarios (e.g. gin_configs/scenarios/amazon2018_events.gin: each "
                        "scenario on its own third of its domain's training events)")
+  ap.add_argument("--normalize_instruction", action="store_true",
+                  help="ModelConfig.normalize_instruction: RMS-normalise I_r (the search query) before W_r")
   ap.add_argument("--rate", action="append", default=[], metavar="SCENARIO=RATE",
                   help="override one scenario's mixture rate (repeatable), e.g. --rate=office_search=1.0")
   ap.add_argument("--instructions_store", default=None,
@@ -74,7 +76,8 @@ def main():
   configs = apply_rates(scenario_configs(args.scenarios), args.rate)
   splits = tuple(x for x in args.final_splits.split(",") if x)
   model = ModelConfig(emb_dim=128, num_heads=4, head_dim=32, mlp_dim=512, num_encoder_layers=2,
-                      num_decoder_layers=2, dropout_rate=0.1, max_history=20, instruction_dim=384)
+                      num_decoder_layers=2, dropout_rate=0.1, max_history=20, instruction_dim=384,
+                      normalize_instruction=args.normalize_instruction)
   common = dict(model_config=model, batch_size=args.batch_size, num_epochs=None, eval_max_examples=args.eval_max_examples,
                 eval_beam_size=20, eval_batch_size=256, final_eval_splits=splits, log_every_steps=100, seed=args.seed,
                 checkpoint_every_steps=10_000, mesh_shape={"data": 1},

@@ -46,6 +46,9 @@ class ModelConfig:
   # Slow-thinking inputs (issue 4; PAPER.md sections 3-5). 0 disables each part.
   text_dim: int = 0  # width of the frozen item text embeddings fed per behaviour (MiniLM: 384)
   instruction_dim: int = 0  # width of the embedded reasoning instruction I_r (MiniLM: 384)
+  # RMS-normalise I_r before its projection W_r (instruction.InstructionToken): an L2-normalised
+  # sentence embedding otherwise enters INSTR about sqrt(instruction_dim) times weaker than I_s
+  normalize_instruction: bool = False
   igr_recent: int = 0  # IGR: the most recent behaviours always kept (0 = IGR off: all max_history)
   igr_top_k: int = 0  # IGR: long-term behaviours kept by instruction relevance
   igr_dim: int = 64  # IGR: width of the retrieval space shared by psi_q and psi_i
@@ -204,7 +207,8 @@ class EncoderDecoder(nn.Module):
         raise ValueError("use_trigger_item and scenario_triggers both set the trigger: choose one")
       self.default_trigger = self.param("default_trigger", nn.with_logical_partitioning(small, ("embed",)),
                                         (cfg.emb_dim,), jnp.float32)
-    self.instruction = instruction.InstructionToken(cfg.num_scenarios, cfg.emb_dim, cfg.instruction_dim, dt)
+    self.instruction = instruction.InstructionToken(cfg.num_scenarios, cfg.emb_dim, cfg.instruction_dim, dt,
+                                                    normalize=cfg.normalize_instruction)
     if cfg.text_dim:
       self.text_projection = instruction.Dense(cfg.emb_dim, (None, "embed"), use_bias=False, dtype=dt)
     if cfg.use_igr:

@@ -7,6 +7,7 @@ ours is a sum in model space:
 
   i_s   = scenario_embedding[scenario] (+ W_t trigger item, if any)      [B, D]
   i_r   = I_r where an instruction is present, else a learned default   [B, Dr]
+          (RMS-normalised when ModelConfig.normalize_instruction)
   INSTR = i_s + W_r i_r                                                  [B, D]
 
 The learned default lives in the instruction space (before W_r), so a missing, stale or
@@ -56,12 +57,17 @@ class InstructionToken(nn.Module):
     num_scenarios: size of the scenario vocabulary (scenario 0 is the default scenario).
     emb_dim: model width D.
     instruction_dim: width Dr of the embedded reasoning instruction (0: no I_r input).
+    normalize: RMS-normalise i_r before W_r (unit mean square per row). A sentence encoder's
+      embeddings are L2-normalised, so each of their Dr coordinates has mean square 1/Dr, while
+      W_r's fan-in initialisation assumes unit-variance inputs: unnormalised, W_r i_r starts about
+      sqrt(Dr) (about 20 for MiniLM) times smaller than i_s, whose embedding has unit variance.
   """
 
   num_scenarios: int
   emb_dim: int
   instruction_dim: int = 0
   dtype: Any = jnp.float32
+  normalize: bool = False
 
   @nn.compact
   def __call__(self, scenario: jax.Array, instruction_embedding: jax.Array | None = None,
@@ -80,6 +86,8 @@ class InstructionToken(nn.Module):
     else:
       present = instruction_mask if instruction_mask is not None else jnp.ones((b,), bool)
       i_r = jnp.where(present[:, None], instruction_embedding.astype(jnp.float32), default[None])
+    if self.normalize:
+      i_r = i_r * jax.lax.rsqrt(jnp.mean(jnp.square(i_r), axis=-1, keepdims=True) + 1e-12)
     i_r = i_r.astype(self.dtype)
     instr = i_s + Dense(self.emb_dim, (None, "embed"), use_bias=False, dtype=self.dtype, name="fuse_reasoning")(i_r)
     return instr, i_s, i_r

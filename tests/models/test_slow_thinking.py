@@ -144,6 +144,33 @@ def test_missing_instruction_uses_the_learned_default():
   assert float(jnp.abs(grads["instruction"]["default_instruction"]).sum()) > 0
 
 
+def test_normalized_instruction_reads_the_direction_of_i_r_at_the_scale_of_i_s():
+  """ModelConfig.normalize_instruction: W_r sees i_r at unit mean square, so (a) rescaling an
+  instruction embedding leaves the outputs unchanged (up to float32 rounding of the rescale and the
+  rsqrt, ~1e-6 relative, far below the 1e-4 an actual change of input moves them by), while the
+  unnormalised model's outputs move; and (b) at initialisation W_r i_r has about the spread of
+  i_s (unit-variance scenario embedding), not the 1/sqrt(Dr) of an L2-normalised embedding."""
+  ex = _examples()
+  unit = ex["instruction_embedding"] / np.linalg.norm(ex["instruction_embedding"], axis=1, keepdims=True)
+  ex = dict(ex, instruction_embedding=unit)  # as a sentence encoder gives them
+  scaled = dict(ex, instruction_embedding=unit * 7.0)
+  for normalize in (False, True):
+    model = _model(dataclasses.replace(CFG, normalize_instruction=normalize))
+    params = _params(model)
+    out = [np.asarray(model.network.apply({"params": params}, model.convert_features(e))) for e in (ex, scaled)]
+    diff = np.abs(out[0] - out[1]).reshape(len(unit), -1).max(1)
+    present = ex["instruction_mask"]
+    if normalize:
+      assert np.all(diff < 1e-4 * np.abs(out[0]).max())
+    else:
+      assert np.all(diff[present] > 1e-3)
+    instr, i_s, _ = model.network.apply({"params": params}, model.convert_features(ex),
+                                        method=lambda m, b: m.instruction_inputs(b, None))
+    spread = float(np.std(np.asarray(instr - i_s)[present]))  # the W_r i_r term
+    # fan-in init: W_r x has per-coordinate variance mean(x^2): 1 normalised, 1/Dr = 1/12 not
+    assert (spread > 0.5) if normalize else (spread < 0.5), (normalize, spread)
+
+
 def test_only_q2i_trains_the_retrieval_keys():
   """Top-K is discrete: NTP gives psi_i nothing; Q2I does (PAPER.md section 5)."""
   batch = _model().convert_features(_examples())
