@@ -94,6 +94,10 @@ class ModelArtifact:
   # the scenarios (ScenarioConfig fields + 'id'), each decoding over the pool of its name.
   domains: list[str] = dataclasses.field(default_factory=list)
   scenarios: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  # ModelConfig fields that the loaded artifact.json did not hold (it was written before they
+  # existed): they take their defaults, and while they do they stay out of the digest and of a
+  # rewritten header, so an artifact keeps its content digest across oxyjax versions.
+  absent_config_fields: tuple[str, ...] = dataclasses.field(default=(), repr=False, compare=False)
 
   def __post_init__(self):
     n = self.sid_table.num_items
@@ -172,9 +176,18 @@ class ModelArtifact:
     return self.item_titles[index] or None if self.item_titles is not None else None
 
   # ---------------------------------------------------------------- identity
+  def config_record(self) -> dict[str, Any]:
+    """The model config as artifact.json holds it: every field, less `absent_config_fields` that
+    are still at their defaults."""
+    d = config_to_dict(self.model_config)
+    if not self.absent_config_fields:
+      return d
+    default = config_to_dict(ModelConfig())
+    return {k: v for k, v in d.items() if not (k in self.absent_config_fields and v == default[k])}
+
   def content_digest(self) -> str:
     """Digest of what decides the model's inputs and outputs (config, SIDs, items, pools)."""
-    parts = [json.dumps(config_to_dict(self.model_config), sort_keys=True).encode(),
+    parts = [json.dumps(self.config_record(), sort_keys=True).encode(),
              np.ascontiguousarray(self.sid_table.codes).tobytes(),
              "\n".join(self.raw_item_ids).encode()]
     parts += [name.encode() + np.ascontiguousarray(self.pools[name]).tobytes() for name in sorted(self.pools)]
@@ -230,7 +243,7 @@ class ModelArtifact:
         np.save(os.path.join(tmp, "item_text.npy"), np.asarray(self.item_text_embeddings, np.float32))
       header = {
           "format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "dataset": self.dataset,
-          "data_fingerprint": self.data_fingerprint, "model_config": config_to_dict(self.model_config),
+          "data_fingerprint": self.data_fingerprint, "model_config": self.config_record(),
           "num_items": self.num_items, "sid": self.sid_settings, "instructions": self.instructions,
           "pools": sorted(self.pools), "has_item_text": self.item_text_embeddings is not None,
           "domains": self.domains, "scenarios": self.scenarios,
@@ -305,7 +318,9 @@ class ModelArtifact:
                 dataset=header.get("dataset", ""), data_fingerprint=header.get("data_fingerprint"),
                 sid_settings=header.get("sid", {}), instructions=header.get("instructions", {}),
                 item_text_embeddings=text, directory=directory, domains=list(header.get("domains") or []),
-                scenarios=list(header.get("scenarios") or []))
+                scenarios=list(header.get("scenarios") or []),
+                absent_config_fields=tuple(sorted({f.name for f in dataclasses.fields(ModelConfig)}
+                                                  - set(header["model_config"]))))
     except ArtifactError as e:
       raise ArtifactError(f"{directory}: {e}") from None
     if header.get("content_digest") and header["content_digest"] != art.content_digest():

@@ -45,6 +45,32 @@ def test_round_trip_keeps_every_part(tmp_path):
     b.item_indices(["item001", "nope"])
 
 
+def test_an_artifact_written_before_a_config_field_existed_keeps_its_digest(tmp_path):
+  """A ModelConfig field added after an artifact was written is absent from its artifact.json:
+  it loads with the field's default, its content digest is still the one written (so exported
+  bundles and ranking models keyed by it stay valid), and rewriting it keeps that digest; damage
+  to what the digest covers is still caught."""
+  import dataclasses
+
+  a = _artifact()
+  field = "normalize_instruction"  # added in session 18; any field at its default stands in
+  old = dataclasses.replace(a, absent_config_fields=(field,))  # what an older oxyjax wrote
+  assert field not in old.config_record() and old.content_digest() != a.content_digest()
+  path = str(tmp_path / "artifact")
+  old.save(path)
+  header = json.load(open(os.path.join(path, "artifact.json")))
+  assert field not in header["model_config"]
+  b = ModelArtifact.load(path)
+  assert getattr(b.model_config, field) == getattr(ModelConfig(), field)
+  assert b.content_digest() == header["content_digest"] == old.content_digest()
+  b.save(str(tmp_path / "again"))
+  assert ModelArtifact.load(str(tmp_path / "again")).content_digest() == old.content_digest()
+  header["model_config"]["emb_dim"] = 32  # another model under the same digest: refused
+  json.dump(header, open(os.path.join(path, "artifact.json"), "w"))
+  with pytest.raises(ArtifactError, match="content digest"):
+    ModelArtifact.load(path)
+
+
 def test_from_a_real_dataset_holds_raw_ids_and_titles():
   ds = readers.load_dataset("office")
   rng = np.random.default_rng(0)
