@@ -345,9 +345,10 @@ def test_event_sliced_scenario_gin_file_gives_each_domains_scenarios_disjoint_sl
         ["gin_configs/modes/pretrain.gin", "gin_configs/models/tiny.gin", "gin_configs/scenarios/amazon2018_events.gin"],
         ["MODEL_DIR = '/tmp/unused'"], skip_unknown=False)
     configs = [r.scoped_configurable_fn() for r in gin.query_parameter("oxyjax.train.train.scenarios")]
+    normalize = gin.query_parameter("oxyjax.models.encoder_decoder.ModelConfig.normalize_instruction")
   finally:
     gin.clear_config()
-  assert len(configs) == 6
+  assert len(configs) == 6 and normalize
   for domain in ("office", "industrial"):
     slices = sorted(c.train_events for c in configs if c.domain == domain)
     assert len(slices) == 3 and slices[0][0] == 0.0 and slices[-1][1] == 1.0
