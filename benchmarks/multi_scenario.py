@@ -34,9 +34,10 @@ def scenario_configs(path="gin_configs/scenarios/amazon2018.gin"):
   import gin
 
   from oxyjax import train as train_lib  # noqa: F401  (gin names)
+  from oxyjax.cli import GIN_ROOT
 
   gin.clear_config()
-  gin.add_config_file_search_path("gin_configs")  # includes, as the CLI resolves them
+  gin.add_config_file_search_path(GIN_ROOT)  # includes, as the CLI resolves them
   gin.parse_config_files_and_bindings(["gin_configs/modes/pretrain.gin", "gin_configs/models/small.gin",
                                        path], ["MODEL_DIR = '/unused'"])
   configs = [r.scoped_configurable_fn() for r in gin.query_parameter("oxyjax.train.train.scenarios")]
