@@ -61,6 +61,9 @@ def main():
                   help="ModelConfig.normalize_instruction: RMS-normalise I_r (the search query) before W_r")
   ap.add_argument("--rate", action="append", default=[], metavar="SCENARIO=RATE",
                   help="override one scenario's mixture rate (repeatable), e.g. --rate=office_search=1.0")
+  ap.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
+                  help="override one ModelConfig field of both approaches (repeatable), e.g. --model=emb_dim=256 "
+                       "--model=num_experts=4 --model=num_experts_per_token=2")
   ap.add_argument("--instructions_store", default=None,
                   help="a near-line instruction store (oxyjax.instructions.generate over the catalogues): the "
                        "homepage scenarios read their generated reasoning instructions from it; the covered "
@@ -79,6 +82,7 @@ def main():
   model = ModelConfig(emb_dim=128, num_heads=4, head_dim=32, mlp_dim=512, num_encoder_layers=2,
                       num_decoder_layers=2, dropout_rate=0.1, max_history=20, instruction_dim=384,
                       normalize_instruction=args.normalize_instruction)
+  model = apply_model_overrides(model, args.model)
   common = dict(model_config=model, batch_size=args.batch_size, num_epochs=None, eval_max_examples=args.eval_max_examples,
                 eval_beam_size=20, eval_batch_size=256, final_eval_splits=splits, log_every_steps=100, seed=args.seed,
                 checkpoint_every_steps=10_000, mesh_shape={"data": 1},
@@ -88,7 +92,8 @@ def main():
                 instructions=train_lib.InstructionsConfig(store=args.instructions_store))
   out_path = os.path.join(args.out, "multi_scenario.json")
   report = json.load(open(out_path)) if os.path.exists(out_path) else {}
-  report.update({"cpu": cpu_model(), "steps_total": args.steps, "batch_size": args.batch_size, "seed": args.seed,
+  report.update({"cpu": cpu_model(), "model": dataclasses.asdict(model), "steps_total": args.steps,
+                 "batch_size": args.batch_size, "seed": args.seed,
                  "scenarios": [dataclasses.asdict(c) for c in configs], "instructions_store": args.instructions_store,
                  "command": "python benchmarks/multi_scenario.py " + " ".join(sys.argv[1:])})
 
@@ -137,6 +142,24 @@ def apply_rates(configs, overrides):
   if unknown:
     raise SystemExit(f"--rate: unknown scenario(s) {sorted(unknown)}; known: {[c.name for c in configs]}")
   return [dataclasses.replace(c, rate=rates.get(c.name, c.rate)) for c in configs]
+
+
+def apply_model_overrides(model, overrides):
+  """`model` with `FIELD=VALUE` overrides, each VALUE parsed as the field's current type (unknown fields are an error)."""
+  fields = {f.name for f in dataclasses.fields(model)}
+  changes = {}
+  for item in overrides:
+    name, _, value = item.partition("=")
+    if name not in fields or not value:
+      raise SystemExit(f"--model {item!r}: expected FIELD=VALUE with FIELD a ModelConfig field")
+    current = getattr(model, name)
+    if isinstance(current, bool):
+      changes[name] = value.lower() in ("1", "true", "yes")
+    elif isinstance(current, (int, float)):
+      changes[name] = type(current)(value)
+    else:
+      raise SystemExit(f"--model {item!r}: only int, float and bool fields can be overridden here")
+  return dataclasses.replace(model, **changes)
 
 
 def plot(report, path, configs):
