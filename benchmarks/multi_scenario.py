@@ -154,7 +154,9 @@ def apply_model_overrides(model, overrides):
       raise SystemExit(f"--model {item!r}: expected FIELD=VALUE with FIELD a ModelConfig field")
     current = getattr(model, name)
     if isinstance(current, bool):
-      changes[name] = value.lower() in ("1", "true", "yes")
+      if value.lower() not in ("true", "false"):
+        raise SystemExit(f"--model {item!r}: {name} takes true or false")
+      changes[name] = value.lower() == "true"
     elif isinstance(current, (int, float)):
       changes[name] = type(current)(value)
     else:
