@@ -96,11 +96,14 @@ def set_aside(path: str, aside_dir: str, name: str) -> str:
 
 
 def _quiet_dropped_reads() -> None:
-  """Once a checkpoint turned out unreadable: Orbax reads an array's chunks concurrently, and when
-  one read fails the others are dropped un-awaited, each reported by Python as "Exception ignored
-  in <coroutine _read_array_index_...>" with its TensorStore traceback (hundreds of lines, at
-  garbage-collection time). Those reports repeat the one-line message already logged: drop them,
-  and only them (an unraisable exception that is not an unreadable-read error still prints)."""
+  """Installed before a restore is tried. When a checkpoint is unreadable: Orbax reads an array's chunks concurrently, and when
+  one read fails the others are dropped un-awaited. Python reports each of those at
+  garbage-collection time with its TensorStore traceback (hundreds of lines), in two ways: as
+  "Exception ignored in <coroutine _read_array_index_...>" (`sys.unraisablehook`) and, for the
+  tasks Orbax wrapped them in, as asyncio's "Task exception was never retrieved" (an error
+  record on the `asyncio` logger). Both repeat the one-line message already logged: drop them,
+  and only them (any other unraisable exception or asyncio error still prints)."""
+  import logging
   import sys
 
   previous = sys.unraisablehook
@@ -113,8 +116,16 @@ def _quiet_dropped_reads() -> None:
       return
     previous(unraisable)
 
+  def dropped_orbax_read(record: logging.LogRecord) -> bool:
+    """False (drop) for asyncio's report of an un-awaited Orbax read task that failed unreadable."""
+    exc = record.exc_info[1] if record.exc_info else None
+    msg = record.getMessage()
+    return not (exc is not None and is_unreadable_error(exc) and "never retrieved" in msg
+                and f"orbax{os.sep}checkpoint" in msg)
+
   hook._oxyjax_quiet_reads = True
   sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(dropped_orbax_read)
 
 
 def _restore_newest_readable(manager: ocp.CheckpointManager, restore: Callable[[int], Any], *, what: str,
@@ -125,6 +136,7 @@ def _restore_newest_readable(manager: ocp.CheckpointManager, restore: Callable[[
   other error propagates. With several processes nothing is moved (the hosts would have to
   agree on it first): UnreadableCheckpointError names the step to move away by hand."""
   moved = 0
+  _quiet_dropped_reads()  # before the reads: their dropped siblings may be reported at any later time
   while (step := manager.latest_step()) is not None:
     try:
       return (step, restore(step)), moved
@@ -132,7 +144,6 @@ def _restore_newest_readable(manager: ocp.CheckpointManager, restore: Callable[[
       if not is_unreadable_error(e):
         raise
       reason = _describe(e)
-      _quiet_dropped_reads()
     _set_aside_step(manager, step, reason, what=what, aside_dir=aside_dir, aside_prefix=aside_prefix, log=log)
     moved += 1
   return None, moved
