@@ -68,6 +68,9 @@ def main():
                   help="a near-line instruction store (oxyjax.instructions.generate over the catalogues): the "
                        "homepage scenarios read their generated reasoning instructions from it; the covered "
                        "test rows are also scored with the learned default (benchmarks/slow_thinking_scenarios.py)")
+  ap.add_argument("--separate", default="",
+                  help="comma-separated scenario names: train only these separate models (default: all; each still "
+                       "gets --steps / #scenarios steps), e.g. to rerun the ones whose scenario changed")
   ap.add_argument("--final_splits", default="test",
                   help="comma-separated splits evaluated in full at the end with the best weights "
                        "(add 'validation' to choose between settings on it)")
@@ -116,7 +119,13 @@ def main():
   if args.only in ("separate", "both"):
     per = args.steps // len(configs)
     sep = {"wall_s": 0.0, "checkpoints": len(configs), "steps_each": per, "best_step": {}, **{x: {} for x in splits}}
+    names = [x for x in args.separate.split(",") if x]
+    unknown = sorted(set(names) - {c.name for c in configs})
+    if unknown:
+      raise SystemExit(f"--separate: unknown scenario(s) {unknown}; the scenarios are {[c.name for c in configs]}")
     for c in configs:
+      if names and c.name not in names:
+        continue
       t0 = time.time()
       res = train_lib.train(scenarios=[c], model_dir=os.path.join(args.out, f"separate_{c.name}"), num_train_steps=per,
                             eval_every_steps=max(1, min(args.eval_every, per // 4)), **common)

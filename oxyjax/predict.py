@@ -158,6 +158,8 @@ def build_request(artifact, model, raw_history: Sequence[str], *, scenario: int 
     if not trigger:
       raise ValueError(f"scenario {sc['name']!r} is item-to-item: give the item being looked at (--trigger)")
     raw_history = (raw_history + [trigger])[-(int(sc.get("context", 2)) + 1):]
+  if sc is not None and int(sc.get("history", 0)):  # the scenario's history cut, as in training
+    raw_history = raw_history[-int(sc["history"]):]
   if not raw_history:
     raise ValueError("the history is empty: give at least one item id")
   items = artifact.item_indices(raw_history)

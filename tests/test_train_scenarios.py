@@ -82,6 +82,20 @@ def test_predict_serves_every_scenario_from_its_own_pool(predictor):
   assert len(recs) == 20 and all(r.startswith("industrial/") for r, _, _ in recs)  # another catalogue's pool
 
 
+def test_a_scenarios_history_cut_applies_to_its_requests(predictor, monkeypatch):
+  """A scenario trained on its last `history` behaviours reads a request's history the same way."""
+  history = ["office/1", "office/2", "office/3"]
+  args = dict(scenario="office_search", query="Ink cartridges, black", embed=predictor._embed)
+  full = predict_lib.build_request(predictor.artifact, predictor.model, history, **args)
+  cut = [dict(s, history=2) if s["name"] == "office_search" else s for s in predictor.artifact.scenarios]
+  monkeypatch.setattr(predictor.artifact, "scenarios", cut)
+  short = predict_lib.build_request(predictor.artifact, predictor.model, history, **args)
+  assert list(full.items) == list(predictor.artifact.item_indices(history))
+  assert list(short.items) == list(predictor.artifact.item_indices(history[1:]))
+  home = predict_lib.build_request(predictor.artifact, predictor.model, history, scenario="office_homepage")
+  assert len(home.items) == 3  # another scenario of the same artifact: not cut
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(scenario="feed"), "unknown scenario 'feed'; this model serves"),
     (dict(scenario="office_i2i"), "give the item being looked at"),

@@ -27,6 +27,10 @@ that, for example, a search row and a homepage row can be the same user, history
 The slice belongs to the scenario, not to the run: a model trained on one scenario alone gets
 the same events as that scenario in a mixture.
 
+`history > 0` keeps only that many most recent behaviours in every split (and the inference
+command cuts a request's history the same way): for example search rows with a short recent
+context, so that the query, not the history, is what names the target.
+
 `train_fraction < 1` then keeps a fixed random subset (seeded by the scenario's name) of those
 training examples: a data-poor scenario. Validation and test are always complete.
 
@@ -75,6 +79,9 @@ class ScenarioConfig:
   rate: float = 1.0  # mixture rate (relative; seqio.Mixture)
   train_fraction: float = 1.0  # < 1: a data-poor scenario (this fraction of its training examples)
   context: int = 2  # item_to_item: behaviours of context before the trigger
+  # every kind: keep at most this many most recent behaviours as the history (0: all, up to the
+  # model's max_history); e.g. a search scenario whose rows carry a short recent context
+  history: int = 0
   # [lo, hi): the slice of its domain's training events it trains on (`event_draws`); (0, 1): all
   train_events: tuple[float, float] = (0.0, 1.0)
 
@@ -89,6 +96,8 @@ class ScenarioConfig:
       raise ValueError(f"scenario {self.name!r}: train_fraction must be in (0, 1], got {self.train_fraction}")
     if self.context < 0:
       raise ValueError(f"scenario {self.name!r}: context must be >= 0, got {self.context}")
+    if self.history < 0:
+      raise ValueError(f"scenario {self.name!r}: history must be >= 0 (0: all behaviours), got {self.history}")
     try:
       lo, hi = (float(x) for x in self.train_events)
     except (TypeError, ValueError):
@@ -232,6 +241,8 @@ def _scenario_split(catalogue: Catalogue, cfg: ScenarioConfig, sid: int, split: 
     examples = kept
   if cfg.kind == "item_to_item":
     examples = [readers.Example(ex.user, ex.history[-(cfg.context + 1):], ex.target) for ex in examples]
+  if cfg.history:
+    examples = [readers.Example(ex.user, ex.history[-cfg.history:], ex.target) for ex in examples]
   if split == "train" and cfg.train_fraction < 1:
     examples = [examples[i] for i in _subset(len(examples), cfg.train_fraction, cfg.name)]
   arrays = pipeline.examples_to_arrays(examples, max_history, scenario=sid)

@@ -1,5 +1,6 @@
 """Catalogue, scenarios, their seqio mixture and the mixture iterator (issue 14)."""
 
+import dataclasses
 import hashlib
 import re
 
@@ -184,6 +185,26 @@ def test_train_event_slices_partition_a_domains_training_events(catalogue, tmp_p
   assert ScenarioConfig(**{**thirds[1].__dict__, "train_events": list(thirds[1].train_events)}) == thirds[1]
 
 
+def test_a_scenarios_history_cut_keeps_the_most_recent_behaviours_in_every_split(catalogue, built, tmp_path):
+  """`history=2`: every row of every split keeps the last two behaviours of the full row (the
+  ones nearest the target), the same targets and queries; the other scenarios are untouched."""
+  _, (_, _, _, search) = built
+  cut_cfg = ScenarioConfig("office_search", "search", "office", rate=0.5, history=2)
+  (cut,) = build_scenarios(catalogue, [cut_cfg], max_history=10, instruction_dim=HashEncoder.dim,
+                           query_cache_dir=tmp_path, query_encoder=HashEncoder())
+  for split in readers.SPLITS:
+    full, short = search.splits[split], cut.splits[split]
+    assert np.array_equal(short.target, full.target) and np.array_equal(short.user, full.user)
+    np.testing.assert_array_equal(short.extras["instruction_embedding"], full.extras["instruction_embedding"])
+    assert np.array_equal(short.history_len, np.minimum(full.history_len, 2))
+    assert (full.history_len > 2).any()  # the cut removes something
+    for i in range(len(full)):  # left-aligned rows: the kept ones are the full row's last two
+      n, m = full.history_len[i], short.history_len[i]
+      assert list(short.history[i, :m]) == list(full.history[i, n - m:n])
+  with pytest.raises(ValueError, match="history must be >= 0"):
+    ScenarioConfig("office_search", "search", "office", history=-1)
+
+
 def test_search_rows_carry_their_targets_query_embedding(catalogue, built, tmp_path):
   _, (_, _, _, search) = built
   a = search.splits["test"]
@@ -332,8 +353,8 @@ def test_scenario_gin_file_parses_to_the_documented_mixture():
   assert all(c.train_events == (0.0, 1.0) for c in configs)
 
 
-def test_event_sliced_scenario_gin_file_gives_each_domains_scenarios_disjoint_slices():
-  """amazon2018_events.gin: the same scenarios, the slices of each domain disjoint and covering [0, 1)."""
+def _scenarios_of(gin_file):
+  """(the ScenarioConfigs, ModelConfig.normalize_instruction) that gin_configs/scenarios/<gin_file> binds."""
   import gin
 
   from oxyjax import train  # noqa: F401
@@ -342,13 +363,22 @@ def test_event_sliced_scenario_gin_file_gives_each_domains_scenarios_disjoint_sl
   try:
     gin.add_config_file_search_path(str(REPO / "gin_configs"))
     gin.parse_config_files_and_bindings(
-        ["gin_configs/modes/pretrain.gin", "gin_configs/models/tiny.gin", "gin_configs/scenarios/amazon2018_events.gin"],
+        ["gin_configs/modes/pretrain.gin", "gin_configs/models/tiny.gin", f"gin_configs/scenarios/{gin_file}"],
         ["MODEL_DIR = '/tmp/unused'"], skip_unknown=False)
     configs = [r.scoped_configurable_fn() for r in gin.query_parameter("oxyjax.train.train.scenarios")]
-    normalize = gin.query_parameter("oxyjax.models.encoder_decoder.ModelConfig.normalize_instruction")
+    return configs, gin.query_parameter("oxyjax.models.encoder_decoder.ModelConfig.normalize_instruction")
   finally:
     gin.clear_config()
-  assert len(configs) == 6 and normalize
+
+
+def test_event_sliced_scenario_gin_file_gives_each_domains_scenarios_disjoint_slices():
+  """amazon2018_events.gin: the same scenarios, the slices of each domain disjoint and covering [0, 1).
+  amazon2018_events_search_context.gin: the same, with the search rows' history cut to 3."""
+  configs, normalize = _scenarios_of("amazon2018_events.gin")
+  assert len(configs) == 6 and normalize and all(c.history == 0 for c in configs)
+  short, _ = _scenarios_of("amazon2018_events_search_context.gin")
+  assert [c.history for c in short] == [3 if c.kind == "search" else 0 for c in configs]
+  assert [dataclasses.replace(c, history=0) for c in short] == configs
   for domain in ("office", "industrial"):
     slices = sorted(c.train_events for c in configs if c.domain == domain)
     assert len(slices) == 3 and slices[0][0] == 0.0 and slices[-1][1] == 1.0
