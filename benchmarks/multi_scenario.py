@@ -64,6 +64,9 @@ def main():
   ap.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
                   help="override one ModelConfig field of both approaches (repeatable), e.g. --model=emb_dim=256 "
                        "--model=num_experts=4 --model=num_experts_per_token=2")
+  ap.add_argument("--q2i_weight", type=float, default=0.0,
+                  help="the Q2I loss weight lambda (needs IGR: --model=igr_recent=R --model=igr_top_k=K); on a search "
+                       "row it aligns psi_q(I_s, query) with the target (PAPER.md section 5)")
   ap.add_argument("--instructions_store", default=None,
                   help="a near-line instruction store (oxyjax.instructions.generate over the catalogues): the "
                        "homepage scenarios read their generated reasoning instructions from it; the covered "
@@ -76,6 +79,7 @@ def main():
                        "(add 'validation' to choose between settings on it)")
   args = ap.parse_args()
 
+  from oxyjax import losses
   from oxyjax import train as train_lib
   from oxyjax.models.encoder_decoder import ModelConfig
 
@@ -92,10 +96,12 @@ def main():
                 optimizer=train_lib.OptimizerConfig(learning_rate=1e-3, warmup_steps=100),
                 # interaction SIDs for both approaches (the comparison is of the training regime)
                 sid=train_lib.SIDConfig(embedding="collaborative"),
-                instructions=train_lib.InstructionsConfig(store=args.instructions_store))
+                instructions=train_lib.InstructionsConfig(store=args.instructions_store),
+                q2i=losses.Q2IConfig(weight=args.q2i_weight))
   out_path = os.path.join(args.out, "multi_scenario.json")
   report = json.load(open(out_path)) if os.path.exists(out_path) else {}
-  report.update({"cpu": cpu_model(), "model": dataclasses.asdict(model), "steps_total": args.steps,
+  report.update({"cpu": cpu_model(), "model": dataclasses.asdict(model), "q2i_weight": args.q2i_weight,
+                 "steps_total": args.steps,
                  "batch_size": args.batch_size, "seed": args.seed,
                  "scenarios": [dataclasses.asdict(c) for c in configs], "instructions_store": args.instructions_store,
                  "command": "python benchmarks/multi_scenario.py " + " ".join(sys.argv[1:])})
