@@ -96,8 +96,9 @@ def set_aside(path: str, aside_dir: str, name: str) -> str:
 
 
 def _quiet_dropped_reads() -> None:
-  """Installed before a restore is tried. When a checkpoint is unreadable: Orbax reads an array's chunks concurrently, and when
-  one read fails the others are dropped un-awaited. Python reports each of those at
+  """Installed before a restore is tried. When a checkpoint is unreadable: Orbax reads an
+  array's chunks concurrently, and when one read fails the others are dropped un-awaited. Python
+  reports each of those at
   garbage-collection time with its TensorStore traceback (hundreds of lines), in two ways: as
   "Exception ignored in <coroutine _read_array_index_...>" (`sys.unraisablehook`) and, for the
   tasks Orbax wrapped them in, as asyncio's "Task exception was never retrieved" (an error

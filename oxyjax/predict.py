@@ -157,9 +157,11 @@ def build_request(artifact, model, raw_history: Sequence[str], *, scenario: int 
   if kind == "item_to_item":
     if not trigger:
       raise ValueError(f"scenario {sc['name']!r} is item-to-item: give the item being looked at (--trigger)")
-    raw_history = (raw_history + [trigger])[-(int(sc.get("context", 2)) + 1):]
-  if sc is not None and int(sc.get("history", 0)):  # the scenario's history cut, as in training
-    raw_history = raw_history[-int(sc["history"]):]
+    raw_history = raw_history + [trigger]
+  if sc is not None:  # the scenario's cut of the history, the rule its training rows were built by
+    from oxyjax.data.scenarios import ScenarioConfig
+
+    raw_history = list(ScenarioConfig(**{k: v for k, v in sc.items() if k != "id"}).kept_behaviours(raw_history))
   if not raw_history:
     raise ValueError("the history is empty: give at least one item id")
   items = artifact.item_indices(raw_history)

@@ -106,6 +106,14 @@ class ScenarioConfig:
       raise ValueError(f"scenario {self.name!r}: train_events must satisfy 0 <= lo < hi <= 1, got {self.train_events!r}")
     object.__setattr__(self, "train_events", (lo, hi))  # a list from JSON (the artifact) -> a tuple
 
+  def kept_behaviours(self, history: Sequence) -> Sequence:
+    """What a row of this scenario keeps of a history (oldest first; for item_to_item the trigger
+    is the last one): item_to_item the trigger and `context` behaviours before it, then at most
+    `history` behaviours. Training rows and inference requests are cut by this one rule."""
+    if self.kind == "item_to_item":
+      history = history[-(self.context + 1):]
+    return history[-self.history:] if self.history else history
+
 
 # --------------------------------------------------------------------------- search queries
 
@@ -239,10 +247,8 @@ def _scenario_split(catalogue: Catalogue, cfg: ScenarioConfig, sid: int, split: 
     kept = [ex for ex in examples if has_query[ex.target]]
     skipped = len(examples) - len(kept)
     examples = kept
-  if cfg.kind == "item_to_item":
-    examples = [readers.Example(ex.user, ex.history[-(cfg.context + 1):], ex.target) for ex in examples]
-  if cfg.history:
-    examples = [readers.Example(ex.user, ex.history[-cfg.history:], ex.target) for ex in examples]
+  if cfg.kind == "item_to_item" or cfg.history:
+    examples = [readers.Example(ex.user, cfg.kept_behaviours(ex.history), ex.target) for ex in examples]
   if split == "train" and cfg.train_fraction < 1:
     examples = [examples[i] for i in _subset(len(examples), cfg.train_fraction, cfg.name)]
   arrays = pipeline.examples_to_arrays(examples, max_history, scenario=sid)
