@@ -71,6 +71,9 @@ def main():
                   help="a near-line instruction store (oxyjax.instructions.generate over the catalogues): the "
                        "homepage scenarios read their generated reasoning instructions from it; the covered "
                        "test rows are also scored with the learned default (benchmarks/slow_thinking_scenarios.py)")
+  ap.add_argument("--joint_codes", choices=["shared", "disjoint"], default="shared",
+                  help="the unified model's SID code tokens below the domain level: shared between the domains or "
+                       "disjoint (SIDConfig.joint_codes; a one-domain separate model has no joint codes)")
   ap.add_argument("--separate", default="",
                   help="comma-separated scenario names: train only these separate models (default: all; each still "
                        "gets --steps / #scenarios steps), e.g. to rerun the ones whose scenario changed")
@@ -95,12 +98,13 @@ def main():
                 checkpoint_every_steps=10_000, mesh_shape={"data": 1},
                 optimizer=train_lib.OptimizerConfig(learning_rate=1e-3, warmup_steps=100),
                 # interaction SIDs for both approaches (the comparison is of the training regime)
-                sid=train_lib.SIDConfig(embedding="collaborative"),
+                sid=train_lib.SIDConfig(embedding="collaborative", joint_codes=args.joint_codes),
                 instructions=train_lib.InstructionsConfig(store=args.instructions_store),
                 q2i=losses.Q2IConfig(weight=args.q2i_weight))
   out_path = os.path.join(args.out, "multi_scenario.json")
   report = json.load(open(out_path)) if os.path.exists(out_path) else {}
   report.update({"cpu": cpu_model(), "model": dataclasses.asdict(model), "q2i_weight": args.q2i_weight,
+                 "joint_codes": args.joint_codes,
                  "steps_total": args.steps,
                  "batch_size": args.batch_size, "seed": args.seed,
                  "scenarios": [dataclasses.asdict(c) for c in configs], "instructions_store": args.instructions_store,

@@ -47,6 +47,9 @@ class SIDConfig:
   balance: str = "residual"  # which k-means levels use balanced assignment: residual | none | all
   seed: int = 0
   cache_dir: str | None = None  # default: <repo>/.cache/sid/<dataset>_<data fingerprint>_<settings>
+  # Several domains: 'shared' code tokens below the domain level (code c of level l is one token
+  # in every domain) or 'disjoint' (each domain's codes are their own tokens); `Catalogue.joint_sid_codes`.
+  joint_codes: str = "shared"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,14 +273,21 @@ def joint_sid_table(catalogue: Catalogue, sid: SIDConfig):
 
   if sid.path:
     raise ValueError("SIDConfig.path names one dataset's table; a multi-domain catalogue builds each domain's")
+  if sid.joint_codes not in ("shared", "disjoint"):
+    raise ValueError(f"SIDConfig.joint_codes must be 'shared' or 'disjoint', got {sid.joint_codes!r}")
   tables = [load_sid_table(d, sid) for d in catalogue.domains]
   if len(tables) == 1:
     return tables[0]
-  codes = catalogue.joint_sid_codes([t.codes for t in tables])
-  sizes = [len(tables)] + [max(t.codebook_sizes[l] for t in tables) for l in range(tables[0].num_levels)]
+  levels = range(tables[0].num_levels)
+  if sid.joint_codes == "disjoint":
+    codes = catalogue.joint_sid_codes([t.codes for t in tables], [t.codebook_sizes for t in tables])
+    sizes = [len(tables)] + [sum(t.codebook_sizes[l] for t in tables) for l in levels]
+  else:
+    codes = catalogue.joint_sid_codes([t.codes for t in tables])
+    sizes = [len(tables)] + [max(t.codebook_sizes[l] for t in tables) for l in levels]
   return SIDTable(codes=codes, codebook_sizes=tuple(sizes),
-                  meta={"joint": "domain level + per-domain tables", "domains": list(catalogue.domains),
-                        "domain_tables": [t.meta for t in tables]})
+                  meta={"joint": f"domain level + per-domain tables, {sid.joint_codes} code tokens",
+                        "domains": list(catalogue.domains), "domain_tables": [t.meta for t in tables]})
 
 
 def _text_embeddings(catalogue: Catalogue) -> np.ndarray:

@@ -17,9 +17,14 @@ that domain's own item embeddings (text for the 2018 data, interaction PPMI-SVD 
 ``(domain, domain's path ...)``. Embeddings from different sources live in different spaces
 whose distances are not comparable (a cosine between a MiniLM text vector and a PPMI-SVD
 vector means nothing), so they are never quantised together; the leading domain code makes
-every joint path unique and lets the decoder's first step pick the catalogue. Levels whose
-codebooks differ in size between domains take the largest size. A one-domain catalogue has
-no domain level: its table is the dataset's own (single-dataset runs are unchanged).
+every joint path unique and lets the decoder's first step pick the catalogue. Below the domain
+level the code *tokens* are either shared between domains (code ``c`` of level ``l`` is one
+token in every domain, so one embedding and one output row serve unrelated clusters of different
+catalogues; levels whose codebooks differ in size take the largest size) or disjoint (each
+domain's codes of a level are offset past the previous domains', so no token means two things;
+the level's vocabulary is the sum of the domains' codebooks): `SIDConfig.joint_codes`. A
+one-domain catalogue has no domain level: its table is the dataset's own (single-dataset runs
+are unchanged).
 
 `fingerprint` (of the domains' names and raw-data fingerprints, `readers.dataset_fingerprint`)
 keys everything built from a catalogue.
@@ -177,11 +182,14 @@ class Catalogue:
         source_files=tuple(f for ds in self.datasets for f in ds.source_files))
 
   # ---------------------------------------------------------------- the joint SID space
-  def joint_sid_codes(self, tables: Sequence[np.ndarray]) -> np.ndarray:
+  def joint_sid_codes(self, tables: Sequence[np.ndarray],
+                      codebook_sizes: Optional[Sequence[Sequence[int]]] = None) -> np.ndarray:
     """Per-domain SID codes ([n_d + 1, L] each, row 0 padding) -> the joint table [N + 1, L (+1)].
 
     One domain: its codes unchanged. Several: a leading domain level (see the module
-    docstring); every domain needs the same number of levels.
+    docstring); every domain needs the same number of levels. `codebook_sizes` (each domain's
+    per-level vocabulary, length L each) makes the codes disjoint: domain d's code at level l is
+    offset by the sizes of level l of domains 0..d-1; without it the codes are shared.
     """
     if len(tables) != len(self.datasets):
       raise CatalogueError(f"{len(tables)} SID tables for {len(self.datasets)} domains")
@@ -193,9 +201,19 @@ class Catalogue:
     levels = {t.shape[1] for t in tables}
     if len(levels) != 1:
       raise CatalogueError(f"the domains' SID tables have different numbers of levels: {sorted(levels)}")
-    out = np.zeros((self.num_items + 1, levels.pop() + 1), np.int32)
+    num_levels = levels.pop()
+    offsets = np.zeros((len(tables), num_levels), np.int64)
+    if codebook_sizes is not None:
+      sizes = np.asarray(codebook_sizes, np.int64)
+      if sizes.shape != offsets.shape:
+        raise CatalogueError(f"codebook sizes of shape {sizes.shape} for {len(tables)} domains x {num_levels} levels")
+      for d, t in enumerate(tables):
+        if t.shape[0] > 1 and np.any(t[1:].max(axis=0) >= sizes[d]):
+          raise CatalogueError(f"SID codes of {self.datasets[d].name!r} exceed its codebook sizes {sizes[d].tolist()}")
+      offsets[1:] = np.cumsum(sizes, axis=0)[:-1]
+    out = np.zeros((self.num_items + 1, num_levels + 1), np.int32)
     for d, t in enumerate(tables):
       rows = slice(self.offsets[d] + 1, self.offsets[d + 1] + 1)
       out[rows, 0] = d
-      out[rows, 1:] = t[1:]
+      out[rows, 1:] = t[1:] + offsets[d]
     return out

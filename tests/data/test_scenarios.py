@@ -103,6 +103,34 @@ def test_joint_sid_codes_prefix_the_domain_and_keep_each_domains_paths(catalogue
   assert np.array_equal(one.joint_sid_codes(tables[:1]), tables[0])  # one domain: unchanged
 
 
+def test_disjoint_joint_sid_codes_give_every_domain_its_own_tokens(catalogue):
+  """`SIDConfig.joint_codes = 'disjoint'`: below the domain level no code token is used by two
+  domains, and each domain's codes are its own table's shifted by the earlier domains' sizes."""
+  rng = np.random.default_rng(1)
+  sizes = [(4, 4, 0), (3, 5, 0)]
+  tables = []
+  for ds, size in zip(catalogue.datasets, sizes):
+    t = np.zeros((ds.num_items + 1, 3), np.int32)
+    t[1:, 0] = rng.integers(0, size[0], ds.num_items)
+    t[1:, 1] = rng.integers(0, size[1], ds.num_items)
+    t[1:, 2] = np.arange(ds.num_items)
+    tables.append(t)
+  sizes = [(a, b, t[1:, 2].max() + 1) for (a, b, _), t in zip(sizes, tables)]
+  codes = catalogue.joint_sid_codes(tables, sizes)
+  rows = [catalogue.items_of(d) for d in catalogue.domains]
+  for level in (1, 2, 3):
+    assert not set(codes[rows[0], level]) & set(codes[rows[1], level]), level
+  assert np.array_equal(codes[rows[0], 1:], tables[0][1:])  # the first domain keeps its codes
+  assert np.array_equal(codes[rows[1], 1:] - np.asarray(sizes[0]), tables[1][1:])
+  assert np.array_equal(codes[:, 0], catalogue.joint_sid_codes(tables)[:, 0])  # the domain level is unchanged
+  too_small = [sizes[0], (2, 5, sizes[1][2])]  # the second domain's level-1 codes reach 2
+  with pytest.raises(CatalogueError, match="'industrial' exceed its codebook sizes"):
+    catalogue.joint_sid_codes(tables, too_small)
+  from oxyjax import experiment
+  with pytest.raises(ValueError, match="joint_codes must be 'shared' or 'disjoint', got 'merged'"):
+    experiment.joint_sid_table(catalogue, experiment.SIDConfig(joint_codes="merged"))
+
+
 # ---------------------------------------------------------------- scenarios
 
 @pytest.fixture(scope="module")
