@@ -71,6 +71,8 @@ def main():
                   help="a near-line instruction store (oxyjax.instructions.generate over the catalogues): the "
                        "homepage scenarios read their generated reasoning instructions from it; the covered "
                        "test rows are also scored with the learned default (benchmarks/slow_thinking_scenarios.py)")
+  ap.add_argument("--q2i_variance", choices=["mean", "per_dimension"], default="mean",
+                  help="how the Q2I variance term reads Var(X) (losses.q2i_loss)")
   ap.add_argument("--joint_codes", choices=["shared", "disjoint"], default="shared",
                   help="the unified model's SID code tokens below the domain level: shared between the domains or "
                        "disjoint (SIDConfig.joint_codes; a one-domain separate model has no joint codes)")
@@ -100,10 +102,10 @@ def main():
                 # interaction SIDs for both approaches (the comparison is of the training regime)
                 sid=train_lib.SIDConfig(embedding="collaborative", joint_codes=args.joint_codes),
                 instructions=train_lib.InstructionsConfig(store=args.instructions_store),
-                q2i=losses.Q2IConfig(weight=args.q2i_weight))
+                q2i=losses.Q2IConfig(weight=args.q2i_weight, variance=args.q2i_variance))
   out_path = os.path.join(args.out, "multi_scenario.json")
   report = json.load(open(out_path)) if os.path.exists(out_path) else {}
-  report.update({"cpu": cpu_model(), "model": dataclasses.asdict(model), "q2i_weight": args.q2i_weight,
+  report.update({"cpu": cpu_model(), "model": dataclasses.asdict(model), "q2i_weight": args.q2i_weight, "q2i_variance": args.q2i_variance,
                  "joint_codes": args.joint_codes,
                  "steps_total": args.steps,
                  "batch_size": args.batch_size, "seed": args.seed,

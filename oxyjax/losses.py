@@ -39,11 +39,15 @@ class Q2IConfig:
   """The Q2I loss (PAPER.md section 5): L = L_NTP + weight * L_Q2I.
 
   weight: lambda (0 disables Q2I). variance_weight: lambda_r. decorrelation_weight: lambda_d.
+  variance: how `log Var(X)` is read (`q2i_loss`): 'mean' (log of the per-dimension variance
+  averaged over dimensions) or 'per_dimension' (the mean over dimensions of each dimension's log
+  variance, which also penalises a set that has collapsed onto a few directions).
   """
 
   weight: float = 0.0
   variance_weight: float = 0.1
   decorrelation_weight: float = 0.1
+  variance: str = "mean"
 
 
 def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -51,24 +55,35 @@ def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
-def _batch_variance(x: jax.Array, w: jax.Array, n: jax.Array) -> jax.Array:
-  """Var(X): per-dimension variance over the (weighted) batch, averaged over dimensions."""
+def _dimension_variances(x: jax.Array, w: jax.Array, n: jax.Array) -> jax.Array:
+  """[d]: each dimension's variance over the (weighted) batch."""
   mean = jnp.sum(x * w[:, None], axis=0) / n
-  return jnp.mean(jnp.sum(jnp.square(x - mean) * w[:, None], axis=0) / n)
+  return jnp.sum(jnp.square(x - mean) * w[:, None], axis=0) / n
+
+
+Q2I_VARIANCES = ("mean", "per_dimension")
 
 
 def q2i_loss(query: jax.Array, target: jax.Array, weights: jax.Array, *, variance_weight: float,
-             decorrelation_weight: float, eps: float = 1e-8) -> tuple[jax.Array, dict[str, jax.Array]]:
+             decorrelation_weight: float, variance: str = "mean",
+             eps: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Query-to-item loss, PAPER.md section 5, over one batch:
 
     L_Q2I = -(1/B) sum_i q_i.t_i  -  lambda_r log(Var(Q) Var(T))  +  lambda_d (1/(B^2-B)) sum_{i!=j} (q_i.q_j)^2
 
-  with q_i, t_i L2-normalised. Var(X) is the per-dimension variance over the batch,
-  averaged over dimensions (our reading: the paper does not define it further); `eps` keeps
-  the log finite for a collapsed batch. Rows with weight 0 (padding) take no part: every
-  batch mean is weighted, and the decorrelation term averages over pairs of real rows.
-  Unlike NTP this is a batch-level loss: with gradient accumulation it is computed per
-  microbatch.
+  with q_i, t_i L2-normalised. The paper does not define Var(X) further; two readings:
+  - `variance='mean'`: log of the per-dimension variance over the batch averaged over dimensions,
+    `log(mean_k var_k(X) + eps)` with eps 1e-8. For unit vectors with batch mean m this is
+    `(1 - |m|^2) / d` whatever their directions, so it only sees a collapse onto one point: a batch
+    on two opposite directions scores like a spread-out one (docs/multi_scenario.md, session 20).
+  - `variance='per_dimension'`: `mean_k log(var_k(X) + eps)`, eps 1e-4 (a floor 1/156 of a unit
+    vector's per-dimension variance in 64 dimensions, which bounds the gradient of a dead
+    dimension). Equal to the first when every dimension has the same variance and larger
+    (Jensen) otherwise: it is the log of the geometric mean of the variances, and a batch on a
+    few directions leaves most dimensions near zero variance and pays for it.
+  Rows with weight 0 (padding) take no part: every batch mean is weighted, and the
+  decorrelation term averages over pairs of real rows. Unlike NTP this is a batch-level loss:
+  with gradient accumulation it is computed per microbatch.
 
   Args:
     query: [B, d] IGR queries psi_q(...). target: [B, d] target-item representations psi_i(...).
@@ -77,13 +92,20 @@ def q2i_loss(query: jax.Array, target: jax.Array, weights: jax.Array, *, varianc
   Returns:
     (loss, parts) with parts = {'alignment', 'variance', 'decorrelation'} (unweighted terms).
   """
+  if variance not in Q2I_VARIANCES:
+    raise ValueError(f"Q2I variance must be one of {Q2I_VARIANCES}, got {variance!r}")
   q, t = _l2_normalize(query), _l2_normalize(target)
   w = (weights > 0).astype(jnp.float32)
   n = jnp.maximum(jnp.sum(w), 1.0)
   alignment = -jnp.sum(jnp.sum(q * t, axis=-1) * w) / n
-  variance = -jnp.log(_batch_variance(q, w, n) * _batch_variance(t, w, n) + eps)
+  vq, vt = _dimension_variances(q, w, n), _dimension_variances(t, w, n)
+  if variance == "mean":
+    variance_term = -jnp.log(jnp.mean(vq) * jnp.mean(vt) + (1e-8 if eps is None else eps))
+  else:
+    eps = 1e-4 if eps is None else eps
+    variance_term = -(jnp.mean(jnp.log(vq + eps)) + jnp.mean(jnp.log(vt + eps)))
   pair = w[:, None] * w[None, :] * (1.0 - jnp.eye(q.shape[0], dtype=jnp.float32))
   gram = q @ q.T
   decorrelation = jnp.sum(jnp.square(gram) * pair) / jnp.maximum(jnp.sum(pair), 1.0)
-  loss = alignment + variance_weight * variance + decorrelation_weight * decorrelation
-  return loss, {"alignment": alignment, "variance": variance, "decorrelation": decorrelation}
+  loss = alignment + variance_weight * variance_term + decorrelation_weight * decorrelation
+  return loss, {"alignment": alignment, "variance": variance_term, "decorrelation": decorrelation}

@@ -56,6 +56,8 @@ class RecModel:
     self.item_text_embeddings = item_text_embeddings if config.text_dim else None
     if q2i.weight and not config.use_igr:
       raise ValueError("the Q2I loss trains the IGR retrieval space: set ModelConfig.igr_top_k > 0")
+    if q2i.variance not in losses.Q2I_VARIANCES:
+      raise ValueError(f"Q2IConfig.variance must be one of {losses.Q2I_VARIANCES}, got {q2i.variance!r}")
     self.q2i = q2i
     self.action_weights = dict(action_weights) if action_weights else None
     self.label_smoothing = label_smoothing
@@ -142,7 +144,8 @@ class RecModel:
       # (as the train step does) gives L_NTP + lambda * L_Q2I.
       q2i, parts = losses.q2i_loss(retrieval["query"], retrieval["target"], batch["weights"],
                                    variance_weight=self.q2i.variance_weight,
-                                   decorrelation_weight=self.q2i.decorrelation_weight)
+                                   decorrelation_weight=self.q2i.decorrelation_weight,
+                                   variance=self.q2i.variance)
       loss_sum = loss_sum + self.q2i.weight * q2i * jax.lax.stop_gradient(denom)
       aux.update({"q2i_loss": q2i, **{f"q2i_{k}": v for k, v in parts.items()}})
     if use_moe:

@@ -55,33 +55,59 @@ def _params(model):
 # --------------------------------------------------------------------------- Q2I
 
 
-def _q2i_numpy(q, t, w, lam_r, lam_d, eps=1e-8):
+def _q2i_numpy(q, t, w, lam_r, lam_d, variance="mean"):
   keep = w > 0
   q, t = q[keep].astype(np.float64), t[keep].astype(np.float64)
   q /= np.linalg.norm(q, axis=1, keepdims=True)
   t /= np.linalg.norm(t, axis=1, keepdims=True)
   b = len(q)
   align = -np.mean(np.sum(q * t, axis=1))
-  var = lambda x: np.mean(np.var(x, axis=0))
-  variance = -np.log(var(q) * var(t) + eps)
+  if variance == "mean":
+    variance = -np.log(np.mean(np.var(q, axis=0)) * np.mean(np.var(t, axis=0)) + 1e-8)
+  else:
+    variance = -(np.mean(np.log(np.var(q, axis=0) + 1e-4)) + np.mean(np.log(np.var(t, axis=0) + 1e-4)))
   g = q @ q.T
   decor = (np.sum(g ** 2) - np.sum(np.diag(g) ** 2)) / (b * b - b)
   return align + lam_r * variance + lam_d * decor
 
 
-def test_q2i_matches_numpy_reference_and_ignores_padding_rows():
+@pytest.mark.parametrize("variance", ["mean", "per_dimension"])
+def test_q2i_matches_numpy_reference_and_ignores_padding_rows(variance):
   rng = np.random.default_rng(0)
   q, t = rng.normal(size=(12, 5)).astype(np.float32), rng.normal(size=(12, 5)).astype(np.float32)
   w = np.ones(12, np.float32)
   w[[3, 7]] = 0.0
-  got, parts = losses.q2i_loss(q, t, w, variance_weight=0.3, decorrelation_weight=0.7)
-  np.testing.assert_allclose(float(got), _q2i_numpy(q, t, w, 0.3, 0.7), rtol=1e-5)
+  kw = dict(variance_weight=0.3, decorrelation_weight=0.7, variance=variance)
+  got, parts = losses.q2i_loss(q, t, w, **kw)
+  # float32 sums of 10 rows x 5 dims against float64: a few ulps of terms of size ~1-10
+  np.testing.assert_allclose(float(got), _q2i_numpy(q, t, w, 0.3, 0.7, variance), rtol=1e-5)
   assert set(parts) == {"alignment", "variance", "decorrelation"}
   # Whatever the padding rows hold, the loss is the same.
   q2, t2 = q.copy(), t.copy()
   q2[[3, 7]], t2[[3, 7]] = 100.0, -5.0
-  got2, _ = losses.q2i_loss(q2, t2, w, variance_weight=0.3, decorrelation_weight=0.7)
+  got2, _ = losses.q2i_loss(q2, t2, w, **kw)
   np.testing.assert_allclose(float(got2), float(got), rtol=1e-6)
+
+
+def test_only_the_per_dimension_variance_sees_queries_collapsed_onto_two_opposite_directions():
+  """The collapse measured in docs/multi_scenario.md (session 20): every query and its target on
+  +u or -u. The dimension-averaged variance of zero-mean unit vectors is 1/d whatever their
+  directions, so 'mean' scores the collapsed batch like a spread-out one; 'per_dimension' does not."""
+  rng = np.random.default_rng(2)
+  d, b = 16, 64
+  spread = rng.normal(size=(b, d)).astype(np.float32)
+  spread -= spread.mean(0)
+  u = rng.normal(size=d).astype(np.float32)
+  collapsed = np.where(np.arange(b)[:, None] % 2 == 0, u, -u).astype(np.float32)  # batch mean exactly 0
+  w = np.ones(b, np.float32)
+  term = lambda x, v: float(losses.q2i_loss(x, x, w, variance_weight=1.0, decorrelation_weight=0.0,
+                                            variance=v)[1]["variance"])
+  # 'mean': both batches have mean 0 (spread: up to normalisation), so both score about -2 log(1/d)
+  assert abs(term(collapsed, "mean") - term(spread, "mean")) < 0.1 * term(spread, "mean")
+  # 'per_dimension': the collapsed batch pays more (Jensen: equal only if every var_k is the same)
+  assert term(collapsed, "per_dimension") > term(spread, "per_dimension") + 1.0
+  with pytest.raises(ValueError, match="variance must be one of"):
+    losses.q2i_loss(spread, spread, w, variance_weight=1.0, decorrelation_weight=0.0, variance="det")
 
 
 def test_q2i_alignment_term_prefers_aligned_pairs():
