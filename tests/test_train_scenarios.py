@@ -33,7 +33,7 @@ def run(tmp_path_factory):
       num_epochs=None, checkpoint_every_steps=2, eval_every_steps=2, eval_max_examples=32,
       final_eval_splits=("test",), final_eval_max_examples=64, eval_batch_size=64, eval_beam_size=10,
       log_every_steps=100, verbose=False, mesh_shape={"data": 2, "fsdp": 2, "tensor": 2},
-      sid=train_lib.SIDConfig(codebook_size=16, embedding="collaborative", cache_dir=None))
+      sid=train_lib.SIDConfig(codebook_size=16, embedding="collaborative", cache_dir=None, joint_codes="disjoint"))
   return model_dir, result
 
 
@@ -65,6 +65,10 @@ def test_the_artifact_holds_the_catalogue_scenarios_and_their_pools(run):
   np.testing.assert_array_equal(art.pools["industrial_i2i_poor"], cat.items_of("industrial"))
   assert art.model_config.num_scenarios == 4 and art.model_config.scenario_triggers
   assert art.sid_table.codes.shape[1] == 5  # the domain level + each domain's 3 k-means levels + collision
+  # disjoint code tokens: each k-means level's vocabulary is both domains' codebooks, and no token is in both
+  assert art.sid_table.codebook_sizes[1:4] == (32, 32, 32)
+  office, industrial = art.sid_table.codes[cat.items_of("office")], art.sid_table.codes[cat.items_of("industrial")]
+  assert all(not set(office[:, l]) & set(industrial[:, l]) for l in (1, 2, 3, 4))
 
 
 @pytest.fixture(scope="module")
