@@ -75,7 +75,9 @@ def main():
                   help="how the Q2I variance term reads Var(X) (losses.q2i_loss)")
   ap.add_argument("--joint_codes", choices=["shared", "disjoint"], default="shared",
                   help="the unified model's SID code tokens below the domain level: shared between the domains or "
-                       "disjoint (SIDConfig.joint_codes; a one-domain separate model has no joint codes)")
+                       "disjoint (SIDConfig.joint_codes, whose default is disjoint; this flag defaults to shared so "
+                       "that the commands of docs/multi_scenario.md before session 21 rerun as they ran; a "
+                       "one-domain separate model has no joint codes)")
   ap.add_argument("--separate", default="",
                   help="comma-separated scenario names: train only these separate models (default: all; each still "
                        "gets --steps / #scenarios steps), e.g. to rerun the ones whose scenario changed")

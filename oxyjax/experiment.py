@@ -47,9 +47,10 @@ class SIDConfig:
   balance: str = "residual"  # which k-means levels use balanced assignment: residual | none | all
   seed: int = 0
   cache_dir: str | None = None  # default: <repo>/.cache/sid/<dataset>_<data fingerprint>_<settings>
-  # Several domains: 'shared' code tokens below the domain level (code c of level l is one token
-  # in every domain) or 'disjoint' (each domain's codes are their own tokens); `Catalogue.joint_sid_codes`.
-  joint_codes: str = "shared"
+  # Several domains: 'disjoint' code tokens below the domain level (each domain's codes are their
+  # own tokens; chosen on validation, docs/multi_scenario.md session 21) or 'shared' (code c of
+  # level l is one token in every domain); `Catalogue.joint_sid_codes`.
+  joint_codes: str = "disjoint"
 
 
 @dataclasses.dataclass(frozen=True)
