@@ -71,7 +71,7 @@ def main():
                   help="a near-line instruction store (oxyjax.instructions.generate over the catalogues): the "
                        "homepage scenarios read their generated reasoning instructions from it; the covered "
                        "test rows are also scored with the learned default (benchmarks/slow_thinking_scenarios.py)")
-  ap.add_argument("--q2i_variance", choices=["mean", "per_dimension"], default="mean",
+  ap.add_argument("--q2i_variance", choices=["mean", "per_dimension", "generalized"], default="mean",
                   help="how the Q2I variance term reads Var(X) (losses.q2i_loss)")
   ap.add_argument("--joint_codes", choices=["shared", "disjoint"], default="shared",
                   help="the unified model's SID code tokens below the domain level: shared between the domains or "

@@ -40,8 +40,8 @@ class Q2IConfig:
 
   weight: lambda (0 disables Q2I). variance_weight: lambda_r. decorrelation_weight: lambda_d.
   variance: how `log Var(X)` is read (`q2i_loss`): 'mean' (log of the per-dimension variance
-  averaged over dimensions) or 'per_dimension' (the mean over dimensions of each dimension's log
-  variance, which also penalises a set that has collapsed onto a few directions).
+  averaged over dimensions), 'per_dimension' (the mean over dimensions of each dimension's log
+  variance) or 'generalized' (the log determinant of the batch covariance over d): see `q2i_loss`.
   """
 
   weight: float = 0.0
@@ -61,7 +61,13 @@ def _dimension_variances(x: jax.Array, w: jax.Array, n: jax.Array) -> jax.Array:
   return jnp.sum(jnp.square(x - mean) * w[:, None], axis=0) / n
 
 
-Q2I_VARIANCES = ("mean", "per_dimension")
+Q2I_VARIANCES = ("mean", "per_dimension", "generalized")
+
+
+def _covariance(x: jax.Array, w: jax.Array, n: jax.Array) -> jax.Array:
+  """[d, d]: the (weighted) batch covariance."""
+  c = (x - jnp.sum(x * w[:, None], axis=0) / n) * w[:, None]
+  return c.T @ c / n
 
 
 def q2i_loss(query: jax.Array, target: jax.Array, weights: jax.Array, *, variance_weight: float,
@@ -79,8 +85,13 @@ def q2i_loss(query: jax.Array, target: jax.Array, weights: jax.Array, *, varianc
   - `variance='per_dimension'`: `mean_k log(var_k(X) + eps)`, eps 1e-4 (a floor 1/156 of a unit
     vector's per-dimension variance in 64 dimensions, which bounds the gradient of a dead
     dimension). Equal to the first when every dimension has the same variance and larger
-    (Jensen) otherwise: it is the log of the geometric mean of the variances, and a batch on a
-    few directions leaves most dimensions near zero variance and pays for it.
+    (Jensen) otherwise: it is the log of the geometric mean of the variances. It sees a batch on
+    a few axis-aligned directions, but not one on +-u with u spread evenly over the dimensions
+    (every var_k is then 1/d), which is what training found (docs/multi_scenario.md, session 21).
+  - `variance='generalized'`: the generalised variance, `log det(Cov(X) + eps I) / d`, eps 1e-4:
+    the log of the geometric mean of the covariance's eigenvalues. The same value as the others
+    for an isotropic batch (Cov = I/d), and a batch on +-u in any direction has d - 1 eigenvalues
+    at zero and pays about `(d - 1) / d * log(eps / (1/d))` per tower.
   Rows with weight 0 (padding) take no part: every batch mean is weighted, and the
   decorrelation term averages over pairs of real rows. Unlike NTP this is a batch-level loss:
   with gradient accumulation it is computed per microbatch.
@@ -101,6 +112,11 @@ def q2i_loss(query: jax.Array, target: jax.Array, weights: jax.Array, *, varianc
   vq, vt = _dimension_variances(q, w, n), _dimension_variances(t, w, n)
   if variance == "mean":
     variance_term = -jnp.log(jnp.mean(vq) * jnp.mean(vt) + (1e-8 if eps is None else eps))
+  elif variance == "generalized":
+    eps = 1e-4 if eps is None else eps
+    eye = eps * jnp.eye(q.shape[-1], dtype=jnp.float32)
+    logdet = lambda x: jnp.linalg.slogdet(_covariance(x, w, n) + eye)[1] / x.shape[-1]
+    variance_term = -(logdet(q) + logdet(t))
   else:
     eps = 1e-4 if eps is None else eps
     variance_term = -(jnp.mean(jnp.log(vq + eps)) + jnp.mean(jnp.log(vt + eps)))

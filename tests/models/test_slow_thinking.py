@@ -64,6 +64,9 @@ def _q2i_numpy(q, t, w, lam_r, lam_d, variance="mean"):
   align = -np.mean(np.sum(q * t, axis=1))
   if variance == "mean":
     variance = -np.log(np.mean(np.var(q, axis=0)) * np.mean(np.var(t, axis=0)) + 1e-8)
+  elif variance == "generalized":
+    gv = lambda x: np.linalg.slogdet(np.cov(x.T, bias=True) + 1e-4 * np.eye(x.shape[1]))[1] / x.shape[1]
+    variance = -(gv(q) + gv(t))
   else:
     variance = -(np.mean(np.log(np.var(q, axis=0) + 1e-4)) + np.mean(np.log(np.var(t, axis=0) + 1e-4)))
   g = q @ q.T
@@ -71,7 +74,7 @@ def _q2i_numpy(q, t, w, lam_r, lam_d, variance="mean"):
   return align + lam_r * variance + lam_d * decor
 
 
-@pytest.mark.parametrize("variance", ["mean", "per_dimension"])
+@pytest.mark.parametrize("variance", ["mean", "per_dimension", "generalized"])
 def test_q2i_matches_numpy_reference_and_ignores_padding_rows(variance):
   rng = np.random.default_rng(0)
   q, t = rng.normal(size=(12, 5)).astype(np.float32), rng.normal(size=(12, 5)).astype(np.float32)
@@ -89,23 +92,30 @@ def test_q2i_matches_numpy_reference_and_ignores_padding_rows(variance):
   np.testing.assert_allclose(float(got2), float(got), rtol=1e-6)
 
 
-def test_only_the_per_dimension_variance_sees_queries_collapsed_onto_two_opposite_directions():
-  """The collapse measured in docs/multi_scenario.md (session 20): every query and its target on
+def test_which_variance_readings_see_queries_collapsed_onto_two_opposite_directions():
+  """The collapse measured in docs/multi_scenario.md (sessions 20-21): every query and its target on
   +u or -u. The dimension-averaged variance of zero-mean unit vectors is 1/d whatever their
-  directions, so 'mean' scores the collapsed batch like a spread-out one; 'per_dimension' does not."""
+  directions, so 'mean' scores the collapsed batch like a spread-out one; 'per_dimension' sees a
+  u that is uneven over the dimensions but not one spread evenly over them (every var_k = 1/d);
+  'generalized' (log det of the covariance) sees both."""
   rng = np.random.default_rng(2)
   d, b = 16, 64
   spread = rng.normal(size=(b, d)).astype(np.float32)
   spread -= spread.mean(0)
-  u = rng.normal(size=d).astype(np.float32)
-  collapsed = np.where(np.arange(b)[:, None] % 2 == 0, u, -u).astype(np.float32)  # batch mean exactly 0
   w = np.ones(b, np.float32)
+  on = lambda u: np.where(np.arange(b)[:, None] % 2 == 0, u, -u).astype(np.float32)  # batch mean exactly 0
+  uneven, even = on(rng.normal(size=d)), on(np.where(rng.random(d) < 0.5, 1.0, -1.0))
   term = lambda x, v: float(losses.q2i_loss(x, x, w, variance_weight=1.0, decorrelation_weight=0.0,
                                             variance=v)[1]["variance"])
-  # 'mean': both batches have mean 0 (spread: up to normalisation), so both score about -2 log(1/d)
-  assert abs(term(collapsed, "mean") - term(spread, "mean")) < 0.1 * term(spread, "mean")
-  # 'per_dimension': the collapsed batch pays more (Jensen: equal only if every var_k is the same)
-  assert term(collapsed, "per_dimension") > term(spread, "per_dimension") + 1.0
+  # 'mean': every batch has mean 0 (spread: up to normalisation), so all score about -2 log(1/d)
+  for collapsed in (uneven, even):
+    assert abs(term(collapsed, "mean") - term(spread, "mean")) < 0.1 * term(spread, "mean")
+  # 'per_dimension': pays for the uneven direction (Jensen), not for the even one
+  assert term(uneven, "per_dimension") > term(spread, "per_dimension") + 1.0
+  assert abs(term(even, "per_dimension") - term(spread, "per_dimension")) < 0.1 * term(spread, "per_dimension")
+  # 'generalized': d - 1 of the covariance's eigenvalues at 0 in both cases
+  for collapsed in (uneven, even):
+    assert term(collapsed, "generalized") > term(spread, "generalized") + 5.0
   with pytest.raises(ValueError, match="variance must be one of"):
     losses.q2i_loss(spread, spread, w, variance_weight=1.0, decorrelation_weight=0.0, variance="det")
 
