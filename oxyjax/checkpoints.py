@@ -307,6 +307,8 @@ def load_params(directory: str, abstract_params=None, *, log=print):
   `<parent>/checkpoints_unreadable/<name>-<step>-<UTC time>` (e.g. `best-6-...`, never deleted)
   and the next older one tried. FileNotFoundError when `directory` holds no step,
   UnreadableCheckpointError (one line, naming it) when none of them reads."""
+  if not os.path.isdir(directory):  # a CheckpointManager would create it: a read leaves nothing behind
+    raise FileNotFoundError(f"no parameter checkpoint under {directory} (no such directory)")
   mngr = ocp.CheckpointManager(os.path.abspath(directory))
   try:
     if mngr.latest_step() is None:

@@ -328,6 +328,15 @@ def test_only_asyncios_reports_of_dropped_orbax_reads_are_quieted(caplog):
     assert [r.exc_info[0] for r in caplog.records] == [TypeError, ValueError]
 
 
+def test_reading_weights_from_a_missing_directory_creates_nothing(tmp_path):
+  """A run whose artifact lost its params/ (e.g. a copied run directory): the read says so and
+  leaves the run directory as it was (Orbax's CheckpointManager would create the directory)."""
+  missing = tmp_path / "artifact" / "params"
+  with pytest.raises(FileNotFoundError, match="no parameter checkpoint under .*params"):
+    checkpoints.load_params(str(missing))
+  assert not (tmp_path / "artifact").exists()
+
+
 @_DROPPED_READS
 def test_unreadable_best_weights_are_set_aside_and_the_run_goes_on(tmp_path):
   best_dir = str(tmp_path / "best")
