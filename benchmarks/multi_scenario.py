@@ -107,9 +107,8 @@ def main():
                 q2i=losses.Q2IConfig(weight=args.q2i_weight, variance=args.q2i_variance))
   out_path = os.path.join(args.out, "multi_scenario.json")
   report = json.load(open(out_path)) if os.path.exists(out_path) else {}
-  report.update({"cpu": cpu_model(), "model": dataclasses.asdict(model), "q2i_weight": args.q2i_weight, "q2i_variance": args.q2i_variance,
-                 "joint_codes": args.joint_codes,
-                 "steps_total": args.steps,
+  report.update({"cpu": cpu_model(), "model": dataclasses.asdict(model), "q2i_weight": args.q2i_weight,
+                 "q2i_variance": args.q2i_variance, "joint_codes": args.joint_codes, "steps_total": args.steps,
                  "batch_size": args.batch_size, "seed": args.seed,
                  "scenarios": [dataclasses.asdict(c) for c in configs], "instructions_store": args.instructions_store,
                  "command": "python benchmarks/multi_scenario.py " + " ".join(sys.argv[1:])})

@@ -34,6 +34,10 @@ def next_token_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax
   return jnp.sum(nll * w), jnp.sum(w), jnp.sum(correct * w)
 
 
+Q2I_VARIANCES = ("mean", "per_dimension", "generalized")
+_Q2I_VARIANCE_EPS = {"mean": 1e-8, "per_dimension": 1e-4, "generalized": 1e-4}  # why: `q2i_loss`
+
+
 @dataclasses.dataclass(frozen=True)
 class Q2IConfig:
   """The Q2I loss (PAPER.md section 5): L = L_NTP + weight * L_Q2I.
@@ -49,6 +53,10 @@ class Q2IConfig:
   decorrelation_weight: float = 0.1
   variance: str = "mean"
 
+  def __post_init__(self):
+    if self.variance not in Q2I_VARIANCES:
+      raise ValueError(f"Q2IConfig.variance must be one of {Q2I_VARIANCES}, got {self.variance!r}")
+
 
 def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   x = x.astype(jnp.float32)
@@ -60,8 +68,6 @@ def _dimension_variances(x: jax.Array, w: jax.Array, n: jax.Array) -> jax.Array:
   mean = jnp.sum(x * w[:, None], axis=0) / n
   return jnp.sum(jnp.square(x - mean) * w[:, None], axis=0) / n
 
-
-Q2I_VARIANCES = ("mean", "per_dimension", "generalized")
 
 
 def _covariance(x: jax.Array, w: jax.Array, n: jax.Array) -> jax.Array:
@@ -77,7 +83,7 @@ def q2i_loss(query: jax.Array, target: jax.Array, weights: jax.Array, *, varianc
 
     L_Q2I = -(1/B) sum_i q_i.t_i  -  lambda_r log(Var(Q) Var(T))  +  lambda_d (1/(B^2-B)) sum_{i!=j} (q_i.q_j)^2
 
-  with q_i, t_i L2-normalised. The paper does not define Var(X) further; two readings:
+  with q_i, t_i L2-normalised. The paper does not define Var(X) further; three readings:
   - `variance='mean'`: log of the per-dimension variance over the batch averaged over dimensions,
     `log(mean_k var_k(X) + eps)` with eps 1e-8. For unit vectors with batch mean m this is
     `(1 - |m|^2) / d` whatever their directions, so it only sees a collapse onto one point: a batch
@@ -109,17 +115,17 @@ def q2i_loss(query: jax.Array, target: jax.Array, weights: jax.Array, *, varianc
   w = (weights > 0).astype(jnp.float32)
   n = jnp.maximum(jnp.sum(w), 1.0)
   alignment = -jnp.sum(jnp.sum(q * t, axis=-1) * w) / n
-  vq, vt = _dimension_variances(q, w, n), _dimension_variances(t, w, n)
-  if variance == "mean":
-    variance_term = -jnp.log(jnp.mean(vq) * jnp.mean(vt) + (1e-8 if eps is None else eps))
-  elif variance == "generalized":
-    eps = 1e-4 if eps is None else eps
+  eps = _Q2I_VARIANCE_EPS[variance] if eps is None else eps
+  if variance == "generalized":
     eye = eps * jnp.eye(q.shape[-1], dtype=jnp.float32)
     logdet = lambda x: jnp.linalg.slogdet(_covariance(x, w, n) + eye)[1] / x.shape[-1]
     variance_term = -(logdet(q) + logdet(t))
   else:
-    eps = 1e-4 if eps is None else eps
-    variance_term = -(jnp.mean(jnp.log(vq + eps)) + jnp.mean(jnp.log(vt + eps)))
+    vq, vt = _dimension_variances(q, w, n), _dimension_variances(t, w, n)
+    if variance == "mean":
+      variance_term = -jnp.log(jnp.mean(vq) * jnp.mean(vt) + eps)
+    else:
+      variance_term = -(jnp.mean(jnp.log(vq + eps)) + jnp.mean(jnp.log(vt + eps)))
   pair = w[:, None] * w[None, :] * (1.0 - jnp.eye(q.shape[0], dtype=jnp.float32))
   gram = q @ q.T
   decorrelation = jnp.sum(jnp.square(gram) * pair) / jnp.maximum(jnp.sum(pair), 1.0)

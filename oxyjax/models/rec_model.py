@@ -56,8 +56,6 @@ class RecModel:
     self.item_text_embeddings = item_text_embeddings if config.text_dim else None
     if q2i.weight and not config.use_igr:
       raise ValueError("the Q2I loss trains the IGR retrieval space: set ModelConfig.igr_top_k > 0")
-    if q2i.variance not in losses.Q2I_VARIANCES:
-      raise ValueError(f"Q2IConfig.variance must be one of {losses.Q2I_VARIANCES}, got {q2i.variance!r}")
     self.q2i = q2i
     self.action_weights = dict(action_weights) if action_weights else None
     self.label_smoothing = label_smoothing
