@@ -3,10 +3,11 @@ decodes over, beside each domain's own table.
 
   python benchmarks/joint_sid_report.py                      # office + industrial, the multi-scenario run's SIDs
   python benchmarks/joint_sid_report.py --domains=office,industrial --out=docs/bench/joint_sid_report.json
+  python benchmarks/joint_sid_report.py --embedding=text --out=docs/bench/joint_sid_report_text.json
 
 The joint table is `experiment.joint_sid_table`: a leading domain level, then each domain's own
-content-keyed table (`SIDConfig(embedding="collaborative")`, as benchmarks/multi_scenario.py
-trains with). Reported per table: collision rate (items sharing a k-means path), per-level code
+content-keyed table (`SIDConfig(embedding="collaborative")` by default, as benchmarks/multi_scenario.py
+trains with; `--embedding=text` for its `--sid_embedding=text`). Reported per table: collision rate (items sharing a k-means path), per-level code
 usage and perplexity, and level-1 brand purity against a shuffled-label baseline (per domain:
 in the joint table level 1 is the domain, so purity is read one level down, on each domain's
 own table). Also: whether any two items of different domains share a full path (they must not:
@@ -29,6 +30,8 @@ import numpy as np  # noqa: E402
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--domains", default="office,industrial")
+  ap.add_argument("--embedding", choices=["collaborative", "text"], default="collaborative",
+                  help="SIDConfig.embedding of every domain's table (benchmarks/multi_scenario.py --sid_embedding)")
   ap.add_argument("--out", default=os.path.join(REPO, "docs", "bench", "joint_sid_report.json"))
   args = ap.parse_args()
 
@@ -38,7 +41,7 @@ def main():
 
   domains = args.domains.split(",")
   cat = Catalogue.load(domains)
-  sid = experiment.SIDConfig(embedding="collaborative")
+  sid = experiment.SIDConfig(embedding=args.embedding)
   joint = experiment.joint_sid_table(cat, sid)
   brands = [None] + [((m.brand or None) if m else None) for m in cat.item_meta[1:]]
   out = {"domains": domains, "sid": {"embedding": sid.embedding}, "joint": quality_report(joint, brands), "per_domain": {}}

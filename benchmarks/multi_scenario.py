@@ -78,6 +78,10 @@ def main():
                        "disjoint (SIDConfig.joint_codes, whose default is disjoint; this flag defaults to shared so "
                        "that the commands of docs/multi_scenario.md before session 21 rerun as they ran; a "
                        "one-domain separate model has no joint codes)")
+  ap.add_argument("--sid_embedding", choices=["collaborative", "text"], default="collaborative",
+                  help="what both regimes' SIDs quantise (SIDConfig.embedding): the items' interaction embedding "
+                       "(the default, as every command of docs/multi_scenario.md before session 22 ran) or their "
+                       "MiniLM text embedding (title, brand, categories)")
   ap.add_argument("--separate", default="",
                   help="comma-separated scenario names: train only these separate models (default: all; each still "
                        "gets --steps / #scenarios steps), e.g. to rerun the ones whose scenario changed")
@@ -101,14 +105,14 @@ def main():
                 eval_beam_size=20, eval_batch_size=256, final_eval_splits=splits, log_every_steps=100, seed=args.seed,
                 checkpoint_every_steps=10_000, mesh_shape={"data": 1},
                 optimizer=train_lib.OptimizerConfig(learning_rate=1e-3, warmup_steps=100),
-                # interaction SIDs for both approaches (the comparison is of the training regime)
-                sid=train_lib.SIDConfig(embedding="collaborative", joint_codes=args.joint_codes),
+                # the same SID source for both approaches (the comparison is of the training regime)
+                sid=train_lib.SIDConfig(embedding=args.sid_embedding, joint_codes=args.joint_codes),
                 instructions=train_lib.InstructionsConfig(store=args.instructions_store),
                 q2i=losses.Q2IConfig(weight=args.q2i_weight, variance=args.q2i_variance))
   out_path = os.path.join(args.out, "multi_scenario.json")
   report = json.load(open(out_path)) if os.path.exists(out_path) else {}
   report.update({"cpu": cpu_model(), "model": dataclasses.asdict(model), "q2i_weight": args.q2i_weight,
-                 "q2i_variance": args.q2i_variance, "joint_codes": args.joint_codes, "steps_total": args.steps,
+                 "q2i_variance": args.q2i_variance, "joint_codes": args.joint_codes, "sid_embedding": args.sid_embedding, "steps_total": args.steps,
                  "batch_size": args.batch_size, "seed": args.seed,
                  "scenarios": [dataclasses.asdict(c) for c in configs], "instructions_store": args.instructions_store,
                  "command": "python benchmarks/multi_scenario.py " + " ".join(sys.argv[1:])})
