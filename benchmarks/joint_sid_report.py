@@ -6,9 +6,10 @@ decodes over, beside each domain's own table.
   python benchmarks/joint_sid_report.py --embedding=text --out=docs/bench/joint_sid_report_text.json
 
 The joint table is `experiment.joint_sid_table`: a leading domain level, then each domain's own
-content-keyed table (`SIDConfig(embedding="collaborative")` by default, as benchmarks/multi_scenario.py
-trains with; `--embedding=text` for its `--sid_embedding=text`). Reported per table: collision rate (items sharing a k-means path), per-level code
-usage and perplexity, and level-1 brand purity against a shuffled-label baseline (per domain:
+content-keyed table (`SIDConfig(embedding="collaborative")` by default, as
+benchmarks/multi_scenario.py trains with; `--embedding=text` for its `--sid_embedding=text`).
+Reported per table: collision rate (items sharing a k-means path), per-level code usage and
+perplexity, and level-1 brand purity against a shuffled-label baseline (per domain:
 in the joint table level 1 is the domain, so purity is read one level down, on each domain's
 own table). Also: whether any two items of different domains share a full path (they must not:
 the domain level separates them), and each domain's share of the joint items.

@@ -112,7 +112,8 @@ def main():
   out_path = os.path.join(args.out, "multi_scenario.json")
   report = json.load(open(out_path)) if os.path.exists(out_path) else {}
   report.update({"cpu": cpu_model(), "model": dataclasses.asdict(model), "q2i_weight": args.q2i_weight,
-                 "q2i_variance": args.q2i_variance, "joint_codes": args.joint_codes, "sid_embedding": args.sid_embedding, "steps_total": args.steps,
+                 "q2i_variance": args.q2i_variance, "joint_codes": args.joint_codes,
+                 "sid_embedding": args.sid_embedding, "steps_total": args.steps,
                  "batch_size": args.batch_size, "seed": args.seed,
                  "scenarios": [dataclasses.asdict(c) for c in configs], "instructions_store": args.instructions_store,
                  "command": "python benchmarks/multi_scenario.py " + " ".join(sys.argv[1:])})
