@@ -1,0 +1,43 @@
+"""benchmarks/pool_seeds.py: paired differences of several seeds pooled into one mean with its SE."""
+
+import importlib.util
+import math
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("pool_seeds", os.path.join(REPO, "benchmarks", "pool_seeds.py"))
+ps = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ps)
+
+
+def _report(seed, sets):
+  """A paired_eval-shaped report: {scenario: (baseline value, other value, (difference, paired SE))}."""
+  out = {"sets": {}}
+  for name, (b, o, diff) in sets.items():
+    out["sets"][name] = {"rows": 100, "baseline": f"u{seed}", "models": {
+        f"u{seed}": {"metrics": {"recall@10": b}, "difference": {}},
+        f"s{seed}_{name}": {"metrics": {"recall@10": o}, "difference": {"recall@10": list(diff)}}}}
+  return out
+
+
+def test_pool_means_and_standard_errors():
+  reports = [_report(0, {"a": (0.10, 0.08, (-0.02, 0.003)), "b": (0.5, 0.5, (0.0, 0.001))}),
+             _report(1, {"a": (0.06, 0.07, (0.01, 0.004)), "b": (0.4, 0.3, (-0.1, 0.002))})]
+  pooled = ps.pool(reports, ["recall@10"])
+  a = pooled["a"]["recall@10"]
+  assert a["baseline"] == pytest.approx(0.08) and a["other"] == pytest.approx(0.075)
+  assert a["difference"] == pytest.approx(-0.005)
+  # independent seeds: the SE of a mean of two is sqrt(0.003^2 + 0.004^2) / 2 = 0.0025
+  assert a["se"] == pytest.approx(0.0025)
+  assert a["seed_sd"] == pytest.approx(math.sqrt(2) * 0.015)  # stdev of (-0.02, 0.01)
+  assert a["se_between_seeds"] == pytest.approx(0.015)
+  assert a["baseline_ahead_in"] == 1 and pooled["b"]["recall@10"]["baseline_ahead_in"] == 1
+  assert "| a | 0.0800 / 0.0750 (-0.0050 ± 0.0025" in ps.table(pooled, ["recall@10"])
+
+
+def test_pool_keeps_only_scenarios_every_seed_compares():
+  reports = [_report(0, {"a": (0.1, 0.1, (0.0, 0.001)), "b": (0.1, 0.1, (0.0, 0.001))}),
+             _report(1, {"a": (0.1, 0.1, (0.0, 0.001))})]
+  assert list(ps.pool(reports, ["recall@10"])) == ["a"]
