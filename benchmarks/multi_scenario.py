@@ -51,7 +51,10 @@ def main():
   ap.add_argument("--steps", type=int, default=1200)
   ap.add_argument("--batch_size", type=int, default=128)
   ap.add_argument("--eval_every", type=int, default=400)
-  ap.add_argument("--eval_max_examples", type=int, default=300)
+  ap.add_argument("--eval_max_examples", type=int, default=300,
+                  help="rows per scenario of the fixed random validation subset each periodic evaluation decodes "
+                       "(the best checkpoint is chosen on it; 2000 from session 23, the default keeps the older "
+                       "commands as they ran)")
   ap.add_argument("--only", choices=["unified", "separate", "both"], default="both")
   ap.add_argument("--seed", type=int, default=0, help="initialisation, dropout and data-order seed of every model")
   ap.add_argument("--scenarios", default="gin_configs/scenarios/amazon2018.gin",
@@ -114,7 +117,7 @@ def main():
   report.update({"cpu": cpu_model(), "model": dataclasses.asdict(model), "q2i_weight": args.q2i_weight,
                  "q2i_variance": args.q2i_variance, "joint_codes": args.joint_codes,
                  "sid_embedding": args.sid_embedding, "steps_total": args.steps,
-                 "batch_size": args.batch_size, "seed": args.seed,
+                 "batch_size": args.batch_size, "seed": args.seed, "eval_max_examples": args.eval_max_examples,
                  "scenarios": [dataclasses.asdict(c) for c in configs], "instructions_store": args.instructions_store,
                  "command": "python benchmarks/multi_scenario.py " + " ".join(sys.argv[1:])})
 
@@ -204,7 +207,8 @@ def plot(report, path, configs):
             label=c.name)
   ax.set_xlabel("step")
   ax.set_ylabel("validation recall@10")
-  ax.set_title("unified model: per-scenario validation (fixed random 300 rows each)")
+  rows = report.get("eval_max_examples", 300)  # reports written before the field was recorded used 300
+  ax.set_title(f"unified model: per-scenario validation (fixed random {rows} rows each)")
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
