@@ -53,8 +53,8 @@ def main():
   ap.add_argument("--eval_every", type=int, default=400)
   ap.add_argument("--eval_max_examples", type=int, default=300,
                   help="rows per scenario of the fixed random validation subset each periodic evaluation decodes "
-                       "(the best checkpoint is chosen on it; 2000 from session 23, the default keeps the older "
-                       "commands as they ran)")
+                       "(the best checkpoint is chosen on it); 2000 is the trainer's own default and the setting from "
+                       "session 23 on; this flag's default of 300 keeps the older commands as they ran")
   ap.add_argument("--only", choices=["unified", "separate", "both"], default="both")
   ap.add_argument("--seed", type=int, default=0, help="initialisation, dropout and data-order seed of every model")
   ap.add_argument("--scenarios", default="gin_configs/scenarios/amazon2018.gin",
