@@ -7,10 +7,12 @@ metric and of the paired difference, with the standard error of that mean.
 Each input is one `benchmarks/paired_eval.py` output (one seed: a baseline and the models compared
 with it, scenario by scenario). The seeds are independent trainings evaluated on the same rows, so
 the mean difference over k seeds has the standard error sqrt(sum_i SE_i^2) / k, with SE_i each
-seed's paired SE (which holds the row sampling noise of that seed's pair); the spread between the
-seeds (training noise) is reported beside it as the standard deviation of the k differences, and
-the count of seeds in which the baseline is ahead. A difference is the other model minus the
-baseline, so a negative one is the baseline ahead, as in paired_eval.
+seed's paired SE (which holds the row sampling noise of that seed's pair). The spread between the
+seeds is reported beside it: the standard deviation of the k differences, and that over sqrt(k) (a
+standard error that also holds the training noise, rough with few seeds); then the count of seeds
+in which the baseline is ahead. A difference is the other model minus the baseline, so a negative
+one is the baseline ahead, as in paired_eval. A table cell reads `baseline / other (difference ±
+row SE, seeds ± between-seed SE; seeds with the baseline ahead / seeds)`.
 """
 
 from __future__ import annotations
@@ -42,10 +44,10 @@ def pool(reports, metrics):
         diff.append(d)
         se.append(s)
       k = len(reports)
+      sd = statistics.stdev(diff) if k > 1 else float("nan")
       rows[metric] = {"baseline": sum(base) / k, "other": sum(other) / k, "difference": sum(diff) / k,
                       "se": math.sqrt(sum(s * s for s in se)) / k,
-                      "seed_sd": statistics.stdev(diff) if k > 1 else 0.0,
-                      "se_between_seeds": statistics.stdev(diff) / math.sqrt(k) if k > 1 else float("nan"),
+                      "seed_sd": sd if k > 1 else 0.0, "se_between_seeds": sd / math.sqrt(k),
                       "baseline_ahead_in": sum(d < 0 for d in diff), "seeds": k, "per_seed": diff}
     out[name] = rows
   return out
