@@ -29,14 +29,26 @@ def fixed_subset(arrays: pipeline.ExampleArrays, max_examples: int | None) -> pi
   return arrays.take(np.sort(np.random.default_rng(0).choice(len(arrays), max_examples, replace=False)))
 
 
+def check_select_metric(metric: str, ks: Sequence[int]) -> str:
+  """`metric` ('recall@k', 'ndcg@k' or 'hr@k' for a k the evaluator computes), or a ValueError
+  naming the choices: a misspelt selection metric would otherwise only fail at the first
+  evaluation, after training has run for `eval_every_steps`."""
+  name, _, k = metric.partition("@")
+  if name in ("recall", "ndcg", "hr") and k.isdigit() and int(k) in ks:
+    return metric
+  raise ValueError(f"select_metric {metric!r}: expected recall@k, ndcg@k or hr@k with k in {tuple(ks)}")
+
+
 class Evaluator:
   """Runs constrained beam search over a split and computes full-catalogue metrics."""
 
   def __init__(self, model, partitioner: partitioning.Partitioner, trie: PrefixTrie, *,
                beam_size: int, batch_size: int, ks: Sequence[int] = (1, 5, 10, 20),
-               score_normalization: str = "vocab", level_weights: Sequence[float] | None = None):
+               score_normalization: str = "vocab", level_weights: Sequence[float] | None = None,
+               select_metric: str | None = None):
     self.model, self.partitioner, self.trie = model, partitioner, trie
     self.beam_size, self.ks = beam_size, tuple(k for k in ks if k <= beam_size)
+    self._select_metric = None if select_metric is None else check_select_metric(select_metric, self.ks)
     dp = partitioner.data_parallel_size
     self.batch_size = max(dp, int(math.ceil(batch_size / dp)) * dp)
     self._predict = jax.jit(functools.partial(
@@ -45,7 +57,10 @@ class Evaluator:
 
   @property
   def headline_metric(self) -> str:
-    """The metric the best checkpoint is chosen by: recall@10 (or at the largest k below it)."""
+    """The metric the best checkpoint is chosen by: `select_metric` when given, else recall@10 (or
+    at the largest k below it)."""
+    if self._select_metric is not None:
+      return self._select_metric
     return "recall@10" if 10 in self.ks else f"recall@{max(self.ks)}"
 
   def __call__(self, params, arrays: pipeline.ExampleArrays, max_examples: int | None = None,

@@ -202,6 +202,7 @@ def train(
     eval_beam_size: int = 20,
     eval_score_normalization: str = "vocab",
     eval_level_weights: Sequence[float] | None = None,
+    select_metric: str | None = None,
     final_eval_splits: Sequence[str] = ("validation", "test"),
     final_eval_max_examples: int | None = None,
     checkpoint_every_steps: int = 1000,
@@ -224,8 +225,8 @@ def train(
   the end), checkpoints (state + data position) are saved every `checkpoint_every_steps` and
   at the end, and a rerun resumes from the newest readable one.
   `eval_every_steps` > 0 evaluates on (up to `eval_max_examples` of) validation and keeps the
-  best weights by validation recall@10 (Orbax, `<model_dir>/best`); the final evaluation uses
-  those weights.
+  best weights by validation `select_metric` (default recall@10; 'ndcg@10' etc.; with scenarios
+  the scenarios' mean) (Orbax, `<model_dir>/best`); the final evaluation uses those weights.
   `final_eval_max_examples` evaluates a fixed random subset of each final split (quick runs and
   tests; default None: every example).
   `eval_score_normalization` ('vocab' or 'valid') is the beam search's per-level
@@ -336,7 +337,8 @@ def train(
     return f, tokens(batch)
 
   evaluator = Evaluator(model, part, exp.trie(), beam_size=eval_beam_size, batch_size=eval_batch_size,
-                        score_normalization=eval_score_normalization, level_weights=eval_level_weights)
+                        score_normalization=eval_score_normalization, level_weights=eval_level_weights,
+                        select_metric=select_metric)
   logger = trainer_lib.ProgressLogger(model_dir if jax.process_index() == 0 else None, total_steps, batch_size,
                                       enabled=verbose and jax.process_index() == 0)
   validate = make_validation(exp, evaluator, eval_max_examples)

@@ -76,6 +76,16 @@ def test_restart_that_reaches_a_saved_best_step_again_keeps_it(tmp_path, sid_cfg
   assert len(os.listdir(tmp_path / "run" / "best")) == 1
 
 
+def test_select_metric_keeps_the_step_with_the_best_validation_ndcg(tmp_path, sid_cfg):
+  # train(select_metric=...) reaches the evaluator and the best checkpointer: the kept step is the
+  # first maximum of that metric over the run's own validation history.
+  run = _train(tmp_path / "run", sid_cfg, eval_every_steps=2, eval_max_examples=64, select_metric="ndcg@5")
+  scores = [h["ndcg@5"] for h in run.history]
+  assert run.best_step == run.history[int(np.argmax(scores))]["step"]
+  with pytest.raises(ValueError, match="select_metric 'ndcg@7'"):
+    _train(tmp_path / "bad", sid_cfg, eval_every_steps=2, select_metric="ndcg@7")
+
+
 def test_tiny_gin_config_runs_train_end_to_end(tmp_path):
   model_dir = tmp_path / "run"
   env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=xla_flags(2))

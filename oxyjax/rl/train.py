@@ -8,7 +8,7 @@ Starts from a pre-training run's model artifact (`<INIT_MODEL_DIR>/artifact`: co
 pools, weights), and is built from the pre-training parts: `experiment.from_artifact`,
 `trainer.TrainStateFactory`, `trainer.restore_or_init` (resume this run, else the artifact's
 weights), `trainer.train_loop` with `ProgressHook`, `EvalHook` (validation every
-`eval_every_steps`, best weights by validation recall@10, the starting weights included as step
+`eval_every_steps`, best weights by validation `select_metric` (default recall@10), the starting weights included as step
 0) and `CheckpointHook` (state + prompt-iterator position + validation history: a killed run
 resumes exactly), then `train.evaluate_final` on test once with the best weights, written with
 the run's own artifact. One step = one batch of prompts: a rollout of G candidates per prompt
@@ -105,6 +105,7 @@ def train_rl(
     eval_max_examples: int | None = 2000,
     eval_batch_size: int = 256,
     eval_beam_size: int = 20,
+    select_metric: str | None = None,
     final_eval_splits: Sequence[str] = ("test",),
     final_eval_max_examples: int | None = None,
     checkpoint_every_steps: int = 50,
@@ -207,7 +208,8 @@ def train_rl(
       t2 = time.time()
     return state, {**metrics, **stats, "time/rollout_s": t1 - t0, "time/update_s": t2 - t1}
 
-  evaluator = Evaluator(model, part, exp.trie(), beam_size=eval_beam_size, batch_size=eval_batch_size)
+  evaluator = Evaluator(model, part, exp.trie(), beam_size=eval_beam_size, batch_size=eval_batch_size,
+                        select_metric=select_metric)
   logger = trainer_lib.ProgressLogger(model_dir if jax.process_index() == 0 else None, num_steps, batch_size,
                                       enabled=verbose and jax.process_index() == 0)
   best = checkpoints.BestCheckpointer(os.path.join(model_dir, "best"), metric=evaluator.headline_metric, log=log)
