@@ -43,7 +43,7 @@ class SIDConfig:
   path: str | None = None
   num_levels: int = 3
   codebook_size: int = 256
-  embedding: str = "auto"  # auto | text | collaborative
+  embedding: str = "auto"  # auto | text | collaborative | sasrec | text+collaborative (oxyjax/sid/build.py)
   balance: str = "residual"  # which k-means levels use balanced assignment: residual | none | all
   seed: int = 0
   cache_dir: str | None = None  # default: <repo>/.cache/sid/<dataset>_<data fingerprint>_<settings>

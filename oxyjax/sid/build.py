@@ -23,6 +23,13 @@ Embedding source (``embedding=``):
     validation and test targets are never seen.
   * ``sasrec``: the item table of a small SASRec model trained for next-item prediction on the
     same TRAINING sequences -- ``sasrec.sasrec_embeddings`` (settings: ``sasrec.SASRecConfig``).
+  * ``text+collaborative``: both of the above, each row L2-normalised, concatenated and scaled
+    by 1/sqrt(2) (``fused_embeddings``), so k-means minimises the sum of the two squared
+    distances: codes must fit the items' text and their training co-occurrence together. This
+    is the k-means form of LETTER's collaborative regularisation (Wang et al., CIKM 2024), which
+    adds a term aligning the quantised text representation with collaborative embeddings; it is
+    not LETTER's RQ-VAE with a contrastive loss. Items with no training interaction get a zero
+    collaborative half and are placed by their text.
   * ``auto``: ``text`` when the dataset has item text, else ``collaborative``.
 
 The quality report also measures, on the validation split (never used to build the table), how
@@ -59,7 +66,7 @@ from oxyjax.sid.table import SIDTable, SIDTableError, format_report, quality_rep
 logger = logging.getLogger(__name__)
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
-EMBEDDINGS = ("auto", "text", "collaborative", "sasrec")
+EMBEDDINGS = ("auto", "text", "collaborative", "sasrec", "text+collaborative")
 BALANCE = ("none", "residual", "all")
 
 
@@ -78,6 +85,18 @@ def default_out_dir(dataset_name: str) -> Path:
 def _write_text_atomic(path: Path, text: str) -> None:
   """Writes ``text`` to a temporary file next to ``path``, then ``os.replace``s it into place."""
   table_lib._atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def fused_embeddings(*parts: np.ndarray) -> np.ndarray:
+  """Rows of each ``[N, d_i]`` part L2-normalised (zero rows stay zero), concatenated, scaled by
+  ``1/sqrt(len(parts))``: a squared distance in the result is the mean of the parts' squared
+  distances, so every source weighs the same whatever its dimension."""
+  out = []
+  for x in parts:
+    x = np.asarray(x, np.float32)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    out.append(np.where(norm > 0, x / np.maximum(norm, 1e-12), 0.0))
+  return (np.concatenate(out, axis=1) / np.sqrt(len(parts))).astype(np.float32)
 
 
 def training_sequences(train: Sequence[Any]) -> list[list[int]]:
@@ -238,13 +257,29 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
   out = Path(out_dir) if out_dir is not None else None
   has_text = _has_text(dataset)
   source = ("text" if has_text else "collaborative") if embedding == "auto" else embedding
-  if source == "text" and not has_text:
+  if source in ("text", "text+collaborative") and not has_text:
     raise ValueError(f"dataset {dataset_name!r} has no item text; use embedding='collaborative'")
 
   t0 = time.perf_counter()
   if source == "text":
     cache = Path(embedding_cache_dir) if embedding_cache_dir is not None else out
     x, emb_info = _text_embeddings(dataset, cache, text_batch_size)
+  elif source == "text+collaborative":
+    cache = Path(embedding_cache_dir) if embedding_cache_dir is not None else out
+    text, text_info = _text_embeddings(dataset, cache, text_batch_size)
+    seqs = training_sequences(dataset.train)
+    collab = emb_lib.collaborative_embeddings(seqs, dataset.num_items, dim=collaborative_dim,
+                                              window=collaborative_window, seed=seed)
+    seen = np.zeros(dataset.num_items + 1, bool)
+    seen[[i for s in seqs for i in s]] = True
+    collab[~seen] = 0.0  # not the collaborative source's random stand-in: such items go by their text
+    x = fused_embeddings(text, collab)
+    emb_info = {"source": "text+collaborative", "method": "L2-normalised text and collaborative (PPMI-SVD of the "
+                "training sequences) rows, concatenated, / sqrt(2)", "dim": int(x.shape[1]),
+                "text": {k: v for k, v in text_info.items() if k != "cached"}, "cached": text_info.get("cached"),
+                "collaborative_dim": int(collab.shape[1]), "window": collaborative_window,
+                "num_train_sequences": len(seqs),
+                "num_items_without_interactions": int(dataset.num_items - len({i for s in seqs for i in s}))}
   elif source == "sasrec":
     seqs = training_sequences(dataset.train)
     x, info = sasrec_lib.sasrec_embeddings(seqs, dataset.num_items, sasrec, seed=seed)

@@ -107,3 +107,42 @@ def test_build_rejects_text_without_text():
     build.build_sid_table("fake", embedding="text", dataset=_fake())
   with pytest.raises(ValueError, match="embedding must be"):
     build.build_sid_table("fake", embedding="image", dataset=_fake())
+
+
+def test_fused_embeddings_average_the_squared_distances_of_the_parts():
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=(5, 7)), rng.normal(size=(5, 3))
+  b[4] = 0.0  # an item with no signal in the second source
+  x = build.fused_embeddings(a, b)
+  assert x.shape == (5, 10) and x.dtype == np.float32
+  unit = lambda m: m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+  sq = lambda m, i, j: float(np.sum((m[i] - m[j]) ** 2))
+  for i, j in ((0, 1), (2, 3)):
+    assert sq(x, i, j) == pytest.approx((sq(unit(a), i, j) + sq(unit(b), i, j)) / 2, rel=1e-5)
+  np.testing.assert_array_equal(x[4, 7:], 0.0)  # a zero row stays zero, not NaN
+
+
+def test_text_plus_collaborative_is_built_from_the_training_split_only(monkeypatch):
+  """Same training split, different held-out splits (sentinel items 59 and 60 only held out in
+  one): the matrix quantised is the same, and the items without a training interaction (58, 59,
+  60) are placed by their text alone (zero collaborative half), not by a held-out signal."""
+  monkeypatch.setattr(build.emb_lib, "SentenceEncoder", _FakeEncoder)
+  seen = []
+  fit = build.rq_kmeans.fit
+  monkeypatch.setattr(build.rq_kmeans, "fit", lambda x, **kw: seen.append(np.asarray(x)) or fit(x, **kw))
+  a = _fake(with_text=True)
+  rng = np.random.default_rng(1)
+  b = FakeDataset("fake", a.num_items, list(a.train),
+                  [(u, h + (int(rng.integers(1, 58)),), int(rng.integers(1, 58))) for u, h, _ in a.validation],
+                  [(u, h, int(rng.integers(1, 58))) for u, h, _ in a.test], a.item_meta)
+  kw = dict(num_levels=2, codebook_size=4, embedding="text+collaborative", num_iters=10, collaborative_dim=8)
+  ta, ra = build.build_with_report("fake", dataset=a, **kw)
+  tb, _ = build.build_with_report("fake", dataset=b, **kw)
+  np.testing.assert_array_equal(seen[0], seen[1])
+  np.testing.assert_array_equal(ta.codes, tb.codes)
+  assert seen[0].shape == (60, 384 + 8) and ra["embedding"]["source"] == "text+collaborative"
+  assert ra["embedding"]["num_items_without_interactions"] == 3
+  np.testing.assert_array_equal(seen[0][57:, 384:], 0.0)  # items 58, 59, 60
+  assert np.all(np.linalg.norm(seen[0][:57, 384:], axis=1) > 0.5)  # 1/sqrt(2) for every trained item
+  text = _FakeEncoder().encode([a.item_text(i) for i in range(1, 61)])  # what the builder's encoder returned
+  np.testing.assert_allclose(seen[0][57:, :384], text[57:] / np.sqrt(2), rtol=1e-6)
