@@ -272,14 +272,14 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
                                               window=collaborative_window, seed=seed)
     seen = np.zeros(dataset.num_items + 1, bool)
     seen[[i for s in seqs for i in s]] = True
+    seen[0] = True  # row 0 (padding) is zero already
     collab[~seen] = 0.0  # not the collaborative source's random stand-in: such items go by their text
     x = fused_embeddings(text, collab)
     emb_info = {"source": "text+collaborative", "method": "L2-normalised text and collaborative (PPMI-SVD of the "
                 "training sequences) rows, concatenated, / sqrt(2)", "dim": int(x.shape[1]),
                 "text": {k: v for k, v in text_info.items() if k != "cached"}, "cached": text_info.get("cached"),
                 "collaborative_dim": int(collab.shape[1]), "window": collaborative_window,
-                "num_train_sequences": len(seqs),
-                "num_items_without_interactions": int(dataset.num_items - len({i for s in seqs for i in s}))}
+                "num_train_sequences": len(seqs), "num_items_without_interactions": int((~seen).sum())}
   elif source == "sasrec":
     seqs = training_sequences(dataset.train)
     x, info = sasrec_lib.sasrec_embeddings(seqs, dataset.num_items, sasrec, seed=seed)
