@@ -45,6 +45,9 @@ class SIDConfig:
   codebook_size: int = 256
   embedding: str = "auto"  # auto | text | collaborative | sasrec | text+collaborative (oxyjax/sid/build.py)
   balance: str = "residual"  # which k-means levels use balanced assignment: residual | none | all
+  # residual k-means (default) | tree: each level fit within its parent node (oxyjax/sid/tree_kmeans.py);
+  # codebook_size is then the children per node
+  quantizer: str = "residual"
   seed: int = 0
   cache_dir: str | None = None  # default: <repo>/.cache/sid/<dataset>_<data fingerprint>_<settings>
   # Several domains: 'disjoint' code tokens below the domain level (each domain's codes are their
@@ -77,7 +80,7 @@ def load_sid_table(dataset: str, cfg: SIDConfig):
 
   return sid_build.load_or_build_sid_table(
       dataset, path=cfg.path, num_levels=cfg.num_levels, codebook_size=cfg.codebook_size, embedding=cfg.embedding,
-      balance=cfg.balance, seed=cfg.seed, cache_dir=cfg.cache_dir)
+      balance=cfg.balance, seed=cfg.seed, quantizer=cfg.quantizer, cache_dir=cfg.cache_dir)
 
 
 def _open_store(cfg: InstructionsConfig, dataset: str, dim: int | None = None):

@@ -36,8 +36,10 @@ The quality report also measures, on the validation split (never used to build t
 often a user's next item shares the code prefix of the item before it
 (``table.heldout_cooccurrence``).
 
-Quantiser: residual k-means (``rq_kmeans``), by default with plain k-means at level 1 and the
-balanced assignment at the residual levels (``balance=``), then the collision level
+Quantiser (``quantizer=``): ``residual`` k-means (``rq_kmeans``, the default), by default with
+plain k-means at level 1 and the balanced assignment at the residual levels (``balance=``); or
+``tree`` k-means (``tree_kmeans``), where each level splits every node's items by k-means on
+those items alone (with ``balance='all'``, a balanced tree). Then the collision level
 (``table.add_collision_level``).
 """
 
@@ -60,6 +62,7 @@ import numpy as np
 from oxyjax.sid import embeddings as emb_lib
 from oxyjax.sid import rq_kmeans
 from oxyjax.sid import sasrec as sasrec_lib
+from oxyjax.sid import tree_kmeans
 from oxyjax.sid import table as table_lib
 from oxyjax.sid.table import SIDTable, SIDTableError, format_report, quality_report
 
@@ -68,6 +71,7 @@ logger = logging.getLogger(__name__)
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 EMBEDDINGS = ("auto", "text", "collaborative", "sasrec", "text+collaborative")
 BALANCE = ("none", "residual", "all")
+QUANTIZERS = ("residual", "tree")
 
 
 def balanced_levels(balance: str, num_levels: int) -> tuple[bool, ...]:
@@ -211,7 +215,8 @@ def build_sid_table(dataset_name: str, *, num_levels: int = 3, codebook_size: in
 
 def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: int | Sequence[int] = 256,
                       embedding: str = "auto", seed: int = 0, out_dir: str | os.PathLike | None = None,
-                      num_iters: int = 50, balance: str = "residual", collaborative_dim: int = 128,
+                      num_iters: int = 50, balance: str = "residual", quantizer: str = "residual",
+                      collaborative_dim: int = 128,
                       collaborative_window: int = 5,
                       text_batch_size: int = 32, dataset: Any = None,
                       data_dir: str | os.PathLike | None = None,
@@ -232,6 +237,8 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
       ``residual`` (default: level 1 is plain k-means so semantic clusters keep their natural
       sizes; the residual levels, where plain k-means collapses onto a few near-zero centres,
       are balanced), ``all`` or ``none``.
+    quantizer: ``residual`` (residual k-means) or ``tree`` (tree k-means: every level fit within
+      its parent node; ``codebook_size`` is then the children per node).
     collaborative_dim, collaborative_window: collaborative-embedding size and window.
     text_batch_size: sentences per encoder batch.
     dataset: an already loaded dataset object (default: ``oxyjax.data.readers.load_dataset``).
@@ -247,6 +254,8 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
   """
   if embedding not in EMBEDDINGS:
     raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+  if quantizer not in QUANTIZERS:
+    raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
   balanced = balanced_levels(balance, num_levels)
   t_start = time.perf_counter()
   fingerprint = dataset_fingerprint
@@ -298,27 +307,37 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
   t_embed = time.perf_counter() - t0
 
   t0 = time.perf_counter()
-  model = rq_kmeans.fit(x[1:], num_levels=num_levels, codebook_size=codebook_size,
-                        num_iters=num_iters, seed=seed, balanced=balanced)
-  codes = rq_kmeans.encode(model, x[1:])
+  if quantizer == "tree":
+    codes, tree_levels = tree_kmeans.fit_codes(x[1:], num_levels=num_levels, codebook_size=codebook_size,
+                                               num_iters=num_iters, seed=seed, balanced=balanced)
+    sizes = tuple(lv.codebook_size for lv in tree_levels)
+    fit_info = {"tree_nodes": [lv.num_nodes for lv in tree_levels],
+                "tree_kmeans_nodes": [lv.num_kmeans_nodes for lv in tree_levels],
+                "kmeans_inertia": [round(lv.inertia, 6) for lv in tree_levels]}
+  else:
+    model = rq_kmeans.fit(x[1:], num_levels=num_levels, codebook_size=codebook_size,
+                          num_iters=num_iters, seed=seed, balanced=balanced)
+    codes = rq_kmeans.encode(model, x[1:])
+    sizes = model.codebook_sizes
+    fit_info = {"kmeans_iters_run": list(model.num_iters_run),
+                "kmeans_inertia": [round(v, 6) for v in model.inertia],
+                "kmeans_reseeded": list(model.num_reseeded)}
   t_kmeans = time.perf_counter() - t0
 
   meta = {
-      "method": "rq-kmeans+collision-level",
+      "method": "tree-kmeans+collision-level" if quantizer == "tree" else "rq-kmeans+collision-level",
       "dataset": dataset_name,
       "dataset_fingerprint": fingerprint,
       "num_items": int(dataset.num_items),
       "embedding": {k: v for k, v in emb_info.items() if k != "cached"},
       "num_levels": num_levels,
-      "kmeans_codebook_sizes": list(model.codebook_sizes),
+      "kmeans_codebook_sizes": list(sizes),
       "num_iters": num_iters,
       "balance": balance,
       "seed": seed,
-      "kmeans_iters_run": list(model.num_iters_run),
-      "kmeans_inertia": [round(v, 6) for v in model.inertia],
-      "kmeans_reseeded": list(model.num_reseeded),
+      **fit_info,
   }
-  table = SIDTable.from_kmeans_codes(codes, model.codebook_sizes, meta)
+  table = SIDTable.from_kmeans_codes(codes, sizes, meta)
   labels = None
   if has_text:
     labels = [None] + [_brand(m) for m in dataset.item_meta[1:]]
@@ -331,9 +350,9 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
                            "rq_kmeans": round(t_kmeans, 2),
                            "total": round(time.perf_counter() - t_start, 2)}
   report["embedding"] = meta["embedding"]
-  report["quantiser"] = {"num_levels": num_levels, "kmeans_codebook_sizes": list(model.codebook_sizes),
+  report["quantiser"] = {"quantizer": quantizer, "num_levels": num_levels, "kmeans_codebook_sizes": list(sizes),
                          "balance": balance, "num_iters": num_iters, "seed": seed,
-                         "iters_run": list(model.num_iters_run), "inertia": meta["kmeans_inertia"]}
+                         **{k.removeprefix("kmeans_"): v for k, v in fit_info.items()}}
   if out is not None:
     out.mkdir(parents=True, exist_ok=True)
     _write_report(out, dataset_name, report)
@@ -360,11 +379,14 @@ def _codebook_str(codebook_size: int | Sequence[int]) -> str:
 
 
 def sid_settings(*, num_levels: int, codebook_size: int | Sequence[int], embedding: str, balance: str,
-                 seed: int) -> dict[str, Any]:
-  """The requested SID settings as recorded in a cached table's ``meta["settings"]``."""
+                 seed: int, quantizer: str = "residual") -> dict[str, Any]:
+  """The requested SID settings as recorded in a cached table's ``meta["settings"]`` (``quantizer``
+  only when it is not the default, so tables cached before it existed stay valid)."""
   cb = int(codebook_size) if isinstance(codebook_size, (int, np.integer)) else [int(c) for c in codebook_size]
   settings = {"num_levels": int(num_levels), "codebook_size": cb, "embedding": embedding, "balance": balance,
               "seed": int(seed)}
+  if quantizer != "residual":
+    settings["quantizer"] = quantizer
   if embedding == "sasrec":
     settings["sasrec"] = sasrec_lib.SASRecConfig().to_dict()
   return settings
@@ -379,13 +401,15 @@ def _embedding_key(embedding: str) -> str:
 
 
 def sid_cache_dir(dataset_name: str, fingerprint: str, *, num_levels: int, codebook_size: int | Sequence[int],
-                  embedding: str, balance: str, seed: int, root: str | os.PathLike | None = None) -> Path:
-  """``<root>/<dataset>_<data fingerprint>_<embedding>_<L>x<K>_<balance>_s<seed>`` (root:
+                  embedding: str, balance: str, seed: int, quantizer: str = "residual",
+                  root: str | os.PathLike | None = None) -> Path:
+  """``<root>/<dataset>_<data fingerprint>_<embedding>_<L>x<K>_<balance>[_tree]_s<seed>`` (root:
   ``<repo>/.cache/sid``): the default cache directory of a SID table, keyed by the data's
   content (``readers.dataset_fingerprint``) and every setting the table depends on."""
   base = Path(root) if root is not None else _REPO_ROOT / ".cache" / "sid"
+  tree = "_tree" if quantizer == "tree" else ""
   return base / (f"{dataset_name}_{fingerprint}_{_embedding_key(embedding)}_{num_levels}x{_codebook_str(codebook_size)}"
-                 f"_{balance}_s{seed}")
+                 f"_{balance}{tree}_s{seed}")
 
 
 def check_sid_table(table: SIDTable, source: str | os.PathLike, *, dataset_name: str, num_items: int,
@@ -441,7 +465,7 @@ def _file_lock(path: Path):
 
 def load_or_build_sid_table(dataset: str, *, path: str | os.PathLike | None = None, num_levels: int,
                             codebook_size: int | Sequence[int], embedding: str, balance: str, seed: int,
-                            cache_dir: str | os.PathLike | None = None,
+                            quantizer: str = "residual", cache_dir: str | os.PathLike | None = None,
                             data_dir: str | os.PathLike | None = None) -> SIDTable:
   """The SID table of ``dataset`` as read now, never one built from other data.
 
@@ -479,10 +503,10 @@ def load_or_build_sid_table(dataset: str, *, path: str | os.PathLike | None = No
     return table
 
   settings = sid_settings(num_levels=num_levels, codebook_size=codebook_size, embedding=embedding,
-                          balance=balance, seed=seed)
+                          balance=balance, seed=seed, quantizer=quantizer)
   out = Path(cache_dir) if cache_dir else sid_cache_dir(
       name, fingerprint, num_levels=num_levels, codebook_size=codebook_size, embedding=embedding,
-      balance=balance, seed=seed)
+      balance=balance, seed=seed, quantizer=quantizer)
   table_path = out / "sid_table"
   hint = f"Delete {out} to rebuild it for this data, or use another cache directory."
 
@@ -508,7 +532,7 @@ def load_or_build_sid_table(dataset: str, *, path: str | os.PathLike | None = No
       return table
     table, report = build_with_report(
         name, num_levels=num_levels, codebook_size=codebook_size, embedding=embedding, seed=seed,
-        balance=balance, dataset=ds, dataset_fingerprint=fingerprint, out_dir=None,
+        balance=balance, quantizer=quantizer, dataset=ds, dataset_fingerprint=fingerprint, out_dir=None,
         embedding_cache_dir=default_out_dir(name))
     table = SIDTable(codes=table.codes, codebook_sizes=table.codebook_sizes,
                      meta={**table.meta, "settings": settings})
@@ -528,9 +552,13 @@ def report_markdown(dataset_name: str, report: dict[str, Any]) -> str:
            f"rq-kmeans {w['rq_kmeans']}s, total {w['total']}s")
   label = f"- purity label: {report['label']}" if report.get("label") else "- purity label: none"
   q = report["quantiser"]
-  quant = (f"- quantiser: residual k-means {q['num_levels']} x {tuple(q['kmeans_codebook_sizes'])}, "
-           f"balance={q['balance']}, seed {q['seed']}, Lloyd iterations run {q['iters_run']} "
-           f"(max {q['num_iters']}), inertia per level {q['inertia']}; + collision level")
+  if q.get("quantizer") == "tree":
+    fit = f"nodes per level {q['tree_nodes']} (k-means in {q['tree_kmeans_nodes']})"
+  else:
+    fit = f"Lloyd iterations run {q['iters_run']} (max {q['num_iters']})"
+  quant = (f"- quantiser: {q.get('quantizer', 'residual')} k-means {q['num_levels']} x "
+           f"{tuple(q['kmeans_codebook_sizes'])}, balance={q['balance']}, seed {q['seed']}, {fit}, "
+           f"inertia per level {q['inertia']}; + collision level")
   return (format_report(report, title=f"SIDs: {dataset_name}") + "\n"
           + "\n".join([head, quant, label, times]) + "\n")
 
@@ -546,6 +574,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--num_iters", type=int, default=50)
   p.add_argument("--balance", choices=BALANCE, default="residual",
                  help="k-means levels with balanced assignment (default: levels 2..L)")
+  p.add_argument("--quantizer", choices=QUANTIZERS, default="residual",
+                 help="residual k-means (default) or tree k-means (every level fit within its parent)")
   p.add_argument("--collaborative_dim", type=int, default=128)
   p.add_argument("--data_dir", default=None)
   p.add_argument("--embedding_cache_dir", default=None, help="text-embedding cache (default: out_dir)")
@@ -555,7 +585,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   _, report = build_with_report(
       args.dataset, num_levels=args.num_levels, codebook_size=args.codebook_size,
       embedding=args.embedding, seed=args.seed, out_dir=out_dir, num_iters=args.num_iters,
-      balance=args.balance, embedding_cache_dir=args.embedding_cache_dir,
+      balance=args.balance, quantizer=args.quantizer, embedding_cache_dir=args.embedding_cache_dir,
       collaborative_dim=args.collaborative_dim, data_dir=args.data_dir)
   print(report_markdown(args.dataset, report))
   print(f"wrote {Path(out_dir) / 'sid_table.npz'}, .json, sid_report.md, sid_report.json")

@@ -117,6 +117,17 @@ def test_explicit_cache_dir_with_other_settings_is_refused(env, tmp_path):
   assert len([p for p in env.root.iterdir() if p.name.startswith("beauty_")]) == 2
 
 
+def test_tree_quantizer_is_its_own_cached_table(env):
+  residual = build.load_or_build_sid_table("beauty", **SETTINGS)
+  tree = build.load_or_build_sid_table("beauty", **SETTINGS, quantizer="tree")
+  assert len(env.builds) == 2 and len([p for p in env.root.iterdir() if p.is_dir()]) == 2
+  assert tree.meta["method"] == "tree-kmeans+collision-level" and tree.meta["settings"]["quantizer"] == "tree"
+  assert "quantizer" not in residual.meta["settings"]
+  assert len(np.unique(tree.codes[1:], axis=0)) == 40  # the collision level makes every path unique
+  assert np.array_equal(build.load_or_build_sid_table("beauty", **SETTINGS, quantizer="tree").codes, tree.codes)
+  assert len(env.builds) == 2  # served from its cache
+
+
 def test_half_written_cache_is_rebuilt_and_a_good_one_is_kept(env, monkeypatch):
   real_savez = table_lib.np.savez
 
