@@ -51,7 +51,6 @@ class TreeLevel:
   codebook_size: int
   num_nodes: int
   num_kmeans_nodes: int
-  max_children: int
   inertia: float
   seconds: float
 
@@ -120,8 +119,10 @@ def fit_codes(x: np.ndarray, *, num_levels: int, codebook_size: int | Sequence[i
     num_nodes = int(node.max()) + 1
     sq_err = 0.0
     fitted = 0
-    for j in range(num_nodes):
-      members = np.flatnonzero(node == j)
+    # Each node's items in index order, from one stable sort (not a scan of all items per node).
+    by_node = np.argsort(node, kind="stable")
+    groups = np.split(by_node, np.cumsum(np.bincount(node, minlength=num_nodes))[:-1])
+    for j, members in enumerate(groups):
       xs = x[members]
       mean = xs.mean(axis=0)
       if len(members) <= c:
@@ -137,8 +138,7 @@ def fit_codes(x: np.ndarray, *, num_levels: int, codebook_size: int | Sequence[i
     _, node = np.unique(codes[:, : level + 1], axis=0, return_inverse=True)
     node = node.reshape(-1)
     counts = np.bincount(node)
-    levels.append(TreeLevel(codebook_size=c, num_nodes=num_nodes, num_kmeans_nodes=fitted,
-                            max_children=int(codes[:, level].max()) + 1, inertia=sq_err / n,
+    levels.append(TreeLevel(codebook_size=c, num_nodes=num_nodes, num_kmeans_nodes=fitted, inertia=sq_err / n,
                             seconds=round(time.perf_counter() - t0, 2)))
     logger.info("tree-kmeans level %d: C=%d nodes=%d (k-means in %d), largest child %d items (%.1fs)",
                 level, c, num_nodes, fitted, int(counts.max()), levels[-1].seconds)
