@@ -195,7 +195,36 @@ class TrainStateFactory:
       return jax.jit(lambda r: nn.unbox(self._init_state(r)), out_shardings=self.shardings)(rng)
 
 
-def restore_or_init(factory: TrainStateFactory, *, ckpt: checkpoints.Checkpointer | None, init_rng,
+class JointStateFactory:
+  """A main model's train state with other models' train states beside it, each under its own
+  key (post-training with a reward model that keeps training): checkpointed, restored and
+  initialised as one pytree. `params_abstract` is the main model's, so `restore_or_init`'s
+  `init_checkpoint` loads the main model's weights; `start_params` are the others' starting
+  weights (their optimizer states start fresh)."""
+
+  def __init__(self, main: TrainStateFactory, others: Mapping[str, TrainStateFactory],
+               start_params: Mapping[str, Any] | None = None):
+    clash = sorted(set(others) & set(main.abstract))
+    if clash:
+      raise ValueError(f"state key(s) {clash} are the main model's own")
+    self.main, self.others, self.start_params = main, dict(others), dict(start_params or {})
+    self.abstract = {**main.abstract, **{k: f.abstract for k, f in self.others.items()}}
+
+  @property
+  def params_abstract(self):
+    return self.main.params_abstract
+
+  def init(self, rng):
+    state = self.main.init(rng)
+    for i, (k, f) in enumerate(sorted(self.others.items())):
+      sub = f.init(jax.random.fold_in(rng, i + 1))
+      if k in self.start_params:
+        sub = {**sub, "params": self.start_params[k]}
+      state[k] = sub
+    return state
+
+
+def restore_or_init(factory: TrainStateFactory | JointStateFactory, *, ckpt: checkpoints.Checkpointer | None, init_rng,
                     init_checkpoint: str | None = None, log=print) -> tuple[Any, dict[str, Any] | None]:
   """The restore order (MaxText): the newest readable checkpoint of this run, else the weights
   in `init_checkpoint` (a parameter checkpoint or an artifact's params/), else a fresh state.

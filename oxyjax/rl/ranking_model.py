@@ -86,6 +86,25 @@ class RankerConfig:
   policy_negatives: int = 0  # of num_negatives, how many are the starting policy's top beams
 
 
+@dataclasses.dataclass(frozen=True)
+class RefreshConfig:
+  """Keeping the reward service current during post-training. A frozen ranker is gamed: the
+  policy finds items it over-rates (docs/rl.md, session 14). With `updates_per_step` > 0, after
+  each rollout the ranking model takes that many optimizer steps of its own log loss on the
+  step's prompts (`RankingModel.refresh_batch`): the real target against `policy_negatives` of
+  the candidates the policy just produced (best first, the target excluded), the rest of its
+  `num_negatives` drawn from the pool as in its training. So the items the policy moves towards
+  become the ranker's negatives as the policy moves. The rewards of a step come from the ranker
+  before that step's refresh. Its parameters and optimizer state (AdamW, constant
+  `learning_rate`) are part of the post-training checkpoint, so a killed run resumes exactly.
+  0 (the default): the ranker stays as trained."""
+
+  updates_per_step: int = 0
+  learning_rate: float = 1e-4
+  weight_decay: float = 0.01
+  policy_negatives: int = 2
+
+
 def _encoder_config(cfg: RankerConfig, policy: ModelConfig) -> ModelConfig:
   """The policy's `ModelConfig` type with the ranker's sizes: the encoder layers are the policy's."""
   return ModelConfig(emb_dim=cfg.emb_dim, num_heads=cfg.num_heads, head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim,
@@ -213,14 +232,18 @@ class RankingModel:
     return out
 
   def negatives(self, scenario: np.ndarray, target: np.ndarray, num: int, rng: np.random.Generator,
-                popularity_fraction: float, policy_items: np.ndarray | None = None) -> np.ndarray:
-    """[B, num] negatives: the first columns from `policy_items` [B, K] (the policy's candidates
-    in its order; the target, empty beams and, for a row with fewer than needed, the shortfall
-    are replaced by pool draws), the rest drawn from the pool (`sample_negatives`)."""
+                popularity_fraction: float, policy_items: np.ndarray | None = None,
+                num_policy: int | None = None) -> np.ndarray:
+    """[B, num] negatives: the first `num_policy` (default: as many as fit) columns from
+    `policy_items` [B, K] (the policy's candidates in its order; the target, empty beams and, for
+    a row with fewer than needed, the shortfall are replaced by pool draws), the rest drawn from
+    the pool (`sample_negatives`)."""
     drawn = self.sample_negatives(scenario, target, num, rng, popularity_fraction)
     if policy_items is None:
       return drawn
-    p = min(num, np.asarray(policy_items).shape[1])
+    p = min(num, np.asarray(policy_items).shape[1], num if num_policy is None else num_policy)
+    if p <= 0:
+      return drawn
     picked, ok = policy_negatives(policy_items, target, p)
     drawn[:, :p] = np.where(ok, picked, drawn[:, :p])
     return drawn
@@ -230,15 +253,32 @@ class RankingModel:
     """Features of `examples` with candidates [target, negatives...] and labels [1, 0, ...]."""
     ex = examples.as_dict() if hasattr(examples, "as_dict") else examples
     hist = np.asarray(ex["history"], np.int32)
-    target = np.asarray(ex["target"], np.int32)
-    cands = np.concatenate([target[:, None], negatives], axis=1).astype(np.int32)
+    b = hist.shape[0]
+    feats = {"history_items": hist, "history_codes": self.sid_codes[hist], "history_mask": hist > 0,
+             "scenario": np.asarray(ex.get("scenario", np.zeros(b)), np.int32)}
+    return self._labelled(feats, np.asarray(ex["target"], np.int32), negatives,
+                          np.ones(b, np.float32) if weights is None else weights)
+
+  def _labelled(self, feats: Mapping[str, np.ndarray], target: np.ndarray, negatives: np.ndarray,
+                weights: np.ndarray) -> dict[str, np.ndarray]:
+    cands = np.concatenate([np.asarray(target, np.int32)[:, None], negatives], axis=1).astype(np.int32)
     labels = np.zeros(cands.shape, np.float32)
     labels[:, 0] = 1.0
-    b = hist.shape[0]
-    return {"history_items": hist, "history_codes": self.sid_codes[hist], "history_mask": hist > 0,
-            "scenario": np.asarray(ex.get("scenario", np.zeros(b)), np.int32), "candidates": cands,
-            "candidate_codes": self.sid_codes[cands], "labels": labels,
-            "weights": np.ones(b, np.float32) if weights is None else np.asarray(weights, np.float32)}
+    return {**{k: np.asarray(feats[k]) for k in ("history_items", "history_codes", "history_mask", "scenario")},
+            "candidates": cands, "candidate_codes": self.sid_codes[cands], "labels": labels,
+            "weights": np.asarray(weights, np.float32)}
+
+  def refresh_batch(self, feats: Mapping[str, np.ndarray], policy_items: np.ndarray, rng: np.random.Generator,
+                    policy_negatives: int) -> dict[str, np.ndarray]:
+    """The ranker's training batch from a post-training step (`RefreshConfig`): the prompts'
+    policy features (host NumPy: history_*, scenario, target_items, weights), each row's real
+    target against `policy_negatives` of the candidates the policy just produced for it
+    (`policy_items` [B, G] in the policy's order, the target excluded) and the rest of
+    `config.num_negatives` drawn from the pool as in the ranker's own training."""
+    target = np.asarray(feats["target_items"], np.int32)
+    negs = self.negatives(np.asarray(feats["scenario"], np.int32), target, self.config.num_negatives, rng,
+                          self.config.popularity_negatives, policy_items, num_policy=policy_negatives)
+    return self._labelled(feats, target, negs, feats["weights"])
 
   # ---------------------------------------------------------------- the reward
   def score(self, params, batch: Mapping[str, jax.Array], items: jax.Array) -> jax.Array:
@@ -462,8 +502,14 @@ def train_ranker(
              "validation_history": eval_hook.history, "train_seconds": time.time() - t0}
   if jax.process_index() == 0:
     checkpoints.save_params(os.path.join(model_dir, "params"), params, {"step": int(best_step)}, log=log)
-    _write_json_atomic(os.path.join(model_dir, RANKER_JSON), summary)
+    write_ranker_json(model_dir, summary)
   return summary
+
+
+def write_ranker_json(model_dir: str, summary: Mapping[str, Any]) -> None:
+  """`ranker.json` of a ranking-model directory, written atomically (`load` reads it)."""
+  os.makedirs(model_dir, exist_ok=True)
+  _write_json_atomic(os.path.join(model_dir, RANKER_JSON), summary)
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:

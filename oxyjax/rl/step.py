@@ -87,7 +87,7 @@ def make_rollout_step(model, cfg: RolloutConfig, reward_weights, item_embeddings
                              order_scores=ro.logp.sum(-1))
     adv, flat = policy_losses.group_advantages(rw.total, real, ddof=cfg.advantage_ddof, eps=cfg.advantage_eps)
     codes = fill_empty(ro.codes, ro.valid)
-    out = {"rl_codes": codes, "rl_advantages": adv, "rl_rewards": rw.total, "rl_r_star": rw.r_star,
+    out = {"rl_codes": codes, "rl_items": ro.items, "rl_advantages": adv, "rl_rewards": rw.total, "rl_r_star": rw.r_star,
            "rl_seq_weight": real.astype(jnp.float32)}
     if cfg.updates_per_rollout > 1:
       out["rl_logp_old"] = jax.lax.stop_gradient(

@@ -67,6 +67,13 @@ def item_embeddings(exp: experiment_lib.Experiment, params) -> tuple[np.ndarray,
   return np.asarray(item_e + side_e, np.float32), "the starting model's item embeddings"
 
 
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array (the rows of its host batch), in order:
+  one copy of each addressable shard (replicas over non-batch mesh axes dropped), by row offset."""
+  shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}
+  return np.concatenate([np.asarray(jax.device_get(shards[k])) for k in sorted(shards)])
+
+
 PROMPTS = ("all", "recent")
 
 
@@ -98,6 +105,7 @@ def train_rl(
     reward_weights: Mapping[str, RewardWeights] | None = None,
     default_reward: RewardWeights = RewardWeights(),
     ranking_model_dir: str | None = None,
+    ranker_refresh: ranking_model.RefreshConfig = ranking_model.RefreshConfig(),
     mesh_shape: dict[str, int] | None = None,
     grad_accum_steps: int = 1,
     seed: int = 0,
@@ -123,7 +131,9 @@ def train_rl(
   the others take `default_reward`. With `loss.kl_beta` > 0 the starting weights are the frozen
   reference policy. ranking_model_dir: a ranking model trained for this artifact
   (`python -m oxyjax.rl.ranking_model`), the reward service of the ``ranking`` component; without
-  one, every ranking weight must be 0.
+  one, every ranking weight must be 0. ranker_refresh: keep training that ranker on the policy's
+  own candidates as the policy moves (`ranking_model.RefreshConfig`; its state is checkpointed
+  with the policy's under the key ``ranker``).
   """
   t_start = time.time()
   log = print if verbose else (lambda *a, **k: None)
@@ -159,10 +169,21 @@ def train_rl(
         + ", ".join(f"{k} {v:.4f}" for k, v in ranker_meta["results"]["validation"].items() if k.startswith("auc_"))
         + " on validation)")
 
-  # ---- state: resume this run, else the pre-trained weights
+  refresh = ranker_refresh.updates_per_step
+  if refresh and ranker is None:
+    raise ValueError("ranker_refresh.updates_per_step > 0 needs a ranking model (ranking_model_dir)")
+
+  # ---- state: resume this run, else the pre-trained weights (and the ranker's, when it trains too)
   mu = rollout.updates_per_rollout
   tx, schedule = trainer_lib.make_optimizer(optimizer, num_steps * mu)
   factory = trainer_lib.TrainStateFactory(model, part, tx)
+  if refresh:
+    rtx, _ = trainer_lib.make_optimizer(OptimizerConfig(learning_rate=ranker_refresh.learning_rate, warmup_steps=0,
+                                                        decay="constant", weight_decay=ranker_refresh.weight_decay),
+                                        num_steps * refresh)
+    factory = trainer_lib.JointStateFactory(factory, {"ranker": trainer_lib.TrainStateFactory(ranker, part, rtx)},
+                                            start_params={"ranker": ranker_params})
+    log(f"[oxyjax] the ranking model keeps training on the policy's candidates: {ranker_refresh}")
   ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), keep=keep_checkpoints,
                                   save_every_steps=checkpoint_every_steps)
   init_params_dir = os.path.join(artifact_dir(init_model_dir), "params")
@@ -184,6 +205,8 @@ def train_rl(
     update_step = jax.jit(step_lib.make_update_step(model, tx, loss, temperature=rollout.temperature,
                                                     grad_accum_steps=grad_accum_steps),
                           donate_argnums=(0,))
+    if refresh:
+      ranker_step = jax.jit(trainer_lib.make_train_step(ranker, rtx, 1), donate_argnums=(0,))
   base_rng = jax.random.key(seed + 1)
 
   def host_batch():
@@ -198,12 +221,21 @@ def train_rl(
       n = state["step"] // mu
       t0 = time.time()
       rl, stats = rollout_step(state["params"], sharded, forest, jax.random.fold_in(base_rng, n), ref_params,
-                               ranker_params)
+                               state["ranker"]["params"] if refresh else ranker_params)
       jax.block_until_ready(rl)
       t1 = time.time()
+      if refresh:  # the ranker learns this step's candidates as negatives (its rewards above came before)
+        rbatch = ranker.refresh_batch(batch, local_rows(rl["rl_items"]), np.random.default_rng([seed, int(n)]),
+                                      ranker_refresh.policy_negatives)
+        rstate = state.pop("ranker")
+        for _ in range(refresh):
+          rstate, rmetrics = ranker_step(rstate, part.shard_batch(rbatch), base_rng)
+        stats.update({"ranker/loss": rmetrics["loss"], "ranker/accuracy": rmetrics["token_accuracy"]})
       full = {**sharded, **rl}
       for _ in range(mu):
         state, metrics = update_step(state, full, forest)
+      if refresh:
+        state["ranker"] = rstate
       jax.block_until_ready(metrics)
       t2 = time.time()
     return state, {**metrics, **stats, "time/rollout_s": t1 - t0, "time/update_s": t2 - t1}
@@ -245,16 +277,39 @@ def train_rl(
   checkpoints.save_params(exp.artifact.params_dir, params, {"step": weights_step, "rl_steps": step,
                                                            "loss": loss.name, "init": init_model_dir})
   results = pretrain.evaluate_final(exp, evaluator, params, final_eval_splits, log, final_eval_max_examples)
+  if refresh:
+    save_refreshed_ranker(exp, ranker, state["ranker"]["params"], params, os.path.join(model_dir, "ranker"),
+                          init_art, ranking_model_dir, step, eval_max_examples, log)
   if jax.process_index() == 0:
     pretrain.write_summary(model_dir, exp.dataset, {
         "dataset": exp.dataset, "init_model_dir": init_model_dir, "ranking_model_dir": ranking_model_dir,
         "loss": dataclasses.asdict(loss),
+        "ranker_refresh": dataclasses.asdict(ranker_refresh),
         "rollout": dataclasses.asdict(rollout), "steps": step, "train_seconds": train_seconds,
         "best_step": best_step, "results": results, "validation_history": eval_hook.history}, merge=False)
   ckpt.close(), best.close()
   return pretrain.TrainResult(state, step, results.get("validation", results.get("validation/mean")),
                               results.get("test", results.get("test/mean")), best_step, time.time() - t_start,
                               eval_hook.history)
+
+
+def save_refreshed_ranker(exp, ranker, ranker_params, policy_params, out_dir: str, art: ModelArtifact,
+                          source_dir: str, step: int, eval_max_examples: int | None, log) -> None:
+  """The ranker as it ended post-training, as a ranking-model run directory (`ranking_model.load`
+  reads it), with its held-out validation AUC against uniform and popular pool items and against
+  the post-trained policy's own top candidates (`auc_policy`: is it still not fooled by them?)."""
+  from oxyjax.evaluation import fixed_subset
+
+  valid = fixed_subset(exp.load_split("validation"), eval_max_examples)
+  beams = ranking_model.PolicyCandidates(exp, policy_params, 21, 256)(valid)
+  auc = ranking_model.evaluate_auc(ranker, ranker_params, valid, num_negatives=20, policy_items=beams)
+  log("[oxyjax] the refreshed ranking model, validation AUC: " + ", ".join(f"{k} {v:.4f}" for k, v in auc.items()))
+  if jax.process_index() == 0:
+    checkpoints.save_params(os.path.join(out_dir, "params"), ranker_params, {"step": int(step)}, log=log)
+    ranking_model.write_ranker_json(out_dir, {
+        "config": dataclasses.asdict(ranker.config), "policy_artifact": art.content_digest(),
+        "init_model_dir": source_dir, "refreshed_for_steps": int(step), "step": int(step),
+        "results": {"validation": auc}})
 
 
 def run():

@@ -66,6 +66,32 @@ def test_policy_negatives_are_the_policys_first_candidates_other_than_the_target
     _ranker(config=dataclasses.replace(SMALL, policy_negatives=5))
 
 
+def test_refresh_batch_takes_the_policys_candidates_as_negatives():
+  """Post-training's ranker refresh: each prompt's target (label 1) against its first
+  `policy_negatives` candidates other than the target (label 0), the rest from the pool."""
+  ranker = _ranker(config=dataclasses.replace(SMALL, num_negatives=4))
+  ex = _planted(3, 0)
+  feats = {"history_items": ex.history, "history_codes": ranker.sid_codes[ex.history], "history_mask": ex.history > 0,
+           "scenario": np.zeros(3, np.int32), "target_items": np.asarray([7, 7, 8], np.int32),
+           "weights": np.asarray([1.0, 1.0, 0.0], np.float32)}
+  items = np.asarray([[5, 7, 9, 11], [7, 5, 9, 11], [3, -1, -1, -1]])
+  b = ranker.refresh_batch(feats, items, np.random.default_rng(0), policy_negatives=2)
+  np.testing.assert_array_equal(b["candidates"][:2, :3], [[7, 5, 9], [7, 5, 9]])  # target, then the policy's
+  assert b["candidates"][2, 0] == 8 and b["candidates"][2, 1] == 3
+  np.testing.assert_array_equal(b["labels"][:, 0], 1.0)
+  np.testing.assert_array_equal(b["labels"][:, 1:], 0.0)
+  cands = b["candidates"]
+  assert np.all((cands[:, 3:] >= 1) & (cands[:, 3:] <= 30)) and np.all(cands[:, 1:] != cands[:, :1])
+  np.testing.assert_array_equal(b["candidate_codes"], ranker.sid_codes[cands])
+  np.testing.assert_array_equal(b["weights"], feats["weights"])  # padding rows stay out of the loss
+  np.testing.assert_array_equal(b["history_items"], ex.history)
+  # policy_negatives = 0: every negative from the pool, as in the ranker's own training
+  b0 = ranker.refresh_batch(feats, items, np.random.default_rng(0), policy_negatives=0)
+  np.testing.assert_array_equal(b0["candidates"][:, 1:],
+                                ranker.negatives(np.zeros(3, np.int32), feats["target_items"], 4,
+                                                 np.random.default_rng(0), SMALL.popularity_negatives))
+
+
 def test_negatives_come_from_the_rows_pool_and_never_equal_the_target():
   ranker = _ranker()
   rng = np.random.default_rng(0)

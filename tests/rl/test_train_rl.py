@@ -119,6 +119,40 @@ def test_ranking_model_run_resume_and_ranking_reward(pretrained):
   assert summary["ranking_model_dir"] == str(root / "ranker_full")
 
 
+def test_ranker_refresh_trains_the_ranker_beside_the_policy_and_resumes_exactly(pretrained):
+  """With RefreshConfig.updates_per_step > 0 the ranker keeps training on the policy's candidates:
+  its weights move, they are checkpointed with the policy's (a stopped run resumes to the same
+  policy and ranker weights), and the run leaves the refreshed ranker as a loadable ranking model."""
+  from oxyjax import partitioning
+  from oxyjax.rl import ranking_model as rm
+
+  root, init = pretrained
+  _ranker(init, root / "ranker_refresh_start")
+  start = str(root / "ranker_refresh_start")
+  kw = dict(ranking_model_dir=start, default_reward=RewardWeights(ranking=0.5), num_steps=4, eval_every_steps=2,
+            final_eval_splits=(), ranker_refresh=rm.RefreshConfig(updates_per_step=2, learning_rate=1e-2,
+                                                                  policy_negatives=2))
+  with pytest.raises(ValueError, match="needs a ranking model"):
+    _rl(init, root / "refresh_no_ranker", ranker_refresh=rm.RefreshConfig(updates_per_step=1))
+  full = _rl(init, root / "refresh_full", **kw)
+  art = ModelArtifact.load(str(init / "artifact"))
+  part = partitioning.Partitioner(MESH)
+  _, before, _ = rm.load(start, art, part)
+  ranker, after, meta = rm.load(str(root / "refresh_full" / "ranker"), art, part)
+  assert meta["refreshed_for_steps"] == 4 and 0.0 <= meta["results"]["validation"]["auc_policy"] <= 1.0
+  assert int(full.state["ranker"]["step"]) == 8  # 4 steps x 2 ranker updates
+  moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+              zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+  assert moved > 0
+  for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(full.state["ranker"]["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert json.load(open(root / "refresh_full" / "run_summary.json"))["ranker_refresh"]["updates_per_step"] == 2
+  assert _rl(init, root / "refresh_resumed", stop_after_steps=2, **kw).final_step == 2
+  resumed = _rl(init, root / "refresh_resumed", **kw)
+  for a, b in zip(jax.tree.leaves(full.state), jax.tree.leaves(resumed.state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_recent_prompts_are_each_users_last_training_example():
   from oxyjax.data import pipeline
 
