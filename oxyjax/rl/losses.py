@@ -119,9 +119,20 @@ def compute(inputs: PolicyLossInputs, cfg: PolicyLossConfig) -> PolicyLossOutput
 # ---------------------------------------------------------------------- advantages
 
 
-def group_advantages(rewards: jax.Array, weights: jax.Array, *, ddof: int = 1,
-                     eps: float = 1e-6) -> tuple[jax.Array, jax.Array]:
-  """``A_i = (R_i - mean_g R) / (std_g R + eps)`` over each group's real candidates.
+ADVANTAGE_SCALES = ("std", "none")
+
+
+def group_advantages(rewards: jax.Array, weights: jax.Array, *, ddof: int = 1, eps: float = 1e-6,
+                     scale: str = "std") -> tuple[jax.Array, jax.Array]:
+  """``A_i = (R_i - mean_g R) / (std_g R + eps)`` over each group's real candidates
+  (``scale='std'``, the default), or ``A_i = R_i - mean_g R`` (``scale='none'``, Dr. GRPO: Liu
+  et al., 2025).
+
+  Why the choice matters: dividing by the group's std makes every group's advantages unit-scale
+  whatever its reward spread, so a component that alone separates the candidates of most groups
+  (a learned ranker's score, in groups without the target) steers those groups fully, whatever
+  its weight. Without the division, a group's pull is proportional to its reward spread, and a
+  component's weight sets its share of the gradient.
 
   The documented choice (docs/rl.md): the standard deviation is the sample one (``ddof=1``, as
   torch.std in TRL / verl's GRPO), taken over the candidates with weight > 0 only; ``eps`` keeps
@@ -146,7 +157,9 @@ def group_advantages(rewards: jax.Array, weights: jax.Array, *, ddof: int = 1,
   r_max = jnp.max(jnp.where(w > 0, r, -jnp.inf), axis=-1, keepdims=True)
   r_min = jnp.min(jnp.where(w > 0, r, jnp.inf), axis=-1, keepdims=True)
   flat = (r_max <= r_min) | (n <= ddof)
-  adv = jnp.where(flat, 0.0, dev / (std + eps))
+  if scale not in ADVANTAGE_SCALES:
+    raise ValueError(f"advantage scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
+  adv = jnp.where(flat, 0.0, dev / (std + eps) if scale == "std" else dev)
   return adv * w, flat[:, 0]
 
 

@@ -35,7 +35,7 @@ class RolloutConfig:
   """method: 'sample' (temperature sampling, with replacement) or 'beam' (the G best distinct
   valid paths). group_size: G. temperature: of the policy, in rollouts and in the loss alike.
   updates_per_rollout: optimizer steps per batch of rollouts (1 = on-policy).
-  advantage_ddof / advantage_eps: see `losses.group_advantages`."""
+  advantage_ddof / advantage_eps / advantage_scale ('std' or 'none'): see `losses.group_advantages`."""
 
   method: str = "sample"
   group_size: int = 16
@@ -43,6 +43,7 @@ class RolloutConfig:
   updates_per_rollout: int = 1
   advantage_ddof: int = 1
   advantage_eps: float = 1e-6
+  advantage_scale: str = "std"
 
 
 def _features(batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -85,7 +86,8 @@ def make_rollout_step(model, cfg: RolloutConfig, reward_weights, item_embeddings
     rw = rewards_lib.compute(ro.items, real, target, batch["scenario"], item_embeddings=item_embeddings,
                              weights=reward_weights, anchor=anchor, ranking=ranking, target_ranking=target_ranking,
                              order_scores=ro.logp.sum(-1))
-    adv, flat = policy_losses.group_advantages(rw.total, real, ddof=cfg.advantage_ddof, eps=cfg.advantage_eps)
+    adv, flat = policy_losses.group_advantages(rw.total, real, ddof=cfg.advantage_ddof, eps=cfg.advantage_eps,
+                                               scale=cfg.advantage_scale)
     codes = fill_empty(ro.codes, ro.valid)
     out = {"rl_codes": codes, "rl_items": ro.items, "rl_advantages": adv, "rl_rewards": rw.total, "rl_r_star": rw.r_star,
            "rl_seq_weight": real.astype(jnp.float32)}

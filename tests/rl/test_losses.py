@@ -157,6 +157,19 @@ def test_group_advantages():
   adv0, _ = losses.group_advantages(rewards, weights, ddof=0)
   np.testing.assert_allclose(np.asarray(adv0[0]), (rewards[0] - 4.0) / (np.std(np.asarray(rewards[0])) + 1e-6),
                              rtol=1e-6)
+  # scale='none' (Dr. GRPO): centred only, so a group's pull follows its reward spread; the same
+  # flat groups and padding get 0.
+  raw, flat_raw = losses.group_advantages(rewards, weights, scale="none")
+  np.testing.assert_array_equal(np.asarray(flat_raw), np.asarray(flat))
+  np.testing.assert_allclose(np.asarray(raw[0]), np.asarray(rewards[0]) - 4.0, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(raw[2, :3]), [-2.6666667, -0.6666667, 3.3333333], rtol=1e-6)
+  assert float(raw[2, 3]) == 0.0 and np.all(np.asarray(raw[1]) == 0.0)
+  small, _ = losses.group_advantages(0.1 * rewards, weights, scale="none")
+  np.testing.assert_allclose(np.asarray(small), 0.1 * np.asarray(raw), rtol=1e-5, atol=1e-7)
+  std_small, _ = losses.group_advantages(0.1 * rewards, weights)  # the std scale ignores a reward's scale
+  np.testing.assert_allclose(np.asarray(std_small), np.asarray(adv), rtol=1e-4)
+  with pytest.raises(ValueError, match="advantage scale"):
+    losses.group_advantages(rewards, weights, scale="mad")
 
 
 def test_loss_sums_are_additive_over_batch_splits():
