@@ -6,7 +6,9 @@ validation over RL steps, and the logged training diagnostics.
 Each run is `<model_dir>[=<console log>[,<log of its resumed part>...]]`; with logs, the per-step
 diagnostics (reward, target in group, ratio, entropy, ...) are plotted. `--metric` is the validation
 metric plotted and listed by step (default recall@10; the runs' `select_metric` where they set one).
-Writes a markdown table to stdout and `--png`.
+Writes a markdown table to stdout and `--png`. A run stopped before its end (no run_summary.json)
+is listed without test figures, its validation history read from its console log. `--panels`
+picks the logged diagnostics plotted beside the validation metric.
 """
 
 from __future__ import annotations
@@ -37,11 +39,27 @@ def parse_log(path: str) -> list[dict[str, float]]:
   return rows
 
 
+def parse_validation(path: str) -> list[dict[str, float]]:
+  """The validation evaluations a run's console log printed (`[oxyjax] step N validation (...): k v, ...`)."""
+  rows = []
+  for line in open(path):
+    m = re.match(r"\[oxyjax\] step (\d+) validation \([^)]*\): (.*)", line)
+    if m:
+      row = {"step": int(m.group(1))}
+      row.update({k: float(v) for k, v in (kv.rsplit(" ", 1) for kv in m.group(2).split(", "))})
+      rows.append(row)
+  return rows
+
+
+DEFAULT_PANELS = "reward/total,reward/hit,groups/target_in_group,entropy,ratio_abs_dev"
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--init", required=True, help="the pre-training run the RL runs started from")
   ap.add_argument("--png", default="docs/rl_curves.png")
   ap.add_argument("--metric", default="recall@10", help="validation metric plotted and listed by step")
+  ap.add_argument("--panels", default=DEFAULT_PANELS, help="five logged diagnostics to plot, comma-separated")
   ap.add_argument("runs", nargs="+")
   args = ap.parse_args()
   init = json.load(open(os.path.join(args.init, "run_summary.json")))["results"]
@@ -51,11 +69,17 @@ def main():
   curves = {}
   for spec in args.runs:
     model_dir, _, log = spec.partition("=")
-    s = json.load(open(os.path.join(model_dir, "run_summary.json")))
-    t = s["results"]["test"]
-    print(f"| {os.path.basename(model_dir)} | {s['best_step']} | " + " | ".join(f"{t[k]:.4f}" for k in METRICS) + " |")
-    curves[os.path.basename(model_dir)] = (s["validation_history"],
-                                           [r for part in log.split(",") if part for r in parse_log(part)])
+    logs = [part for part in log.split(",") if part]
+    summary = os.path.join(model_dir, "run_summary.json")
+    if os.path.isfile(summary):
+      s = json.load(open(summary))
+      t, hist = s["results"]["test"], s["validation_history"]
+      print(f"| {os.path.basename(model_dir)} | {s['best_step']} | " + " | ".join(f"{t[k]:.4f}" for k in METRICS) + " |")
+    else:  # stopped before its end: no test read
+      hist = [r for part in logs for r in parse_validation(part)]
+      print(f"| {os.path.basename(model_dir)} | stopped at {hist[-1]['step'] if hist else 0} | "
+            + " | ".join("-" for _ in METRICS) + " |")
+    curves[os.path.basename(model_dir)] = (hist, [r for part in logs for r in parse_log(part)])
   print()
   print(f"validation {args.metric} by step: " + "; ".join(
       f"{n}: " + ", ".join(f"{h['step']}={h[args.metric]:.4f}" for h in v) for n, (v, _) in curves.items()))
@@ -65,16 +89,16 @@ def main():
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  panels = [(f"validation {args.metric}", None), ("reward/total", "reward/total"), ("reward/hit", "reward/hit"),
-            ("groups/target_in_group", "groups/target_in_group"), ("entropy", "entropy"),
-            ("ratio_abs_dev", "ratio_abs_dev")]
+  panels = [(f"validation {args.metric}", None)] + [(k, k) for k in args.panels.split(",")][:5]
   fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+  colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   for ax, (title, key) in zip(axes.flat, panels):
-    for name, (hist, log) in curves.items():
+    for i, (name, (hist, log)) in enumerate(curves.items()):
+      c = colours[i % len(colours)]  # one colour per run in every panel
       if key is None:
-        ax.plot([h["step"] for h in hist], [h[args.metric] for h in hist], marker="o", label=name)
+        ax.plot([h["step"] for h in hist], [h[args.metric] for h in hist], marker="o", label=name, color=c)
       elif log and key in log[0]:
-        ax.plot([r["step"] for r in log], [r[key] for r in log], label=name)
+        ax.plot([r["step"] for r in log], [r[key] for r in log], label=name, color=c)
     ax.set_title(title)
     ax.set_xlabel("RL step")
   axes.flat[0].legend(fontsize=7)
