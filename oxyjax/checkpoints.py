@@ -117,16 +117,29 @@ def _quiet_dropped_reads() -> None:
       return
     previous(unraisable)
 
-  def dropped_orbax_read(record: logging.LogRecord) -> bool:
-    """False (drop) for asyncio's report of an un-awaited Orbax read task that failed unreadable."""
-    exc = record.exc_info[1] if record.exc_info else None
-    msg = record.getMessage()
-    return not (exc is not None and is_unreadable_error(exc) and "never retrieved" in msg
-                and f"orbax{os.sep}checkpoint" in msg)
-
   hook._oxyjax_quiet_reads = True
   sys.unraisablehook = hook
-  logging.getLogger("asyncio").addFilter(dropped_orbax_read)
+  logging.getLogger("asyncio").addFilter(_keep_unless_dropped_orbax_read)
+
+
+def _raised_in_orbax(exc: BaseException) -> bool:
+  tb = exc.__traceback__
+  while tb is not None:
+    if f"orbax{os.sep}checkpoint" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
+
+
+def _keep_unless_dropped_orbax_read(record) -> bool:
+  """The `asyncio` logger filter of `_quiet_dropped_reads`: False (drop) for asyncio's report of
+  an un-awaited Orbax read that failed unreadable: a Task ("Task exception was never retrieved",
+  the task's repr names Orbax's coroutine) or the gather that held several of them
+  ("_GatheringFuture exception was never retrieved", known by Orbax's frames in the traceback)."""
+  exc = record.exc_info[1] if record.exc_info else None
+  msg = record.getMessage()
+  return not (exc is not None and "never retrieved" in msg and is_unreadable_error(exc)
+              and (f"orbax{os.sep}checkpoint" in msg or _raised_in_orbax(exc)))
 
 
 def _restore_newest_readable(manager: ocp.CheckpointManager, restore: Callable[[int], Any], *, what: str,
