@@ -77,18 +77,25 @@ def local_rows(x: jax.Array) -> np.ndarray:
 PROMPTS = ("all", "recent")
 
 
-def select_prompts(arrays: pipeline.ExampleArrays, prompts: str) -> pipeline.ExampleArrays:
+def select_prompts(arrays: pipeline.ExampleArrays, prompts: str, per_user: int = 1) -> pipeline.ExampleArrays:
   """The training examples post-training draws its prompts from. ``all``: every one. ``recent``:
-  each user's last training example in the split's (chronological) order, whose target is the
-  user's latest training item, the nearest in time to the held-out validation and test targets,
-  and whose history is the longest the model was trained on for that user."""
+  each user's last ``per_user`` training examples in the split's (chronological) order. The last
+  one's target is the user's latest training item, the nearest in time to the held-out validation
+  and test targets, and its history is the longest the model was trained on for that user; more
+  than one per user gives more distinct prompts (a run of many steps revisits each one less often)
+  at the cost of older targets. Rows keep the reader's order."""
   if prompts == "all":
     return arrays
   if prompts != "recent":
     raise ValueError(f"unknown prompts {prompts!r}; expected one of {PROMPTS}")
+  if int(per_user) < 1:
+    raise ValueError(f"prompts_per_user must be at least 1, got {per_user!r}")
   users = np.asarray(arrays.user)
-  last = users.size - 1 - np.unique(users[::-1], return_index=True)[1]  # each user's last row
-  return arrays.take(np.sort(last))
+  order = np.argsort(users, kind="stable")  # each user's rows together, in reader order
+  sorted_users = users[order]
+  group_end = np.searchsorted(sorted_users, sorted_users, side="right")
+  from_end = group_end - 1 - np.arange(users.size)  # 0 = the user's last row
+  return arrays.take(np.sort(order[from_end < int(per_user)]))
 
 
 def train_rl(
@@ -98,6 +105,7 @@ def train_rl(
     num_steps: int = 200,
     batch_size: int = 64,
     prompts: str = "all",
+    prompts_per_user: int = 1,
     rollout: RolloutConfig = RolloutConfig(),
     loss: PolicyLossConfig = PolicyLossConfig(),
     optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-5, warmup_steps=0, decay="constant",
@@ -126,7 +134,8 @@ def train_rl(
   """Post-trains the model of `init_model_dir` into `model_dir` for `num_steps` rollout steps of
   `batch_size` training prompts, `rollout.group_size` candidates each.
 
-  prompts: which training examples are prompts (`select_prompts`), in each scenario.
+  prompts, prompts_per_user: which training examples are prompts (`select_prompts`), in each
+  scenario; prompts_per_user applies to ``recent``.
   reward_weights: per scenario name (a single-dataset model's one scenario is its dataset name);
   the others take `default_reward`. With `loss.kl_beta` > 0 the starting weights are the frozen
   reference policy. ranking_model_dir: a ranking model trained for this artifact
@@ -151,12 +160,12 @@ def train_rl(
   forest, root_of_scenario = exp.scenario_forest()
   if exp.scenarios:
     names = [s.name for s in exp.scenarios]
-    it = pipeline.MixtureBatchIterator([select_prompts(s.splits["train"], prompts) for s in exp.scenarios],
+    it = pipeline.MixtureBatchIterator([select_prompts(s.splits["train"], prompts, prompts_per_user) for s in exp.scenarios],
                                        [s.config.rate for s in exp.scenarios], batch_size, seed=seed,
                                        process_index=jax.process_index(), process_count=jax.process_count())
   else:
     names = [exp.dataset]
-    it = pipeline.BatchIterator(select_prompts(exp.load_split("train"), prompts), batch_size, seed=seed, process_index=jax.process_index(),
+    it = pipeline.BatchIterator(select_prompts(exp.load_split("train"), prompts, prompts_per_user), batch_size, seed=seed, process_index=jax.process_index(),
                                 process_count=jax.process_count())
   scenario_ids = [s.id for s in exp.scenarios] if exp.scenarios else [0]
   table = np.tile(default_reward.as_array(), (max(scenario_ids) + 1, 1))
@@ -195,8 +204,9 @@ def train_rl(
   init_params, _ = checkpoints.load_params(init_params_dir, factory.params_abstract)
   ref_params = init_params if loss.kl_beta else None
   emb, emb_kind = item_embeddings(exp, init_params)
+  per_user_note = f", {prompts_per_user} per user" if prompts == "recent" else ""
   log(f"[oxyjax] post-training {init_model_dir} -> {model_dir}: loss {loss.name}, {rollout.method} rollouts, "
-      f"G={rollout.group_size}, {batch_size} prompts/step ({prompts} training examples), {num_steps} steps x {mu} update(s); similarity on {emb_kind}; "
+      f"G={rollout.group_size}, {batch_size} prompts/step ({prompts} training examples{per_user_note}), {num_steps} steps x {mu} update(s); similarity on {emb_kind}; "
       f"reward weights {dict(zip(names, table[scenario_ids].tolist()))}")
 
   # ---- the jitted halves and the step function

@@ -165,3 +165,18 @@ def test_recent_prompts_are_each_users_last_training_example():
   assert rl_train.select_prompts(arrays, "all") is arrays
   with pytest.raises(ValueError, match="unknown prompts"):
     rl_train.select_prompts(arrays, "latest")
+
+
+def test_recent_prompts_can_take_each_users_last_few_examples():
+  from oxyjax.data import pipeline
+
+  users = np.asarray([3, 3, 1, 1, 1, 7, 2, 2, 3])  # user 3's rows are not contiguous
+  arrays = pipeline.ExampleArrays(history=np.arange(9)[:, None].repeat(2, 1), history_len=np.full(9, 2),
+                                  target=np.arange(10, 19), user=users, scenario=np.zeros(9))
+  two = rl_train.select_prompts(arrays, "recent", per_user=2)
+  np.testing.assert_array_equal(two.target, [11, 13, 14, 15, 16, 17, 18])  # reader order kept
+  one = rl_train.select_prompts(arrays, "recent", per_user=1)
+  np.testing.assert_array_equal(one.target, [14, 15, 17, 18])
+  assert rl_train.select_prompts(arrays, "recent", per_user=5).target.size == 9
+  with pytest.raises(ValueError, match="prompts_per_user"):
+    rl_train.select_prompts(arrays, "recent", per_user=0)
