@@ -77,6 +77,16 @@ def eval_sets(exp, split: str):
           for key, (arrays, pool) in exp.eval_sets(split).items()}
 
 
+def load_model(spec: str, part, *, beam: int, batch_size: int):
+  """``(experiment, evaluation weights, their step, Evaluator)`` of one model spec: a run directory,
+  or ``<run dir>@<params dir>``."""
+  run_dir, _, weights = spec.partition("@")
+  exp = experiment_lib.from_artifact(ModelArtifact.load(artifact_dir(run_dir)), partitioner=part, log=_quiet)
+  params, step = train_lib.load_eval_weights(run_dir, trainer.TrainStateFactory(exp.model, part).params_abstract,
+                                             weights or None, log=_quiet)
+  return exp, params, step, Evaluator(exp.model, part, exp.trie(), beam_size=beam, batch_size=batch_size)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("models", nargs="+", help="run directories; the first is the baseline")
@@ -96,12 +106,7 @@ def main():
   ranks: dict[str, dict[str, np.ndarray]] = {}  # set -> model -> [rows]
   fingerprints: dict[str, tuple[str, str]] = {}  # set -> (fingerprint, the model that set it)
   for spec in args.models:
-    run_dir, _, weights = spec.partition("@")
-    art = ModelArtifact.load(artifact_dir(run_dir))
-    exp = experiment_lib.from_artifact(art, partitioner=part, log=_quiet)
-    params, step = train_lib.load_eval_weights(run_dir, trainer.TrainStateFactory(exp.model, part).params_abstract,
-                                               weights or None, log=_quiet)
-    ev = Evaluator(exp.model, part, exp.trie(), beam_size=args.beam, batch_size=args.batch_size)
+    exp, params, step, ev = load_model(spec, part, beam=args.beam, batch_size=args.batch_size)
     ids = qualified_item_ids(exp)
     for name, (arrays, trie) in eval_sets(exp, args.split).items():
       if wanted is not None and name not in wanted:
