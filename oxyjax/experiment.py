@@ -46,7 +46,8 @@ class SIDConfig:
   embedding: str = "auto"  # auto | text | collaborative | sasrec | text+collaborative (oxyjax/sid/build.py)
   balance: str = "residual"  # which k-means levels use balanced assignment: residual | none | all
   # residual k-means (default) | tree: each level fit within its parent node (oxyjax/sid/tree_kmeans.py);
-  # codebook_size is then the children per node
+  # codebook_size is then the children per node | rqvae: TIGER's RQ-VAE | letter: the RQ-VAE with
+  # LETTER's collaborative and diversity terms (oxyjax/sid/rq_vae.py)
   quantizer: str = "residual"
   seed: int = 0
   cache_dir: str | None = None  # default: <repo>/.cache/sid/<dataset>_<data fingerprint>_<settings>

@@ -39,14 +39,18 @@ often a user's next item shares the code prefix of the item before it
 Quantiser (``quantizer=``): ``residual`` k-means (``rq_kmeans``, the default), by default with
 plain k-means at level 1 and the balanced assignment at the residual levels (``balance=``); or
 ``tree`` k-means (``tree_kmeans``), where each level splits every node's items by k-means on
-those items alone (with ``balance='all'``, a balanced tree). Then the collision level
-(``table.add_collision_level``).
+those items alone (with ``balance='all'``, a balanced tree); or an RQ-VAE (``rq_vae``): ``rqvae``
+is TIGER's (reconstruction and commitment losses), ``letter`` adds LETTER's collaborative term
+(towards SASRec item embeddings of the training sequences, at the latent's width) and its
+diversity term; ``balance`` does not apply to them (they assign with Sinkhorn). Then the
+collision level (``table.add_collision_level``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import importlib.metadata
@@ -61,6 +65,7 @@ import numpy as np
 
 from oxyjax.sid import embeddings as emb_lib
 from oxyjax.sid import rq_kmeans
+from oxyjax.sid import rq_vae
 from oxyjax.sid import sasrec as sasrec_lib
 from oxyjax.sid import tree_kmeans
 from oxyjax.sid import table as table_lib
@@ -71,7 +76,17 @@ logger = logging.getLogger(__name__)
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 EMBEDDINGS = ("auto", "text", "collaborative", "sasrec", "text+collaborative")
 BALANCE = ("none", "residual", "all")
-QUANTIZERS = ("residual", "tree")
+QUANTIZERS = ("residual", "tree", "rqvae", "letter")
+
+
+def rqvae_config(quantizer: str) -> rq_vae.RQVAEConfig | None:
+  """The RQ-VAE settings of an ``rqvae`` (TIGER) or ``letter`` quantiser; ``None`` for k-means."""
+  return {"rqvae": rq_vae.TIGER, "letter": rq_vae.LETTER}.get(quantizer)
+
+
+def letter_sasrec_config(cfg: rq_vae.RQVAEConfig) -> sasrec_lib.SASRecConfig:
+  """LETTER's collaborative embeddings: the SASRec source at the RQ-VAE latent's width."""
+  return dataclasses.replace(sasrec_lib.SASRecConfig(), dim=cfg.latent_dim)
 
 
 def balanced_levels(balance: str, num_levels: int) -> tuple[bool, ...]:
@@ -222,7 +237,8 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
                       data_dir: str | os.PathLike | None = None,
                       embedding_cache_dir: str | os.PathLike | None = None,
                       dataset_fingerprint: str | None = None,
-                      sasrec: sasrec_lib.SASRecConfig = sasrec_lib.SASRecConfig()) -> tuple[SIDTable, dict[str, Any]]:
+                      sasrec: sasrec_lib.SASRecConfig = sasrec_lib.SASRecConfig(),
+                      rqvae: rq_vae.RQVAEConfig | None = None) -> tuple[SIDTable, dict[str, Any]]:
   """Builds (and, with ``out_dir``, writes) the SID table of a dataset and its quality report.
 
   Args:
@@ -237,8 +253,10 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
       ``residual`` (default: level 1 is plain k-means so semantic clusters keep their natural
       sizes; the residual levels, where plain k-means collapses onto a few near-zero centres,
       are balanced), ``all`` or ``none``.
-    quantizer: ``residual`` (residual k-means) or ``tree`` (tree k-means: every level fit within
-      its parent node; ``codebook_size`` is then the children per node).
+    quantizer: ``residual`` (residual k-means), ``tree`` (tree k-means: every level fit within
+      its parent node; ``codebook_size`` is then the children per node), ``rqvae`` (TIGER's
+      RQ-VAE) or ``letter`` (the RQ-VAE with LETTER's collaborative and diversity terms);
+      settings in ``rq_vae.TIGER`` / ``rq_vae.LETTER``.
     collaborative_dim, collaborative_window: collaborative-embedding size and window.
     text_batch_size: sentences per encoder batch.
     dataset: an already loaded dataset object (default: ``oxyjax.data.readers.load_dataset``).
@@ -246,7 +264,9 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
     embedding_cache_dir: where text embeddings are cached (default: ``out_dir``).
     dataset_fingerprint: ``readers.dataset_fingerprint`` of the data ``dataset`` was read from,
       recorded in the table's meta (computed here when ``dataset`` is ``None``).
-    sasrec: model and training settings of the ``sasrec`` source.
+    sasrec: model and training settings of the ``sasrec`` source (and, at the latent's width, of
+      ``letter``'s collaborative embeddings).
+    rqvae: settings of the ``rqvae`` / ``letter`` quantiser (default ``rqvae_config(quantizer)``).
 
   Returns:
     ``(table, report)``: the ``SIDTable`` (codes ``[num_items + 1, L + 1]``) and the
@@ -307,7 +327,25 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
   t_embed = time.perf_counter() - t0
 
   t0 = time.perf_counter()
-  if quantizer == "tree":
+  if quantizer in ("rqvae", "letter"):
+    vae_cfg = rqvae if rqvae is not None else rqvae_config(quantizer)
+    cf_cfg = dataclasses.replace(sasrec, dim=vae_cfg.latent_dim)
+    cf = cf_mask = None
+    vae_info = {}
+    if vae_cfg.cf_weight:
+      seqs = training_sequences(dataset.train)
+      cf, cf_info = sasrec_lib.sasrec_embeddings(seqs, dataset.num_items, cf_cfg, seed=seed)
+      cf_mask = np.zeros(dataset.num_items + 1, bool)
+      cf_mask[[i for s in seqs for i in s]] = True
+      cf, cf_mask = cf[1:], cf_mask[1:]
+      vae_info["collaborative"] = {"source": "sasrec (training sequences only)",
+                                   "config": cf_cfg.to_dict(),
+                                   "wall_time_s": cf_info.get("wall_time_s")}
+    codes, fit = rq_vae.fit_codes(x[1:], num_levels=num_levels, codebook_size=codebook_size, config=vae_cfg,
+                                  cf=cf, cf_mask=cf_mask, seed=seed)
+    sizes = tuple(fit["codebook_sizes"])
+    fit_info = {"rqvae": {**fit, **vae_info}}
+  elif quantizer == "tree":
     codes, tree_levels = tree_kmeans.fit_codes(x[1:], num_levels=num_levels, codebook_size=codebook_size,
                                                num_iters=num_iters, seed=seed, balanced=balanced)
     sizes = tuple(lv.codebook_size for lv in tree_levels)
@@ -325,7 +363,8 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
   t_kmeans = time.perf_counter() - t0
 
   meta = {
-      "method": "tree-kmeans+collision-level" if quantizer == "tree" else "rq-kmeans+collision-level",
+      "method": {"tree": "tree-kmeans", "rqvae": "rq-vae", "letter": "letter-rq-vae"}.get(
+          quantizer, "rq-kmeans") + "+collision-level",
       "dataset": dataset_name,
       "dataset_fingerprint": fingerprint,
       "num_items": int(dataset.num_items),
@@ -387,6 +426,11 @@ def sid_settings(*, num_levels: int, codebook_size: int | Sequence[int], embeddi
               "seed": int(seed)}
   if quantizer != "residual":
     settings["quantizer"] = quantizer
+  vae_cfg = rqvae_config(quantizer)
+  if vae_cfg is not None:
+    settings["rqvae"] = vae_cfg.to_dict()
+    if vae_cfg.cf_weight:
+      settings["letter_sasrec"] = letter_sasrec_config(vae_cfg).to_dict()
   if embedding == "sasrec":
     settings["sasrec"] = sasrec_lib.SASRecConfig().to_dict()
   return settings
@@ -407,7 +451,13 @@ def sid_cache_dir(dataset_name: str, fingerprint: str, *, num_levels: int, codeb
   ``<repo>/.cache/sid``): the default cache directory of a SID table, keyed by the data's
   content (``readers.dataset_fingerprint``) and every setting the table depends on."""
   base = Path(root) if root is not None else _REPO_ROOT / ".cache" / "sid"
-  tree = "_tree" if quantizer == "tree" else ""
+  vae_cfg = rqvae_config(quantizer)
+  if vae_cfg is not None:
+    blob = json.dumps(sid_settings(num_levels=num_levels, codebook_size=codebook_size, embedding=embedding,
+                                   balance=balance, seed=seed, quantizer=quantizer), sort_keys=True).encode()
+    tree = f"_{quantizer}-{hashlib.sha256(blob).hexdigest()[:8]}"
+  else:
+    tree = "_tree" if quantizer == "tree" else ""
   return base / (f"{dataset_name}_{fingerprint}_{_embedding_key(embedding)}_{num_levels}x{_codebook_str(codebook_size)}"
                  f"_{balance}{tree}_s{seed}")
 
@@ -552,13 +602,20 @@ def report_markdown(dataset_name: str, report: dict[str, Any]) -> str:
            f"rq-kmeans {w['rq_kmeans']}s, total {w['total']}s")
   label = f"- purity label: {report['label']}" if report.get("label") else "- purity label: none"
   q = report["quantiser"]
-  if q.get("quantizer") == "tree":
-    fit = f"nodes per level {q['tree_nodes']} (k-means in {q['tree_kmeans_nodes']})"
+  if q.get("quantizer") in ("rqvae", "letter"):
+    v = q["rqvae"]
+    last = v["loss_log"][-1] if v["loss_log"] else {}
+    quant = (f"- quantiser: {q['quantizer']} RQ-VAE {q['num_levels']} x {tuple(q['kmeans_codebook_sizes'])}, "
+             f"seed {q['seed']}, {v['config']['num_steps']} steps, final losses {last}, "
+             f"codes used {v['codes_used']}; + collision level")
   else:
-    fit = f"Lloyd iterations run {q['iters_run']} (max {q['num_iters']})"
-  quant = (f"- quantiser: {q.get('quantizer', 'residual')} k-means {q['num_levels']} x "
-           f"{tuple(q['kmeans_codebook_sizes'])}, balance={q['balance']}, seed {q['seed']}, {fit}, "
-           f"inertia per level {q['inertia']}; + collision level")
+    if q.get("quantizer") == "tree":
+      fit = f"nodes per level {q['tree_nodes']} (k-means in {q['tree_kmeans_nodes']})"
+    else:
+      fit = f"Lloyd iterations run {q['iters_run']} (max {q['num_iters']})"
+    quant = (f"- quantiser: {q.get('quantizer', 'residual')} k-means {q['num_levels']} x "
+             f"{tuple(q['kmeans_codebook_sizes'])}, balance={q['balance']}, seed {q['seed']}, {fit}, "
+             f"inertia per level {q['inertia']}; + collision level")
   return (format_report(report, title=f"SIDs: {dataset_name}") + "\n"
           + "\n".join([head, quant, label, times]) + "\n")
 
