@@ -84,9 +84,10 @@ def rqvae_config(quantizer: str) -> rq_vae.RQVAEConfig | None:
   return {"rqvae": rq_vae.TIGER, "letter": rq_vae.LETTER}.get(quantizer)
 
 
-def letter_sasrec_config(cfg: rq_vae.RQVAEConfig) -> sasrec_lib.SASRecConfig:
-  """LETTER's collaborative embeddings: the SASRec source at the RQ-VAE latent's width."""
-  return dataclasses.replace(sasrec_lib.SASRecConfig(), dim=cfg.latent_dim)
+def letter_sasrec_config(cfg: rq_vae.RQVAEConfig,
+                         sasrec: sasrec_lib.SASRecConfig = sasrec_lib.SASRecConfig()) -> sasrec_lib.SASRecConfig:
+  """LETTER's collaborative embeddings: the SASRec source (``sasrec``) at the RQ-VAE latent's width."""
+  return dataclasses.replace(sasrec, dim=cfg.latent_dim)
 
 
 def balanced_levels(balance: str, num_levels: int) -> tuple[bool, ...]:
@@ -329,7 +330,7 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
   t0 = time.perf_counter()
   if quantizer in ("rqvae", "letter"):
     vae_cfg = rqvae if rqvae is not None else rqvae_config(quantizer)
-    cf_cfg = dataclasses.replace(sasrec, dim=vae_cfg.latent_dim)
+    cf_cfg = letter_sasrec_config(vae_cfg, sasrec)
     cf = cf_mask = None
     vae_info = {}
     if vae_cfg.cf_weight:
@@ -455,11 +456,11 @@ def sid_cache_dir(dataset_name: str, fingerprint: str, *, num_levels: int, codeb
   if vae_cfg is not None:
     blob = json.dumps(sid_settings(num_levels=num_levels, codebook_size=codebook_size, embedding=embedding,
                                    balance=balance, seed=seed, quantizer=quantizer), sort_keys=True).encode()
-    tree = f"_{quantizer}-{hashlib.sha256(blob).hexdigest()[:8]}"
+    suffix = f"_{quantizer}-{hashlib.sha256(blob).hexdigest()[:8]}"
   else:
-    tree = "_tree" if quantizer == "tree" else ""
+    suffix = "_tree" if quantizer == "tree" else ""
   return base / (f"{dataset_name}_{fingerprint}_{_embedding_key(embedding)}_{num_levels}x{_codebook_str(codebook_size)}"
-                 f"_{balance}{tree}_s{seed}")
+                 f"_{balance}{suffix}_s{seed}")
 
 
 def check_sid_table(table: SIDTable, source: str | os.PathLike, *, dataset_name: str, num_items: int,

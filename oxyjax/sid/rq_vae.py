@@ -43,8 +43,6 @@ GPU), not a tuned value.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import time
 from typing import Any, Sequence
@@ -88,10 +86,6 @@ class RQVAEConfig:
     d = dataclasses.asdict(self)
     d["hidden_dims"] = list(self.hidden_dims)
     return d
-
-  def key(self) -> str:
-    """A short hash of every setting, for cache directory names."""
-    return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
 
 
 TIGER = RQVAEConfig()
