@@ -8,12 +8,16 @@ The rule (docs/results.md, "Defaults that transfer"):
    on that dataset, for recall@10 and for NDCG@10 (NDCG weighs the top of the list); its
    dataset score is the mean of the two ratios. Ratios put the datasets on one scale, so the
    large datasets do not outvote the small ones.
+   Where a candidate lists several runs on a dataset (seeds of the same configuration), its
+   metric there is their mean (session 29; until then each dataset had one run per candidate,
+   and the seed-to-seed spread on Office / Industrial, 0.002-0.004 NDCG@10, was as large as the
+   differences being ranked).
 3. A candidate's overall score is the mean of its dataset scores; the highest wins. Candidates
    within 0.005 of the best count as tied, and the tie goes to the cheapest (fewest training
    steps summed over the datasets).
 
 Test metrics are never read. Input: a JSON file mapping candidate name -> {dataset: path of a
-run directory or of its run_summary.json}:
+run directory or of its run_summary.json, or a list of such paths (seeds)}:
 
   python benchmarks/select_defaults.py docs/bench/default_candidates.json
 """
@@ -40,9 +44,21 @@ def load_summary(path: str) -> dict[str, Any]:
   return s
 
 
-def select(candidates: dict[str, dict[str, str]], datasets=DATASETS) -> dict[str, Any]:
+def load_seeds(paths: str | list[str]) -> dict[str, Any]:
+  """One run summary, or the mean of several (seeds): each validation metric of `METRICS` and the
+  steps averaged, with ``seeds`` = how many."""
+  paths = [paths] if isinstance(paths, str) else list(paths)
+  if not paths:
+    raise ValueError("an empty list of runs")
+  runs = [load_summary(p) for p in paths]
+  mean = lambda xs: sum(xs) / len(xs)
+  return {"results": {"validation": {m: mean([r["results"]["validation"][m] for r in runs]) for m in METRICS}},
+          "steps": mean([r.get("steps") or 0 for r in runs]), "seeds": len(runs)}
+
+
+def select(candidates: dict[str, dict[str, Any]], datasets=DATASETS) -> dict[str, Any]:
   """Applies the rule of the module docstring; returns per-candidate scores and the winner."""
-  runs = {c: {d: load_summary(p) for d, p in by_ds.items() if d in datasets} for c, by_ds in candidates.items()}
+  runs = {c: {d: load_seeds(p) for d, p in by_ds.items() if d in datasets} for c, by_ds in candidates.items()}
   eligible = [c for c in runs if all(d in runs[c] for d in datasets)]
   best = {(d, m): max(runs[c][d]["results"]["validation"][m] for c in eligible) for d in datasets for m in METRICS}
   rows = {}
@@ -51,7 +67,7 @@ def select(candidates: dict[str, dict[str, str]], datasets=DATASETS) -> dict[str
     for d, s in runs[c].items():
       v = s["results"]["validation"]
       rel = [v[m] / best[(d, m)] for m in METRICS] if c in eligible else None
-      row["datasets"][d] = {**{m: v[m] for m in METRICS}, "steps": s.get("steps"),
+      row["datasets"][d] = {**{m: v[m] for m in METRICS}, "steps": s.get("steps"), "seeds": s["seeds"],
                             "score": None if rel is None else sum(rel) / len(rel)}
     if c in eligible:
       row["score"] = sum(row["datasets"][d]["score"] for d in datasets) / len(datasets)
@@ -77,9 +93,11 @@ def main(argv):
     cells = []
     for d in DATASETS:
       r = row["datasets"].get(d)
-      cells.append("missing" if r is None else f"{r['recall@10']:.4f} / {r['ndcg@10']:.4f}")
+      seeds = "" if r is None or r["seeds"] == 1 else f" ({r['seeds']} seeds)"
+      cells.append("missing" if r is None else f"{r['recall@10']:.4f} / {r['ndcg@10']:.4f}{seeds}")
     score = f"{row['score']:.4f}" if row["eligible"] else "not eligible"
-    print(f"| {c} | " + " | ".join(cells) + f" | {score} | {row.get('steps', '-')} |")
+    steps = row.get("steps")
+    print(f"| {c} | " + " | ".join(cells) + f" | {score} | {'-' if steps is None else round(steps)} |")
   print(f"\nwinner: {out['winner']}")
 
 

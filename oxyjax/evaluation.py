@@ -81,6 +81,20 @@ class Evaluator:
              for items, targets, mask in self._decode(params, fixed_subset(arrays, max_examples), trie)]
     return np.concatenate(ranks) if ranks else np.zeros((0,), np.int64)
 
+  def beams(self, params, arrays: pipeline.ExampleArrays, trie: PrefixTrie | None = None):
+    """Yields ``(features, items [b, beam], scores [b, beam], mask [b] bool)`` per batch, in row
+    order, in one process: the model's features and the beams with their scores, for a second
+    stage that reorders them (`ranking_model.rerank`)."""
+    if jax.process_count() != 1:
+      raise NotImplementedError("Evaluator.beams runs in one process")
+    trie = self.trie if trie is None else trie
+    for examples, mask in pipeline.eval_batches(arrays, self.batch_size):
+      batch = self.model.convert_features(examples, weights=mask.astype(np.float32))
+      with jax.set_mesh(self.partitioner.mesh), self.partitioner.rules_context():
+        out = self._predict(params, self.partitioner.shard_batch(batch), trie)
+      items, scores = jax.device_get((out.items, out.scores))
+      yield batch, np.asarray(items), np.asarray(scores), np.asarray(mask, bool)
+
   def _decode(self, params, arrays: pipeline.ExampleArrays, trie: PrefixTrie | None):
     """Yields ``(items [b, beam], targets [b], mask [b] bool)`` per global batch, on every host."""
     trie = self.trie if trie is None else trie

@@ -176,7 +176,7 @@ def test_per_example_ranks_give_the_evaluators_metrics(run):
   from oxyjax import experiment as experiment_lib
   from oxyjax import metrics as metrics_lib
   from oxyjax import trainer
-  from oxyjax.evaluation import Evaluator
+  from oxyjax.evaluation import Evaluator, fixed_subset
 
   model_dir, _ = run
   part = _part()
@@ -191,3 +191,11 @@ def test_per_example_ranks_give_the_evaluators_metrics(run):
   assert ranks.shape == (100,) and metrics["num_examples"] == 100
   for m in ("recall@1", "recall@10", "ndcg@5", "ndcg@10"):
     assert metrics_lib.per_example(ranks, m).mean() == pytest.approx(metrics[m], abs=1e-12)
+  # `Evaluator.beams` (for a second stage, benchmarks/rerank_eval.py): the same rows and lists, with
+  # each list's scores best first and the features of its rows.
+  sub = fixed_subset(test, 100)
+  got = [(f["target_items"][m], items[m], scores[m]) for f, items, scores, m in ev.beams(params, sub)]
+  targets, items, scores = (np.concatenate(x) for x in zip(*got))
+  np.testing.assert_array_equal(metrics_lib.target_ranks(items, targets), ranks)
+  assert np.isfinite(scores[:, 0]).all()
+  assert np.all(np.diff(np.where(np.isfinite(scores), scores, -1e30), axis=1) <= 0)

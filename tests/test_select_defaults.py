@@ -42,3 +42,17 @@ def test_rule_breaks_near_ties_by_cost(tmp_path):
   assert sd.select(cands, datasets=ds)["winner"] == "short"
   cands["short"] = {"a": _summary(tmp_path, "short2", 0.095, 0.045, 1000)}
   assert sd.select(cands, datasets=ds)["winner"] == "long"
+
+
+def test_several_runs_of_a_candidate_count_as_their_mean(tmp_path):
+  """Seeds: a candidate's figure on a dataset is the mean of its runs there, so one lucky seed
+  of a candidate does not beat another's consistently better mean."""
+  ds = ("a",)
+  cands = {"lucky": {"a": [_summary(tmp_path, "l0", 0.110, 0.055, 100), _summary(tmp_path, "l1", 0.080, 0.040, 100)]},
+           "steady": {"a": [_summary(tmp_path, "s0", 0.100, 0.050, 100), _summary(tmp_path, "s1", 0.098, 0.049, 100)]}}
+  out = sd.select(cands, datasets=ds)
+  assert out["winner"] == "steady"
+  lucky = out["candidates"]["lucky"]["datasets"]["a"]
+  assert lucky["seeds"] == 2 and abs(lucky["recall@10"] - 0.095) < 1e-12 and abs(lucky["ndcg@10"] - 0.0475) < 1e-12
+  # with only the first seed of each, the lucky one wins: the mean is what changed the choice
+  assert sd.select({c: {"a": v["a"][0]} for c, v in cands.items()}, datasets=ds)["winner"] == "lucky"
