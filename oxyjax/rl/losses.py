@@ -5,6 +5,9 @@
     sapo     the same soft gate, no group clip (Qwen's SAPO)
     gspo     sequence-level ratio (geometric mean of the token ratios), hard clip
     grpo     token-level ratio, hard clip 1 +/- eps, optional KL (k3) to a frozen reference
+    sdpo     softmax DPO (Chen et al., 2024, "On Softmax Direct Preference Optimization for
+             Recommendation"): the real target is the preferred path and every other candidate
+             of the group a rejected one, against the frozen starting policy as the reference
 
 Every loss is vectorised over ``[B, G, T]`` (B prompts, G candidates per prompt, T tokens of a
 candidate's SID path) and, like the pre-training losses (oxyjax/losses.py), returns a *sum* and
@@ -40,6 +43,7 @@ class PolicyLossConfig:
     public defaults 1.0 / 1.05; PAPER.md leaves their values and order open).
   kl_beta: weight of the KL(pi_theta || pi_ref) penalty (k3 estimator), GRPO only; needs
     reference log-probs.
+  dpo_beta: S-DPO's beta, the scale of the implicit reward ``beta log(pi_theta / pi_ref)``.
   """
 
   name: str = "sa_gcpo"
@@ -50,6 +54,17 @@ class PolicyLossConfig:
   tau_pos: float = 1.0
   tau_neg: float = 1.05
   kl_beta: float = 0.0
+  dpo_beta: float = 1.0
+
+
+# Losses that also score the real target's path (teacher-forced, `PolicyLossInputs.target_logp`)
+# and compare with the frozen reference policy.
+NEEDS_TARGET = frozenset({"sdpo"})
+
+
+def needs_reference(cfg: PolicyLossConfig) -> bool:
+  """Whether the loss needs the frozen reference policy's log-probs."""
+  return bool(cfg.kl_beta) or cfg.name in NEEDS_TARGET
 
 
 class PolicyLossInputs(NamedTuple):
@@ -63,6 +78,8 @@ class PolicyLossInputs(NamedTuple):
   rewards: ``[B, G]`` and r_star ``[B]``: each candidate's reward and that of the real target
     under the same mapping (SA-GCPO's group clip).
   logp_ref: ``[B, G, T]`` a frozen reference policy's log-probs, or None (GRPO's KL).
+  target_logp / target_logp_ref: ``[B, T]`` the real target's path under the policy being trained
+    and under the reference; is_target ``[B, G]`` which candidates are the target (S-DPO).
   """
 
   logp: jax.Array
@@ -73,6 +90,9 @@ class PolicyLossInputs(NamedTuple):
   rewards: jax.Array
   r_star: jax.Array
   logp_ref: jax.Array | None = None
+  target_logp: jax.Array | None = None
+  target_logp_ref: jax.Array | None = None
+  is_target: jax.Array | None = None
 
 
 class PolicyLossOutput(NamedTuple):
@@ -273,3 +293,37 @@ def grpo(inp: PolicyLossInputs, cfg: PolicyLossConfig) -> PolicyLossOutput:
   if kl is not None:
     stats["kl_ref"] = (jnp.sum(kl * m), jnp.sum(m))
   return PolicyLossOutput(loss_sum, denom, stats)
+
+
+@register("sdpo")
+def sdpo(inp: PolicyLossInputs, cfg: PolicyLossConfig) -> PolicyLossOutput:
+  """Softmax DPO over each group: with the implicit reward ``h(y) = beta log(pi_theta(y) / pi_ref(y))``
+  of a whole path (its token log-probs summed), a row's loss is
+
+      -log sigmoid(-log sum_{i rejected} exp(h(y_i) - h(y+)))  =  softplus(logsumexp_i (h(y_i) - h(y+)))
+
+  with y+ the real target and the rejected y_i the row's other real candidates (the target itself,
+  where the rollout found it, is not a rejected one). Every prompt with at least one rejected
+  candidate carries signal, whether or not the rollout found the target: the group policy losses
+  learn only from the groups whose rewards differ. The rewards and advantages are not used. Averaged
+  over those prompts (sum and denominator, as the other losses)."""
+  for name in ("logp_ref", "target_logp", "target_logp_ref", "is_target"):
+    if getattr(inp, name) is None:
+      raise ValueError(f"sdpo needs PolicyLossInputs.{name}")
+  m = inp.token_mask > 0
+  seq = lambda lp, mask: jnp.sum(jnp.where(mask, lp, 0.0), axis=-1)
+  h = cfg.dpo_beta * (seq(inp.logp, m) - jax.lax.stop_gradient(seq(inp.logp_ref, m)))  # [B, G]
+  # A target outside the row's pool (no valid path: -inf under the reference) cannot be preferred.
+  ok = jnp.isfinite(jnp.sum(inp.target_logp_ref, axis=-1))
+  tmask = jnp.broadcast_to(ok[:, None], inp.target_logp.shape)
+  h_pos = cfg.dpo_beta * (seq(inp.target_logp, tmask) - jax.lax.stop_gradient(seq(inp.target_logp_ref, tmask)))  # [B]
+  rejected = (inp.seq_weight > 0) & ~jnp.asarray(inp.is_target, bool) & ok[:, None]
+  rows = jnp.any(rejected, axis=-1).astype(jnp.float32)
+  z = jax.nn.logsumexp(jnp.where(rejected, h - h_pos[:, None], -jnp.inf), axis=-1)
+  z = jnp.where(rows > 0, z, 0.0)
+  loss = jax.nn.softplus(z)
+  n_rej = jnp.maximum(jnp.sum(rejected), 1)
+  stats = {"dpo/margin": (jnp.sum(jnp.where(rejected, h_pos[:, None] - h, 0.0)), n_rej),
+           "dpo/preferred": (jnp.sum(jnp.where(rejected, h < h_pos[:, None], False)), n_rej),
+           "dpo/target_logratio": (jnp.sum(h_pos * rows) / cfg.dpo_beta, jnp.sum(rows))}
+  return PolicyLossOutput(jnp.sum(loss * rows), jnp.sum(rows), stats)

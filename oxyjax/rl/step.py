@@ -56,6 +56,12 @@ def fill_empty(codes: jax.Array, valid: jax.Array) -> jax.Array:
   return jnp.where(valid[..., None], codes, codes[:, :1])
 
 
+def with_target(codes: jax.Array, batch: Mapping[str, Any]) -> jax.Array:
+  """``[B, G + 1, L]``: the group's paths and, last, the row's real target path (scored in the same
+  teacher-forced pass, the encoder once per row)."""
+  return jnp.concatenate([codes, batch["target_codes"][:, None].astype(codes.dtype)], axis=1)
+
+
 def make_rollout_step(model, cfg: RolloutConfig, reward_weights, item_embeddings, *, with_reference: bool = False,
                       ranker=None):
   """``(params, batch, trie, rng[, ref_params, ranker_params]) -> (rl arrays, stats)``, to be jitted.
@@ -94,9 +100,11 @@ def make_rollout_step(model, cfg: RolloutConfig, reward_weights, item_embeddings
     if cfg.updates_per_rollout > 1:
       out["rl_logp_old"] = jax.lax.stop_gradient(
           rollout_lib.policy_logprobs(model, params, feats, codes, trie, temperature=cfg.temperature))
-    if ref_params is not None:
-      out["rl_logp_ref"] = jax.lax.stop_gradient(
-          rollout_lib.policy_logprobs(model, ref_params, feats, codes, trie, temperature=cfg.temperature))
+    if ref_params is not None:  # the group and the real target's path under the frozen reference
+      ref = jax.lax.stop_gradient(rollout_lib.policy_logprobs(
+          model, ref_params, feats, with_target(codes, batch), trie, temperature=cfg.temperature))
+      out["rl_logp_ref"], out["rl_target_logp_ref"] = ref[:, :-1], ref[:, -1]
+      out["rl_is_target"] = (ro.items == target[:, None]) & real
     rows = (batch["weights"] > 0).astype(jnp.float32)
     n_rows, n_cand = jnp.maximum(rows.sum(), 1.0), jnp.maximum(real.sum(), 1.0)
     same = (ro.items[:, :, None] == ro.items[:, None, :]) & real[:, :, None] & real[:, None, :]
@@ -129,8 +137,13 @@ def make_policy_loss_fn(model, trie, loss_cfg: policy_losses.PolicyLossConfig, t
   def loss_fn(params, batch, rng):
     del rng  # no dropout in post-training: pi_theta must be the distribution that was sampled
     codes = batch["rl_codes"]
-    logp, entropy = rollout_lib.policy_logprobs(model, params, _features(batch), codes, trie,
+    needs_target = loss_cfg.name in policy_losses.NEEDS_TARGET
+    scored = with_target(codes, batch) if needs_target else codes
+    logp, entropy = rollout_lib.policy_logprobs(model, params, _features(batch), scored, trie,
                                                 temperature=temperature, return_entropy=True)
+    target_logp = None
+    if needs_target:
+      logp, target_logp, entropy = logp[:, :-1], logp[:, -1], entropy[:, :-1]
     seq_w = batch["rl_seq_weight"]
     tmask = jnp.broadcast_to((seq_w > 0)[..., None], logp.shape).astype(jnp.float32)
     logp = jnp.where(tmask > 0, logp, 0.0)
@@ -138,7 +151,9 @@ def make_policy_loss_fn(model, trie, loss_cfg: policy_losses.PolicyLossConfig, t
     old = jax.lax.stop_gradient(logp) if old is None else jnp.where(tmask > 0, old, 0.0)
     inp = policy_losses.PolicyLossInputs(logp=logp, logp_old=old, token_mask=tmask, seq_weight=seq_w,
                                          advantages=batch["rl_advantages"], rewards=batch["rl_rewards"],
-                                         r_star=batch["rl_r_star"], logp_ref=batch.get("rl_logp_ref"))
+                                         r_star=batch["rl_r_star"], logp_ref=batch.get("rl_logp_ref"),
+                                         target_logp=target_logp, target_logp_ref=batch.get("rl_target_logp_ref"),
+                                         is_target=batch.get("rl_is_target"))
     out = policy_losses.compute(inp, loss_cfg)
     aux = {"denominator": out.denominator}
     for k, (s, d) in out.stats.items():

@@ -40,6 +40,7 @@ from oxyjax.models.encoder_decoder import EncoderDecoder
 from oxyjax.rl import ranking_model
 from oxyjax.rl import rewards as rewards_lib
 from oxyjax.rl import step as step_lib
+from oxyjax.rl import losses as policy_losses
 from oxyjax.rl.losses import PolicyLossConfig
 from oxyjax.rl.rewards import RewardWeights
 from oxyjax.rl.step import RolloutConfig
@@ -202,7 +203,7 @@ def train_rl(
   pretrain.save_artifact(exp, model_dir, resuming=data_state is not None, log=log)
   # The starting weights (also after a resume): the frozen reference and item embeddings.
   init_params, _ = checkpoints.load_params(init_params_dir, factory.params_abstract)
-  ref_params = init_params if loss.kl_beta else None
+  ref_params = init_params if policy_losses.needs_reference(loss) else None
   emb, emb_kind = item_embeddings(exp, init_params)
   per_user_note = f", {prompts_per_user} per user" if prompts == "recent" else ""
   log(f"[oxyjax] post-training {init_model_dir} -> {model_dir}: loss {loss.name}, {rollout.method} rollouts, "

@@ -22,12 +22,19 @@ def _inputs(seed=0, b=3, g=5, t=4, spread=0.3):
   adv = rng.normal(size=(b, g)) * seq_w
   r_star = rng.normal(size=(b,))
   ref = logp_old + rng.normal(0, 0.1, (b, g, t))
+  # S-DPO: the real target's path; in row 1 it is also candidate 2; in row 2 it has no valid path
+  target_ref = np.log(rng.uniform(0.05, 0.9, (b, t)))
+  target = target_ref + rng.normal(0, spread, (b, t))
+  is_target = np.zeros((b, g), bool)
+  is_target[1, 2] = True
+  if b > 2:
+    target_ref[2, -1] = target[2, -1] = -np.inf
   return dict(logp=logp, logp_old=logp_old, token_mask=mask, seq_weight=seq_w, advantages=adv, rewards=rewards,
-              r_star=r_star, logp_ref=ref)
+              r_star=r_star, logp_ref=ref, target_logp=target, target_logp_ref=target_ref, is_target=is_target)
 
 
 def _jax_inputs(d):
-  return losses.PolicyLossInputs(**{k: jnp.asarray(v, jnp.float32) for k, v in d.items()})
+  return losses.PolicyLossInputs(**{k: jnp.asarray(v, bool if k == "is_target" else jnp.float32) for k, v in d.items()})
 
 
 def _sigmoid(x):
@@ -69,7 +76,22 @@ def np_grpo(d, cfg):
   return -(obj.mean(-1) * d["seq_weight"]).sum(), d["seq_weight"].sum()
 
 
-REFERENCES = {"sa_gcpo": np_sa_gcpo, "sapo": np_sapo, "gspo": np_gspo, "grpo": np_grpo}
+def np_sdpo(d, cfg):
+  h = cfg.dpo_beta * (d["logp"].sum(-1) - d["logp_ref"].sum(-1))
+  loss, rows = 0.0, 0
+  for b in range(h.shape[0]):
+    if not np.isfinite(d["target_logp_ref"][b].sum()):
+      continue  # the target has no valid path: the row is skipped
+    h_pos = cfg.dpo_beta * (d["target_logp"][b].sum() - d["target_logp_ref"][b].sum())
+    rejected = (d["seq_weight"][b] > 0) & ~d["is_target"][b]
+    if rejected.any():
+      x = h[b][rejected] - h_pos
+      loss += np.log1p(np.sum(np.exp(x)))  # -log sigmoid(-log sum exp x)
+      rows += 1
+  return loss, rows
+
+
+REFERENCES = {"sa_gcpo": np_sa_gcpo, "sapo": np_sapo, "gspo": np_gspo, "grpo": np_grpo, "sdpo": np_sdpo}
 
 
 def test_every_registered_loss_has_a_reference():
@@ -79,7 +101,8 @@ def test_every_registered_loss_has_a_reference():
 
 
 @pytest.mark.parametrize("name,extra", [("sa_gcpo", {}), ("sapo", {}), ("gspo", {}), ("grpo", {}),
-                                        ("grpo", {"kl_beta": 0.05}), ("sa_gcpo", {"tau_pos": 2.0, "tau_neg": 0.5})])
+                                        ("grpo", {"kl_beta": 0.05}), ("sa_gcpo", {"tau_pos": 2.0, "tau_neg": 0.5}),
+                                        ("sdpo", {}), ("sdpo", {"dpo_beta": 0.3})])
 def test_loss_matches_numpy_reference(name, extra):
   """Float32 against float64 on the same inputs: a few dozen float32 operations per term and a
   sum of ~60 terms, so a relative gap of 1e-5 is far outside rounding (~100 eps)."""
@@ -183,3 +206,34 @@ def test_loss_sums_are_additive_over_batch_splits():
               for s in (slice(0, 2), slice(2, 4))]
     np.testing.assert_allclose(float(halves[0].loss_sum + halves[1].loss_sum), float(whole.loss_sum), rtol=1e-6)
     assert float(halves[0].denominator + halves[1].denominator) == float(whole.denominator)
+
+
+def test_sdpo_raises_the_target_against_the_group_from_the_reference():
+  """At the reference (pi_theta = pi_ref, every h = 0) a row's loss is softplus(logsumexp_i (h_i -
+  h_pos)), so with G' rejected candidates d loss / d h_pos = -G'/(G' + 1) and d loss / d h_i =
+  1/(G' + 1), times beta for each token's log-prob, over the rows counted: the target's path is
+  raised and every rejected one lowered. The candidate that is the target, padding, and a row
+  whose target has no valid path get no gradient."""
+  d = _inputs(0)
+  d["logp_ref"], d["target_logp_ref"] = d["logp"].copy(), d["target_logp"].copy()
+  beta = 0.5
+  cfg = losses.PolicyLossConfig(name="sdpo", dpo_beta=beta)
+
+  def loss(logp, target_logp):
+    inp = _jax_inputs(d)._replace(logp=logp, target_logp=target_logp)
+    out = losses.compute(inp, cfg)
+    return out.loss_sum / out.denominator
+
+  g_group, g_target = jax.grad(loss, argnums=(0, 1))(jnp.asarray(d["logp"], jnp.float32),
+                                                     jnp.asarray(d["target_logp"], jnp.float32))
+  g_group, g_target = np.asarray(g_group), np.asarray(g_target)
+  rows = 2  # row 2's target has no valid path
+  for b, n_rej in ((0, 4), (1, 4)):  # row 0: one padding candidate; row 1: candidate 2 is the target
+    np.testing.assert_allclose(g_target[b], -beta * n_rej / (n_rej + 1) / rows, rtol=1e-5)
+    rejected = (d["seq_weight"][b] > 0) & ~d["is_target"][b]
+    np.testing.assert_allclose(g_group[b][rejected], beta / (n_rej + 1) / rows, rtol=1e-5)
+    np.testing.assert_array_equal(g_group[b][~rejected], 0.0)
+  np.testing.assert_array_equal(g_group[2], 0.0)
+  np.testing.assert_array_equal(g_target[2], 0.0)
+  with pytest.raises(ValueError, match="sdpo needs"):
+    losses.compute(_jax_inputs(d)._replace(target_logp=None), cfg)
