@@ -44,6 +44,9 @@ class PolicyLossConfig:
   kl_beta: weight of the KL(pi_theta || pi_ref) penalty (k3 estimator), GRPO only; needs
     reference log-probs.
   dpo_beta: S-DPO's beta, the scale of the implicit reward ``beta log(pi_theta / pi_ref)``.
+  dpo_nll_weight: S-DPO only, a weight on the real target's negative log-likelihood (mean over its
+    tokens) added to each row's loss, as RPO (Pang et al., 2024) adds to DPO: DPO alone can widen
+    the margins by lowering the rejected paths while the preferred one falls too.
   """
 
   name: str = "sa_gcpo"
@@ -55,6 +58,7 @@ class PolicyLossConfig:
   tau_neg: float = 1.05
   kl_beta: float = 0.0
   dpo_beta: float = 1.0
+  dpo_nll_weight: float = 0.0
 
 
 # Losses that also score the real target's path (teacher-forced, `PolicyLossInputs.target_logp`)
@@ -301,6 +305,7 @@ def sdpo(inp: PolicyLossInputs, cfg: PolicyLossConfig) -> PolicyLossOutput:
   of a whole path (its token log-probs summed), a row's loss is
 
       -log sigmoid(-log sum_{i rejected} exp(h(y_i) - h(y+)))  =  softplus(logsumexp_i (h(y_i) - h(y+)))
+      (+ dpo_nll_weight * the target's mean token negative log-likelihood)
 
   with y+ the real target and the rejected y_i the row's other real candidates (the target itself,
   where the rollout found it, is not a rejected one). Every prompt with at least one rejected
@@ -322,6 +327,8 @@ def sdpo(inp: PolicyLossInputs, cfg: PolicyLossConfig) -> PolicyLossOutput:
   z = jax.nn.logsumexp(jnp.where(rejected, h - h_pos[:, None], -jnp.inf), axis=-1)
   z = jnp.where(rows > 0, z, 0.0)
   loss = jax.nn.softplus(z)
+  if cfg.dpo_nll_weight:
+    loss = loss - cfg.dpo_nll_weight * seq(inp.target_logp, tmask) / inp.target_logp.shape[-1]
   n_rej = jnp.maximum(jnp.sum(rejected), 1)
   stats = {"dpo/margin": (jnp.sum(jnp.where(rejected, h_pos[:, None] - h, 0.0)), n_rej),
            "dpo/preferred": (jnp.sum(jnp.where(rejected, h < h_pos[:, None], False)), n_rej),

@@ -87,6 +87,7 @@ def np_sdpo(d, cfg):
     if rejected.any():
       x = h[b][rejected] - h_pos
       loss += np.log1p(np.sum(np.exp(x)))  # -log sigmoid(-log sum exp x)
+      loss -= cfg.dpo_nll_weight * d["target_logp"][b].mean()
       rows += 1
   return loss, rows
 
@@ -102,7 +103,7 @@ def test_every_registered_loss_has_a_reference():
 
 @pytest.mark.parametrize("name,extra", [("sa_gcpo", {}), ("sapo", {}), ("gspo", {}), ("grpo", {}),
                                         ("grpo", {"kl_beta": 0.05}), ("sa_gcpo", {"tau_pos": 2.0, "tau_neg": 0.5}),
-                                        ("sdpo", {}), ("sdpo", {"dpo_beta": 0.3})])
+                                        ("sdpo", {}), ("sdpo", {"dpo_beta": 0.3, "dpo_nll_weight": 0.5})])
 def test_loss_matches_numpy_reference(name, extra):
   """Float32 against float64 on the same inputs: a few dozen float32 operations per term and a
   sum of ~60 terms, so a relative gap of 1e-5 is far outside rounding (~100 eps)."""
