@@ -14,7 +14,7 @@ The rule (docs/results.md, "Defaults that transfer"):
    differences being ranked).
 3. A candidate's overall score is the mean of its dataset scores; the highest wins. Candidates
    within 0.005 of the best count as tied, and the tie goes to the cheapest (fewest training
-   steps summed over the datasets).
+   steps summed over the datasets; between equally cheap ones, the higher score).
 
 Test metrics are never read. Input: a JSON file mapping candidate name -> {dataset: path of a
 run directory or of its run_summary.json, or a list of such paths (seeds)}:
@@ -77,7 +77,7 @@ def select(candidates: dict[str, dict[str, Any]], datasets=DATASETS) -> dict[str
   if eligible:
     top = max(rows[c]["score"] for c in eligible)
     tied = [c for c in eligible if rows[c]["score"] >= top - TIE]
-    winner = min(tied, key=lambda c: rows[c]["steps"])
+    winner = min(tied, key=lambda c: (rows[c]["steps"], -rows[c]["score"]))  # equal cost: the higher score
   return {"rule": __doc__.split("The rule")[1].split("Test metrics")[0].strip(), "candidates": rows,
           "winner": winner}
 

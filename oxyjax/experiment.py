@@ -49,6 +49,7 @@ class SIDConfig:
   # codebook_size is then the children per node | rqvae: TIGER's RQ-VAE | letter: the RQ-VAE with
   # LETTER's collaborative and diversity terms (oxyjax/sid/rq_vae.py)
   quantizer: str = "residual"
+  rqvae_steps: int | None = None  # rqvae / letter: training steps (None: the quantiser's own, 3,000)
   seed: int = 0
   cache_dir: str | None = None  # default: <repo>/.cache/sid/<dataset>_<data fingerprint>_<settings>
   # Several domains: 'disjoint' code tokens below the domain level (each domain's codes are their
@@ -81,7 +82,8 @@ def load_sid_table(dataset: str, cfg: SIDConfig):
 
   return sid_build.load_or_build_sid_table(
       dataset, path=cfg.path, num_levels=cfg.num_levels, codebook_size=cfg.codebook_size, embedding=cfg.embedding,
-      balance=cfg.balance, seed=cfg.seed, quantizer=cfg.quantizer, cache_dir=cfg.cache_dir)
+      balance=cfg.balance, seed=cfg.seed, quantizer=cfg.quantizer, cache_dir=cfg.cache_dir,
+      rqvae_steps=cfg.rqvae_steps)
 
 
 def _open_store(cfg: InstructionsConfig, dataset: str, dim: int | None = None):

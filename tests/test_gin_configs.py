@@ -87,6 +87,8 @@ def test_default_configuration_parses_with_each_shipped_dataset():
     assert _value("oxyjax.train.train.dataset") == dataset
     assert gin.get_configurable(train_lib.OptimizerConfig)().ema_decay > 0
     assert gin.get_configurable(ModelConfig)().emb_dim == 128  # the small model
+    sid = gin.get_configurable(train_lib.SIDConfig)()  # the rule's choice since session 29: the RQ-VAE
+    assert (sid.quantizer, sid.codebook_size, sid.rqvae_steps) == ("rqvae", 256, None)
 
 
 def test_ranker_mode_parses_and_rl_mode_takes_the_ranking_model():

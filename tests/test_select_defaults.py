@@ -56,3 +56,10 @@ def test_several_runs_of_a_candidate_count_as_their_mean(tmp_path):
   assert lucky["seeds"] == 2 and abs(lucky["recall@10"] - 0.095) < 1e-12 and abs(lucky["ndcg@10"] - 0.0475) < 1e-12
   # with only the first seed of each, the lucky one wins: the mean is what changed the choice
   assert sd.select({c: {"a": v["a"][0]} for c, v in cands.items()}, datasets=ds)["winner"] == "lucky"
+
+
+def test_equally_cheap_tied_candidates_go_to_the_higher_score(tmp_path):
+  ds = ("a",)
+  cands = {"first": {"a": _summary(tmp_path, "f", 0.0990, 0.0495, 1000)},
+           "second": {"a": _summary(tmp_path, "s", 0.1000, 0.0500, 1000)}}
+  assert sd.select(cands, datasets=ds)["winner"] == "second"  # not the first listed

@@ -106,8 +106,8 @@ def test_tiny_gin_config_runs_train_end_to_end(tmp_path):
 
 def test_default_configuration_trains_end_to_end_in_the_tiny_size(tmp_path):
   """gin_configs/defaults/small.gin (the one default chosen on validation, docs/results.md),
-  unchanged but for the tiny model, a few steps and a small SID codebook, trains, keeps its
-  EMA weights and evaluates."""
+  unchanged but for the tiny model, a few steps, a small SID codebook and a short RQ-VAE fit,
+  builds its RQ-VAE SIDs, trains, keeps its EMA weights and evaluates."""
   model_dir = tmp_path / "run"
   env = dict(os.environ, PYTHONPATH=REPO)
   cmd = [sys.executable, "-m", "oxyjax.train", "--gin_file=gin_configs/defaults/small.gin",
@@ -117,11 +117,14 @@ def test_default_configuration_trains_end_to_end_in_the_tiny_size(tmp_path):
          "--gin_bindings=oxyjax.train.train.eval_max_examples = 64",
          "--gin_bindings=oxyjax.train.train.final_eval_max_examples = 64",
          "--gin_bindings=oxyjax.train.SIDConfig.codebook_size = 16",
+         "--gin_bindings=oxyjax.train.SIDConfig.rqvae_steps = 20",
          "--gin_bindings=oxyjax.train.SIDConfig.embedding = 'collaborative'",
          f"--gin_bindings=oxyjax.train.SIDConfig.cache_dir = '{tmp_path / 'sid'}'"]
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   assert "step 6/6" in out.stdout and "EMA weights" in out.stdout
+  sid_meta = json.load(open(model_dir / "artifact" / "sid_table.json"))["meta"]
+  assert sid_meta["settings"]["quantizer"] == "rqvae" and sid_meta["settings"]["rqvae"]["num_steps"] == 20
   summary = json.load(open(model_dir / "run_summary.json"))
   assert set(summary["results"]) == {"validation", "test"}
   assert summary["results"]["validation"]["num_examples"] == 64

@@ -79,9 +79,15 @@ BALANCE = ("none", "residual", "all")
 QUANTIZERS = ("residual", "tree", "rqvae", "letter")
 
 
-def rqvae_config(quantizer: str) -> rq_vae.RQVAEConfig | None:
-  """The RQ-VAE settings of an ``rqvae`` (TIGER) or ``letter`` quantiser; ``None`` for k-means."""
-  return {"rqvae": rq_vae.TIGER, "letter": rq_vae.LETTER}.get(quantizer)
+def rqvae_config(quantizer: str, num_steps: int | None = None) -> rq_vae.RQVAEConfig | None:
+  """The RQ-VAE settings of an ``rqvae`` (TIGER) or ``letter`` quantiser, with ``num_steps``
+  training steps when given (default: the quantiser's own); ``None`` for k-means."""
+  cfg = {"rqvae": rq_vae.TIGER, "letter": rq_vae.LETTER}.get(quantizer)
+  if cfg is None or num_steps is None:
+    return cfg
+  if int(num_steps) < 1:
+    raise ValueError(f"rqvae_steps must be a positive number of steps, got {num_steps}")
+  return dataclasses.replace(cfg, num_steps=int(num_steps))
 
 
 def letter_sasrec_config(cfg: rq_vae.RQVAEConfig,
@@ -419,7 +425,7 @@ def _codebook_str(codebook_size: int | Sequence[int]) -> str:
 
 
 def sid_settings(*, num_levels: int, codebook_size: int | Sequence[int], embedding: str, balance: str,
-                 seed: int, quantizer: str = "residual") -> dict[str, Any]:
+                 seed: int, quantizer: str = "residual", rqvae_steps: int | None = None) -> dict[str, Any]:
   """The requested SID settings as recorded in a cached table's ``meta["settings"]`` (``quantizer``
   only when it is not the default, so tables cached before it existed stay valid)."""
   cb = int(codebook_size) if isinstance(codebook_size, (int, np.integer)) else [int(c) for c in codebook_size]
@@ -427,7 +433,7 @@ def sid_settings(*, num_levels: int, codebook_size: int | Sequence[int], embeddi
               "seed": int(seed)}
   if quantizer != "residual":
     settings["quantizer"] = quantizer
-  vae_cfg = rqvae_config(quantizer)
+  vae_cfg = rqvae_config(quantizer, rqvae_steps)
   if vae_cfg is not None:
     settings["rqvae"] = vae_cfg.to_dict()
     if vae_cfg.cf_weight:
@@ -447,15 +453,16 @@ def _embedding_key(embedding: str) -> str:
 
 def sid_cache_dir(dataset_name: str, fingerprint: str, *, num_levels: int, codebook_size: int | Sequence[int],
                   embedding: str, balance: str, seed: int, quantizer: str = "residual",
-                  root: str | os.PathLike | None = None) -> Path:
+                  rqvae_steps: int | None = None, root: str | os.PathLike | None = None) -> Path:
   """``<root>/<dataset>_<data fingerprint>_<embedding>_<L>x<K>_<balance>[_tree]_s<seed>`` (root:
   ``<repo>/.cache/sid``): the default cache directory of a SID table, keyed by the data's
   content (``readers.dataset_fingerprint``) and every setting the table depends on."""
   base = Path(root) if root is not None else _REPO_ROOT / ".cache" / "sid"
-  vae_cfg = rqvae_config(quantizer)
+  vae_cfg = rqvae_config(quantizer, rqvae_steps)
   if vae_cfg is not None:
     blob = json.dumps(sid_settings(num_levels=num_levels, codebook_size=codebook_size, embedding=embedding,
-                                   balance=balance, seed=seed, quantizer=quantizer), sort_keys=True).encode()
+                                   balance=balance, seed=seed, quantizer=quantizer, rqvae_steps=rqvae_steps),
+                      sort_keys=True).encode()
     suffix = f"_{quantizer}-{hashlib.sha256(blob).hexdigest()[:8]}"
   else:
     suffix = "_tree" if quantizer == "tree" else ""
@@ -517,7 +524,7 @@ def _file_lock(path: Path):
 def load_or_build_sid_table(dataset: str, *, path: str | os.PathLike | None = None, num_levels: int,
                             codebook_size: int | Sequence[int], embedding: str, balance: str, seed: int,
                             quantizer: str = "residual", cache_dir: str | os.PathLike | None = None,
-                            data_dir: str | os.PathLike | None = None) -> SIDTable:
+                            data_dir: str | os.PathLike | None = None, rqvae_steps: int | None = None) -> SIDTable:
   """The SID table of ``dataset`` as read now, never one built from other data.
 
   * ``path``: the table at ``path`` (stem, ``.npz`` or ``.json``); raises
@@ -554,10 +561,10 @@ def load_or_build_sid_table(dataset: str, *, path: str | os.PathLike | None = No
     return table
 
   settings = sid_settings(num_levels=num_levels, codebook_size=codebook_size, embedding=embedding,
-                          balance=balance, seed=seed, quantizer=quantizer)
+                          balance=balance, seed=seed, quantizer=quantizer, rqvae_steps=rqvae_steps)
   out = Path(cache_dir) if cache_dir else sid_cache_dir(
       name, fingerprint, num_levels=num_levels, codebook_size=codebook_size, embedding=embedding,
-      balance=balance, seed=seed, quantizer=quantizer)
+      balance=balance, seed=seed, quantizer=quantizer, rqvae_steps=rqvae_steps)
   table_path = out / "sid_table"
   hint = f"Delete {out} to rebuild it for this data, or use another cache directory."
 
@@ -584,7 +591,7 @@ def load_or_build_sid_table(dataset: str, *, path: str | os.PathLike | None = No
     table, report = build_with_report(
         name, num_levels=num_levels, codebook_size=codebook_size, embedding=embedding, seed=seed,
         balance=balance, quantizer=quantizer, dataset=ds, dataset_fingerprint=fingerprint, out_dir=None,
-        embedding_cache_dir=default_out_dir(name))
+        embedding_cache_dir=default_out_dir(name), rqvae=rqvae_config(quantizer, rqvae_steps))
     table = SIDTable(codes=table.codes, codebook_sizes=table.codebook_sizes,
                      meta={**table.meta, "settings": settings})
     out.mkdir(parents=True, exist_ok=True)
