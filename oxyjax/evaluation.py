@@ -87,20 +87,14 @@ class Evaluator:
     stage that reorders them (`ranking_model.rerank`)."""
     if jax.process_count() != 1:
       raise NotImplementedError("Evaluator.beams runs in one process")
-    trie = self.trie if trie is None else trie
-    for examples, mask in pipeline.eval_batches(arrays, self.batch_size):
-      batch = self.model.convert_features(examples, weights=mask.astype(np.float32))
-      with jax.set_mesh(self.partitioner.mesh), self.partitioner.rules_context():
-        out = self._predict(params, self.partitioner.shard_batch(batch), trie)
+    for batch, _, out, mask in self._predict_batches(params, arrays, trie):
       items, scores = jax.device_get((out.items, out.scores))
       yield batch, np.asarray(items), np.asarray(scores), np.asarray(mask, bool)
 
-  def _decode(self, params, arrays: pipeline.ExampleArrays, trie: PrefixTrie | None):
-    """Yields ``(items [b, beam], targets [b], mask [b] bool)`` per global batch, on every host."""
+  def _predict_batches(self, params, arrays: pipeline.ExampleArrays, trie: PrefixTrie | None):
+    """Yields ``(host features, sharded features, BeamSearchOutput, mask)`` for this process's
+    slice of every global batch (`eval_batches` with the process index)."""
     trie = self.trie if trie is None else trie
-    # Several processes: each feeds its slice of every global batch (`eval_batches` with the
-    # process index), and the predictions, targets and masks of the whole global batch are
-    # gathered from the sharded arrays, so every host computes the same global metrics.
     pi, pc = jax.process_index(), jax.process_count()
     if self.batch_size % pc:
       raise ValueError(f"eval batch size {self.batch_size} is not divisible by {pc} processes")
@@ -109,7 +103,15 @@ class Evaluator:
       with jax.set_mesh(self.partitioner.mesh), self.partitioner.rules_context():
         sharded = self.partitioner.shard_batch(batch)
         out = self._predict(params, sharded, trie)
-      if pc == 1:
+      yield batch, sharded, out, mask
+
+  def _decode(self, params, arrays: pipeline.ExampleArrays, trie: PrefixTrie | None):
+    """Yields ``(items [b, beam], targets [b], mask [b] bool)`` per global batch, on every host."""
+    # Several processes: each feeds its slice of every global batch, and the predictions, targets
+    # and masks of the whole global batch are gathered from the sharded arrays, so every host
+    # computes the same global metrics.
+    for batch, sharded, out, mask in self._predict_batches(params, arrays, trie):
+      if jax.process_count() == 1:
         yield np.asarray(jax.device_get(out.items)), np.asarray(batch["target_items"]), np.asarray(mask, bool)
       else:
         from jax.experimental import multihost_utils

@@ -329,7 +329,7 @@ def sdpo(inp: PolicyLossInputs, cfg: PolicyLossConfig) -> PolicyLossOutput:
   loss = jax.nn.softplus(z)
   if cfg.dpo_nll_weight:
     loss = loss - cfg.dpo_nll_weight * seq(inp.target_logp, tmask) / inp.target_logp.shape[-1]
-  n_rej = jnp.maximum(jnp.sum(rejected), 1)
+  n_rej = jnp.sum(rejected)  # a raw count: the step divides after summing microbatches and shards
   stats = {"dpo/margin": (jnp.sum(jnp.where(rejected, h_pos[:, None] - h, 0.0)), n_rej),
            "dpo/preferred": (jnp.sum(jnp.where(rejected, h < h_pos[:, None], False)), n_rej),
            "dpo/target_logratio": (jnp.sum(h_pos * rows) / cfg.dpo_beta, jnp.sum(rows))}
