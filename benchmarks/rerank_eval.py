@@ -1,20 +1,30 @@
-r"""A second stage: the ranking model reorders the policy's beams. Is the pair better than the
-policy alone at the top of the list?
+r"""A second stage reorders the policy's beams. Is the pair better than the policy alone at the
+top of the list?
 
-Each model (a run directory, or ``<run dir>@<params dir>``; every one must be a model of the
-artifact the ranker was trained for) decodes the validation and test splits with constrained beam
-search (beam 20, as evaluation). The ranker (`oxyjax.rl.ranking_model`, trained on the training
-logs only) scores each row's beams, and the beams are reordered by
+Each model (a run directory, or ``<run dir>@<params dir>``) decodes the validation and test splits
+with constrained beam search (beam 20, as evaluation). A second-stage scorer, trained on the
+training logs only, scores each row's beams, and the beams are reordered by
 
-    log p_policy(item) + weight * ranker_logit(item)           (`ranking_model.rerank`)
+    log p_policy(item) + weight * score(item)                       (`rescoring.rerank`)
+
+where the scorer is one of:
+* ``--ranker=DIR``: the RL reward service (`oxyjax.rl.ranking_model`), ``score`` = its logit;
+  every model must be of the artifact the ranker was trained for;
+* ``--sasrec=DIR``: a SASRec next-item model (`oxyjax.rescoring`), ``score`` = its log-softmax
+  over the catalogue; it must have been trained on the model's dataset's training sequences.
 
 The weight is chosen on **validation** only, from a fixed grid, by `--select` (each model its own
-weight); test is then read once, at that weight and at weight 0 (the policy alone), and the
-difference is reported with its paired standard error (`metrics.paired_difference`). Reordering
-never adds an item, so Recall@20 is unchanged and Recall@10 can only gain items from ranks 11-20.
+weight), or fixed by ``--test_weight`` (the default configuration's weight, chosen by the defaults
+rule over all datasets: `benchmarks/select_defaults.py` reads the ``--summaries`` this script
+writes, one run summary per weight). Test is then read once, at that weight and at weight 0 (the
+policy alone), and the difference is reported with its paired standard error
+(`metrics.paired_difference`); ``--no_test`` skips it. Reordering never adds an item, so
+Recall@20 is unchanged and Recall@10 can only gain items from ranks 11-20.
 
   python benchmarks/rerank_eval.py --ranker=runs/beauty_default_ranker_policy runs/beauty_default \
       runs/rl/bd_ndcg_seed0_800 --out=docs/bench/rerank_beauty.json
+  python benchmarks/rerank_eval.py --sasrec=runs/beauty_sasrec runs/beauty_rqvae --no_test \
+      --summaries=docs/bench/rescore --out=docs/bench/rescore_beauty_validation.json
 """
 
 from __future__ import annotations
@@ -35,28 +45,78 @@ import numpy as np  # noqa: E402
 
 from oxyjax import metrics as metrics_lib  # noqa: E402
 from oxyjax import partitioning  # noqa: E402
+from oxyjax import rescoring  # noqa: E402
 from oxyjax.evaluation import fixed_subset  # noqa: E402
 from oxyjax.rl import ranking_model  # noqa: E402
 
 WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
 
 
-def beams_and_logits(exp, params, ev, ranker, ranker_params, split: str, max_examples: int | None = None):
-  """``(items [N, K], policy scores [N, K], ranker logits [N, K], targets [N])`` over a split."""
+class SecondStage:
+  """The scorer named by ``--ranker`` or ``--sasrec`` for one model, checked against the model's
+  artifact (ranker) or dataset's training sequences (SASRec).
+
+  ``score(features, items) -> [b, K]``; ``candidates(features, items, scores)``: the items the
+  fused order ranks, with the policy's joint log-probability of each: the beams alone, or with
+  ``--union=k`` the beams and SASRec's top k (`rescoring.Rescorer.candidates`); ``alone(features)``:
+  SASRec's own top 20 over the catalogue (None for the ranker, which scores only given candidates)."""
+
+  def __init__(self, args, exp, params, part):
+    self.params, self.scorer = params, None
+    if args.ranker:
+      ranker, ranker_params, _ = ranking_model.load(args.ranker, exp.artifact, part)
+      score = jax.jit(ranker.score)
+      self.score = lambda feats, items: score(ranker_params, feats, items)
+      self.candidates = lambda feats, items, scores: (items, scores)
+      return
+    sequences, num_items = rescoring.dataset_sequences(exp.artifact.dataset)
+    self.scorer = rescoring.SASRecScorer.load(args.sasrec, sequences=sequences, num_items=num_items)
+    self.rescorer = rescoring.Rescorer(exp.model, self.scorer, exp.artifact.sid_table.codes, part, weight=0.0,
+                                       union=args.union)
+    self.score = self.rescorer.score
+    self.candidates = lambda feats, items, scores: self.rescorer.candidates(params, feats, items, scores)
+
+  def alone(self, feats):
+    return None if self.scorer is None else self.scorer.top_k(feats["history_items"], feats["history_mask"], 20)[0]
+
+
+def beams_and_logits(exp, params, ev, stage: SecondStage, split: str, max_examples: int | None = None):
+  """``{items [N, C], scores [N, C] (policy), logits [N, C] (second stage), targets [N], alone
+  [N, 20] (SASRec alone, where there is one)}`` over a split."""
   (arrays, _pool), = exp.eval_sets(split).values()
   arrays = fixed_subset(arrays, max_examples)
-  score = jax.jit(ranker.score)
-  out = {"items": [], "scores": [], "logits": [], "targets": []}
+  out = {"items": [], "scores": [], "logits": [], "targets": [], "alone": []}
   for feats, items, scores, mask in ev.beams(params, arrays):
-    logits = np.asarray(score(ranker_params, feats, items))
-    for key, val in (("items", items), ("scores", scores), ("logits", logits), ("targets", feats["target_items"])):
-      out[key].append(np.asarray(val)[mask])
-  return tuple(np.concatenate(out[k]) for k in ("items", "scores", "logits", "targets"))
+    items, scores = stage.candidates(feats, items, scores)
+    logits = np.asarray(stage.score(feats, items))
+    alone = stage.alone(feats)
+    for key, val in (("items", items), ("scores", scores), ("logits", logits), ("targets", feats["target_items"]),
+                     ("alone", alone)):
+      if val is not None:
+        out[key].append(np.asarray(val)[mask])
+  return {k: np.concatenate(v) for k, v in out.items() if v}
 
 
-def ranks_at(weight, items, scores, logits, targets):
-  reordered, _ = ranking_model.rerank(items, scores, logits, weight)
-  return metrics_lib.target_ranks(reordered, targets)
+def ranks_at(weight, rows):
+  reordered, _ = rescoring.rerank(rows["items"], rows["scores"], rows["logits"], weight)
+  return metrics_lib.target_ranks(reordered, rows["targets"])
+
+
+def variants(union: int) -> list[str]:
+  """The candidate sets scored: the beams, and with ``--union`` also beams + SASRec's top k."""
+  return ["beams"] + ([f"union{union}"] if union else [])
+
+
+def candidates_of(rows, variant: str, beam: int):
+  """``rows`` restricted to a variant's candidates: the union's first ``beam`` columns are the beams."""
+  if variant.startswith("union"):
+    return rows
+  return {**rows, **{k: rows[k][:, :beam] for k in ("items", "scores", "logits")}}
+
+
+def policy_ranks(rows, beam: int):
+  """The policy alone: its beams in beam-search order (the first ``beam`` candidates)."""
+  return metrics_lib.target_ranks(rows["items"][:, :beam], rows["targets"])
 
 
 def mean_metrics(ranks) -> dict[str, float]:
@@ -66,48 +126,103 @@ def mean_metrics(ranks) -> dict[str, float]:
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("models", nargs="+")
-  ap.add_argument("--ranker", required=True, help="a ranking-model directory (python -m oxyjax.rl.ranking_model)")
+  stage = ap.add_mutually_exclusive_group(required=True)
+  stage.add_argument("--ranker", help="a ranking-model directory (python -m oxyjax.rl.ranking_model)")
+  stage.add_argument("--sasrec", help="a SASRec scorer directory (python -m oxyjax.rescoring)")
+  ap.add_argument("--union", type=int, default=0,
+                  help="with --sasrec: also rank SASRec's top k items beside the beams (0: the beams only)")
   ap.add_argument("--beam", type=int, default=20)
   ap.add_argument("--batch_size", type=int, default=256)
   ap.add_argument("--weights", default=",".join(str(w) for w in WEIGHTS))
   ap.add_argument("--select", default="ndcg@10", help="the validation metric the weight is chosen by")
+  ap.add_argument("--test_weight", type=float, default=None,
+                  help="read test at this weight (the defaults rule's choice) instead of each model's best on validation")
+  ap.add_argument("--test_variant", default=None, help="beams | union<k> (default: the union where given)")
+  ap.add_argument("--no_test", action="store_true", help="validation only")
+  ap.add_argument("--summaries", default=None,
+                  help="a directory for one run summary per model and weight (validation), for select_defaults.py")
   ap.add_argument("--max_examples", type=int, default=None, help="a fixed random subset of each split (default: every row)")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
   weights = [float(w) for w in args.weights.split(",")]
   if 0.0 not in weights:
     raise SystemExit("--weights must include 0 (the policy alone)")
+  if args.union and not args.sasrec:
+    raise SystemExit("--union needs --sasrec")
   print(f"[rerank_eval] CPU: {cpu_model()}")
   part = partitioning.Partitioner({"data": 1})
-  result = {"cpu": cpu_model(), "beam": args.beam, "ranker": args.ranker, "select": args.select,
-            "weights": weights, "command": "python benchmarks/rerank_eval.py " + " ".join(sys.argv[1:]), "models": {}}
+  result = {"cpu": cpu_model(), "beam": args.beam, "ranker": args.ranker, "sasrec": args.sasrec,
+            "union": args.union, "select": args.select, "weights": weights,
+            "command": "python benchmarks/rerank_eval.py " + " ".join(sys.argv[1:]), "models": {}}
   for spec in args.models:
     exp, params, step, ev = load_model(spec, part, beam=args.beam, batch_size=args.batch_size)
-    ranker, ranker_params, meta = ranking_model.load(args.ranker, exp.artifact, part)
+    stage = SecondStage(args, exp, params, part)
     t0 = time.time()
-    val = beams_and_logits(exp, params, ev, ranker, ranker_params, "validation", args.max_examples)
-    curve = {w: mean_metrics(ranks_at(w, *val)) for w in weights}
-    best = max(weights, key=lambda w: (curve[w][args.select], -w))  # a tie goes to the smaller weight
-    test = beams_and_logits(exp, params, ev, ranker, ranker_params, "test", args.max_examples)
-    base, chosen = ranks_at(0.0, *test), ranks_at(best, *test)
+    val = beams_and_logits(exp, params, ev, stage, "validation", args.max_examples)
     rec = result["models"][spec] = {
-        "step": step, "validation_rows": int(val[0].shape[0]), "test_rows": int(test[0].shape[0]),
-        "validation": {str(w): curve[w] for w in weights}, "chosen_weight": best,
-        "test": {"policy": mean_metrics(base), "reranked": mean_metrics(chosen),
-                 "difference": {m: metrics_lib.paired_difference(base, chosen, m) for m in METRICS}}}
+        "step": step, "validation_rows": int(val["targets"].shape[0]),
+        "validation_policy": mean_metrics(policy_ranks(val, args.beam))}
     print(f"\n[rerank_eval] {spec} (step {step}), {time.time() - t0:.0f} s; validation {rec['validation_rows']} rows:")
-    print("| weight | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS))
-    for w in weights:
-      print(f"| {w:g}{' (chosen)' if w == best else ''} | " + " | ".join(f"{curve[w][m]:.4f}" for m in METRICS) + " |")
-    print(f"test ({rec['test_rows']} rows), read once: policy alone, then reranked at weight {best:g} "
+    print("| candidates | weight | " + " | ".join(METRICS) + " |\n|---|---|" + "---|" * len(METRICS))
+    print("| beams | policy alone | " + " | ".join(f"{rec['validation_policy'][m]:.4f}" for m in METRICS) + " |")
+    if "alone" in val:
+      rec["validation_sasrec_alone"] = mean_metrics(metrics_lib.target_ranks(val["alone"], val["targets"]))
+      print("| SASRec top 20 | SASRec alone | "
+            + " | ".join(f"{rec['validation_sasrec_alone'][m]:.4f}" for m in METRICS) + " |")
+    for variant in variants(args.union):
+      rows = candidates_of(val, variant, args.beam)
+      curve = {w: mean_metrics(ranks_at(w, rows)) for w in weights}
+      best = max(weights, key=lambda w: (curve[w][args.select], -w))  # a tie goes to the smaller weight
+      rec[variant] = {"validation": {str(w): curve[w] for w in weights}, "best_weight_on_validation": best}
+      for w in weights:
+        print(f"| {variant} | {w:g}{' (best)' if w == best else ''} | "
+              + " | ".join(f"{curve[w][m]:.4f}" for m in METRICS) + " |")
+      if args.summaries:
+        write_summaries(args.summaries, spec, exp.artifact.dataset, training_steps(spec, stage), curve, variant)
+    if args.union:
+      rec["max_beam_score_error"] = stage.rescorer.max_beam_score_error
+      print(f"largest |recomputed joint log-prob - beam score| over live beams: {rec['max_beam_score_error']:.2e}")
+    if args.no_test:
+      continue
+    variant = args.test_variant or variants(args.union)[-1]
+    chosen = rec[variant]["best_weight_on_validation"] if args.test_weight is None else args.test_weight
+    test = beams_and_logits(exp, params, ev, stage, "test", args.max_examples)
+    base, mine = policy_ranks(test, args.beam), ranks_at(chosen, candidates_of(test, variant, args.beam))
+    rec.update({"test_rows": int(test["targets"].shape[0]), "test_variant": variant, "chosen_weight": chosen,
+                "test": {"policy": mean_metrics(base), "reranked": mean_metrics(mine),
+                         "difference": {m: metrics_lib.paired_difference(base, mine, m) for m in METRICS}}})
+    if "alone" in test:
+      rec["test"]["sasrec_alone"] = mean_metrics(metrics_lib.target_ranks(test["alone"], test["targets"]))
+    print(f"test ({rec['test_rows']} rows), read once: policy alone, then {variant} re-scored at weight {chosen:g} "
           f"(difference ± paired SE)")
     print("| | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS))
     print("| policy | " + " | ".join(f"{rec['test']['policy'][m]:.4f}" for m in METRICS) + " |")
-    print("| reranked | " + " | ".join(f"{rec['test']['reranked'][m]:.4f} ({d:+.4f} ± {se:.4f})"
-                                       for m in METRICS for d, se in [rec["test"]["difference"][m]]) + " |")
+    print("| re-scored | " + " | ".join(f"{rec['test']['reranked'][m]:.4f} ({d:+.4f} ± {se:.4f})"
+                                        for m in METRICS for d, se in [rec["test"]["difference"][m]]) + " |")
+    if "sasrec_alone" in rec["test"]:
+      print("| SASRec alone | " + " | ".join(f"{rec['test']['sasrec_alone'][m]:.4f}" for m in METRICS) + " |")
   if args.out:
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)
+
+
+def training_steps(spec: str, stage: SecondStage) -> int:
+  """The policy run's training steps (its run_summary.json) plus the scorer's."""
+  with open(os.path.join(spec.partition("@")[0], "run_summary.json")) as f:
+    steps = int(json.load(f).get("steps") or 0)
+  return steps + (int(stage.scorer.info.get("steps", 0)) if stage.scorer is not None else 0)
+
+
+def write_summaries(directory: str, spec: str, dataset: str, step: int, curve, variant: str) -> None:
+  """``<directory>/<run name>_<variant>_w<weight>_run_summary.json`` per weight: the validation
+  metrics after re-scoring, in the run-summary form `select_defaults.py` reads (``steps``: the
+  policy's training steps plus the scorer's, the cost the rule's tie-break counts)."""
+  os.makedirs(directory, exist_ok=True)
+  name = os.path.basename(os.path.normpath(spec.partition("@")[0])) + "_" + variant
+  for w, metrics in curve.items():
+    with open(os.path.join(directory, f"{name}_w{w:g}_run_summary.json"), "w") as f:
+      json.dump({"dataset": dataset, "steps": step, "rescoring_weight": w, "candidates": variant,
+                 "results": {"validation": metrics}}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -45,8 +45,13 @@ class Evaluator:
   def __init__(self, model, partitioner: partitioning.Partitioner, trie: PrefixTrie, *,
                beam_size: int, batch_size: int, ks: Sequence[int] = (1, 5, 10, 20),
                score_normalization: str = "vocab", level_weights: Sequence[float] | None = None,
-               select_metric: str | None = None):
+               select_metric: str | None = None, second_stage=None):
+    """``second_stage`` (optional, e.g. `rescoring.Rescorer`): ``(params, features, items [b, beam],
+    scores [b, beam]) -> items [b, C]``, a reordering of each row's beams (C >= beam with extra
+    candidates) that the metrics score instead of the beam-search order; one process only."""
     self.model, self.partitioner, self.trie = model, partitioner, trie
+    self.second_stage = second_stage
+    self.score_normalization, self.level_weights = score_normalization, level_weights
     self.beam_size, self.ks = beam_size, tuple(k for k in ks if k <= beam_size)
     self._select_metric = None if select_metric is None else check_select_metric(select_metric, self.ks)
     dp = partitioner.data_parallel_size
@@ -84,7 +89,7 @@ class Evaluator:
   def beams(self, params, arrays: pipeline.ExampleArrays, trie: PrefixTrie | None = None):
     """Yields ``(features, items [b, beam], scores [b, beam], mask [b] bool)`` per batch, in row
     order, in one process: the model's features and the beams with their scores, for a second
-    stage that reorders them (`ranking_model.rerank`)."""
+    stage that reorders them (`rescoring.Rescorer`, `rescoring.rerank`)."""
     if jax.process_count() != 1:
       raise NotImplementedError("Evaluator.beams runs in one process")
     for batch, _, out, mask in self._predict_batches(params, arrays, trie):
@@ -110,6 +115,10 @@ class Evaluator:
     # Several processes: each feeds its slice of every global batch, and the predictions, targets
     # and masks of the whole global batch are gathered from the sharded arrays, so every host
     # computes the same global metrics.
+    if self.second_stage is not None:
+      for batch, items, scores, mask in self.beams(params, arrays, trie):
+        yield np.asarray(self.second_stage(params, batch, items, scores)), np.asarray(batch["target_items"]), mask
+      return
     for batch, sharded, out, mask in self._predict_batches(params, arrays, trie):
       if jax.process_count() == 1:
         yield np.asarray(jax.device_get(out.items)), np.asarray(batch["target_items"]), np.asarray(mask, bool)

@@ -44,6 +44,8 @@ from oxyjax.evaluation import Evaluator
 from oxyjax.experiment import (InstructionsConfig, SIDConfig, instruction_coverage, load_instructions,  # noqa: F401
                                load_sid_table)
 from oxyjax.models.encoder_decoder import ModelConfig
+from oxyjax import rescoring as rescoring_lib
+from oxyjax.rescoring import RescoringConfig  # noqa: F401  (gin: oxyjax.train.RescoringConfig)
 from oxyjax.trainer import OptimizerConfig, make_optimizer, make_train_step  # noqa: F401  (gin and callers)
 
 REPO_ROOT = experiment_lib.REPO_ROOT
@@ -91,6 +93,39 @@ def evaluate_final(exp: experiment_lib.Experiment, evaluator: Evaluator, params,
       results[name] = evaluator(params, subset, max_examples)
       log(f"[oxyjax] {exp.dataset} {name} ({len(subset)} examples, beam {evaluator.beam_size}): "
           + ", ".join(f"{k} {v:.4f}" for k, v in sorted(results[name].items())))
+  return results
+
+
+def check_rescoring(rescoring: RescoringConfig, scenarios: bool, score_normalization: str, level_weights) -> None:
+  """Before any training: re-scoring needs one dataset, one process and the beams' joint
+  log-probabilities (the scores it fuses)."""
+  if not rescoring.enabled:
+    return
+  if scenarios or jax.process_count() != 1:
+    raise ValueError("RescoringConfig.weight: re-scoring runs on one dataset in one process "
+                     "(not with scenarios or several processes)")
+  if score_normalization != "vocab" or level_weights is not None:
+    raise ValueError("RescoringConfig.weight: re-scoring fuses the beams' joint log-probabilities; it needs "
+                     "eval_score_normalization 'vocab' and no eval_level_weights")
+
+
+def final_results(exp: experiment_lib.Experiment, evaluator: Evaluator, params, splits: Sequence[str],
+                  rescoring: RescoringConfig, partitioner: partitioning.Partitioner, log=print,
+                  max_examples: int | None = None) -> dict[str, dict[str, float]]:
+  """`evaluate_final`, and with re-scoring on, its metrics under `<split>` and the beams alone
+  under `<split>_beams`."""
+  if not rescoring.enabled:
+    return evaluate_final(exp, evaluator, params, splits, log, max_examples)
+  check_rescoring(rescoring, bool(exp.scenarios), evaluator.score_normalization, evaluator.level_weights)
+  beams = evaluate_final(exp, evaluator, params, splits, log, max_examples)
+  scorer = rescoring_lib.get_scorer(exp.dataset, rescoring, log)
+  stage = rescoring_lib.Rescorer(exp.model, scorer, exp.artifact.sid_table.codes, partitioner,
+                                 weight=rescoring.weight, union=rescoring.union)
+  rescored = Evaluator(exp.model, partitioner, evaluator.trie, beam_size=evaluator.beam_size,
+                       batch_size=evaluator.batch_size, ks=evaluator.ks, second_stage=stage)
+  log(f"[oxyjax] re-scoring the beams (weight {rescoring.weight:g}, union {rescoring.union})")
+  results = evaluate_final(exp, rescored, params, splits, log, max_examples)
+  results.update({f"{name}_beams": r for name, r in beams.items()})
   return results
 
 
@@ -205,6 +240,7 @@ def train(
     select_metric: str | None = None,
     final_eval_splits: Sequence[str] = ("validation", "test"),
     final_eval_max_examples: int | None = None,
+    rescoring: RescoringConfig = RescoringConfig(),
     checkpoint_every_steps: int = 1000,
     keep_checkpoints: int = 3,
     async_checkpointing: bool = True,
@@ -232,6 +268,10 @@ def train(
   `eval_score_normalization` ('vocab' or 'valid') is the beam search's per-level
   normalisation and `eval_level_weights` (one weight per SID level, default all 1) its per-level
   calibration of the log-probabilities (`decoding.beam_search`).
+  `rescoring` (off unless its weight is non-zero): the final evaluation also reorders the beams
+  (and SASRec's top items) by `rescoring.Rescorer`, a SASRec scorer trained on the training split
+  (cached by content), and reports those metrics as `<split>` and the beams alone as
+  `<split>_beams`; checkpoint selection during training uses the beams alone.
   `length_bucketing` batches examples of similar history length together and trims
   padding columns to a multiple of `bucket_multiple` (fewer encoder FLOPs; a few compiled
   shapes: a larger multiple compiles fewer shapes and needs less compile-time memory).
@@ -250,7 +290,8 @@ def train(
     return evaluate_run(model_dir, partitioner=part, splits=final_eval_splits, weights=init_checkpoint,
                         instructions=instructions, data_source=data_source, eval_batch_size=eval_batch_size,
                         eval_beam_size=eval_beam_size, eval_score_normalization=eval_score_normalization,
-                        eval_level_weights=eval_level_weights, max_examples=final_eval_max_examples, log=log)
+                        eval_level_weights=eval_level_weights, max_examples=final_eval_max_examples,
+                        rescoring=rescoring, log=log)
   if batch_size % grad_accum_steps:
     raise ValueError(f"batch_size {batch_size} is not divisible by grad_accum_steps {grad_accum_steps}")
   # Multi-host: decisions every process must share (no-ops for one process).
@@ -263,6 +304,7 @@ def train(
   # ---- set-up: data, SIDs, model, artifact
   if bool(scenarios) == bool(dataset):
     raise ValueError("train on a dataset or on scenarios: set exactly one of dataset= and scenarios=")
+  check_rescoring(rescoring, bool(scenarios), eval_score_normalization, eval_level_weights)
   if scenarios:
     exp = experiment_lib.setup_scenarios(scenarios=scenarios, model_config=model_config, sid=sid, partitioner=part,
                                          label_smoothing=label_smoothing, q2i=q2i, instructions=instructions, log=log)
@@ -391,7 +433,7 @@ def train(
   if model_dir:
     checkpoints.save_params(exp.artifact.params_dir, params,
                             {"step": weights_step, "train_steps": step, "ema": optimizer.ema_decay > 0})
-  results = evaluate_final(exp, evaluator, params, final_eval_splits, log, final_eval_max_examples)
+  results = final_results(exp, evaluator, params, final_eval_splits, rescoring, part, log, final_eval_max_examples)
   if model_dir and jax.process_index() == 0 and results:
     write_summary(model_dir, dataset, {
         "dataset": dataset, "steps": step, "train_seconds": train_seconds, "best_step": best_step,
@@ -430,7 +472,8 @@ def evaluate_run(model_dir: str, *, partitioner: partitioning.Partitioner, split
                  weights: str | None = None, instructions: InstructionsConfig | None = None,
                  data_source: str = "seqio", eval_batch_size: int = 256, eval_beam_size: int = 20,
                  eval_score_normalization: str = "vocab", eval_level_weights: Sequence[float] | None = None,
-                 max_examples: int | None = None, write_results: bool = True, log=print) -> TrainResult:
+                 max_examples: int | None = None, rescoring: RescoringConfig = RescoringConfig(),
+                 write_results: bool = True, log=print) -> TrainResult:
   """Evaluates a run from its artifact alone (no training split, no optimizer state) on
   `splits`, and (`write_results`) merges the results into `<model_dir>/run_summary.json`."""
   t0 = time.time()
@@ -442,7 +485,7 @@ def evaluate_run(model_dir: str, *, partitioner: partitioning.Partitioner, split
   params, step = load_eval_weights(model_dir, factory.params_abstract, weights, log=log)
   evaluator = Evaluator(exp.model, partitioner, exp.trie(), beam_size=eval_beam_size, batch_size=eval_batch_size,
                         score_normalization=eval_score_normalization, level_weights=eval_level_weights)
-  results = evaluate_final(exp, evaluator, params, splits, log, max_examples)
+  results = final_results(exp, evaluator, params, splits, rescoring, partitioner, log, max_examples)
   if write_results and jax.process_index() == 0 and results:
     write_summary(model_dir, exp.dataset, {"dataset": exp.dataset, "results": results}, merge=True)
   return TrainResult({"params": params}, step, results.get("validation"), results.get("test"), None,

@@ -199,3 +199,38 @@ def test_per_example_ranks_give_the_evaluators_metrics(run):
   np.testing.assert_array_equal(metrics_lib.target_ranks(items, targets), ranks)
   assert np.isfinite(scores[:, 0]).all()
   assert np.all(np.diff(np.where(np.isfinite(scores), scores, -1e30), axis=1) <= 0)
+
+
+def test_evaluate_run_rescores_with_a_cached_sasrec_scorer(run, tmp_path, monkeypatch):
+  """`rescoring` on: the results hold the re-scored metrics under the split's name and the beams
+  alone under `<split>_beams`; the scorer is trained once (training split only) and cached by
+  content, so a second evaluation loads it instead of training again."""
+  from oxyjax import rescoring
+  from oxyjax.sid import sasrec
+
+  model_dir, _ = run
+  cfg = rescoring.RescoringConfig(weight=1.0, union=5, cache_dir=str(tmp_path / "rescoring"),
+                                  sasrec=sasrec.SASRecConfig(dim=16, num_blocks=1, max_len=10, num_epochs=2,
+                                                             length_buckets=(4, 10)))
+  first = train_lib.evaluate_run(str(model_dir), partitioner=_part(), splits=("test",), data_source="readers",
+                                 max_examples=64, rescoring=cfg, write_results=False, **EVAL)
+  summary = first.test
+  assert summary["num_examples"] == 64
+  cached = os.listdir(tmp_path / "rescoring")
+  assert len(cached) == 1 and cached[0].startswith("office_")
+
+  def no_training(*a, **k):
+    raise AssertionError("the cached scorer should have been loaded")
+
+  monkeypatch.setattr(rescoring, "train", no_training)
+  copy = tmp_path / "copy"  # results are merged into the copy's run_summary.json, not the fixture's
+  shutil.copytree(model_dir, copy)
+  again = train_lib.evaluate_run(str(copy), partitioner=_part(), splits=("test",), data_source="readers",
+                                 max_examples=64, rescoring=cfg, write_results=True, **EVAL)
+  assert again.test == summary
+  with open(copy / "run_summary.json") as f:
+    results = json.load(f)["results"]
+  assert set(results["test_beams"]) == set(results["test"])
+  with pytest.raises(ValueError, match="eval_score_normalization"):
+    train_lib.evaluate_run(str(model_dir), partitioner=_part(), splits=("test",), data_source="readers",
+                           rescoring=cfg, eval_score_normalization="valid", eval_batch_size=64)

@@ -172,3 +172,11 @@ class RecModel:
     # `pool_root` [B] (optional): each row's root in a forest of pools (PrefixTrie.forest).
     return decoding.beam_search(step_fn, None, trie, batch_size=batch["scenario"].shape[0], beam_size=beam_size,
                                 normalize=normalize, root=batch.get("pool_root"), level_weights=level_weights)
+
+  def path_log_probs(self, params, batch: Mapping[str, jax.Array], codes: jax.Array) -> jax.Array:
+    """The joint log-probability ``[B, G]`` of given SID paths ``codes [B, G, L]`` (teacher-forced,
+    the encoder once per row): the score `predict` gives a beam with ``normalize="vocab"`` and
+    no level weights, for items beam search did not return (`oxyjax.rescoring`'s union)."""
+    logits = self.network.apply({"params": params}, batch, jnp.maximum(codes, 0), method=EncoderDecoder.group_logits)
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.take_along_axis(lp, jnp.maximum(codes, 0)[..., None], axis=-1)[..., 0].sum(axis=-1)

@@ -296,29 +296,6 @@ class RankingModel:
     return scored[:, :-1], scored[:, -1]
 
 
-def rerank(items: np.ndarray, policy_scores: np.ndarray, ranker_logits: np.ndarray,
-           weight: float) -> tuple[np.ndarray, np.ndarray]:
-  """A second stage over the policy's beams: each row's ``items [B, K]`` reordered by
-  ``policy_scores + weight * ranker_logits`` (both ``[B, K]``: the beams' log-probabilities and the
-  ranker's logits of the same items), best first. Empty beams (item < 1 or a score of -inf) stay
-  last; ties keep the policy's order, so ``weight = 0`` returns the beams unchanged.
-  Returns ``(items [B, K], fused scores [B, K])`` (-inf for the empty beams)."""
-  items = np.asarray(items)
-  policy_scores = np.asarray(policy_scores, np.float64)
-  ranker_logits = np.asarray(ranker_logits, np.float64)
-  if not (items.shape == policy_scores.shape == ranker_logits.shape) or items.ndim != 2:
-    raise ValueError(f"items, policy_scores and ranker_logits must be the same [B, K], got "
-                     f"{items.shape}, {policy_scores.shape}, {ranker_logits.shape}")
-  if not np.isfinite(weight):
-    raise ValueError(f"weight must be finite, got {weight}")
-  live = (items > 0) & np.isfinite(policy_scores)
-  # weight 0 must not mix in the ranker at all (0 * a non-finite logit is NaN).
-  fused = policy_scores if weight == 0 else policy_scores + weight * ranker_logits
-  fused = np.where(live, fused, -np.inf)
-  order = np.argsort(-fused, axis=1, kind="stable")
-  return np.take_along_axis(items, order, 1), np.take_along_axis(fused, order, 1)
-
-
 # ====================================================================== building from a policy artifact
 def scenario_pools(art: ModelArtifact) -> dict[int, np.ndarray]:
   """scenario id -> the items of its decoder pool (one dataset: scenario 0 -> every item)."""

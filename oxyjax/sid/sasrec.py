@@ -162,6 +162,11 @@ def _epoch_batches(buckets, cfg: SASRecConfig, rng: np.random.Generator):
   return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def make_model(num_items: int, cfg: SASRecConfig) -> SASRec:
+  return SASRec(num_items=num_items, dim=cfg.dim, num_blocks=cfg.num_blocks, num_heads=cfg.num_heads,
+                max_len=cfg.max_len, dropout_rate=cfg.dropout_rate)
+
+
 def train_sasrec(sequences: Sequence[Sequence[int]], num_items: int, config: SASRecConfig = SASRecConfig(),
                  *, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
   """Trains SASRec on ``sequences`` and returns ``(item table [num_items + 1, dim], info)``.
@@ -171,9 +176,16 @@ def train_sasrec(sequences: Sequence[Sequence[int]], num_items: int, config: SAS
   ``sasrec_embeddings`` normalises it for quantisation. ``info`` has the loss per epoch and the
   wall time.
   """
+  params, info = fit_sasrec(sequences, num_items, config, seed=seed)
+  return np.asarray(params["item_embed"]["embedding"], np.float32), info
+
+
+def fit_sasrec(sequences: Sequence[Sequence[int]], num_items: int, config: SASRecConfig = SASRecConfig(),
+               *, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+  """`train_sasrec`'s training loop; returns the whole model's ``(params, info)`` (for scoring,
+  `oxyjax.rescoring`)."""
   cfg = config
-  model = SASRec(num_items=num_items, dim=cfg.dim, num_blocks=cfg.num_blocks, num_heads=cfg.num_heads,
-                 max_len=cfg.max_len, dropout_rate=cfg.dropout_rate)
+  model = make_model(num_items, cfg)
   buckets = _bucket_batches(sequences, cfg)
   if not buckets:
     raise ValueError("SASRec needs at least one training sequence of two or more items")
@@ -211,11 +223,10 @@ def train_sasrec(sequences: Sequence[Sequence[int]], num_items: int, config: SAS
       n_steps += 1
     history.append(round(float(total / jnp.maximum(count, 1.0)), 4))
     logger.info("sasrec epoch %d/%d: train loss %.4f", epoch + 1, cfg.num_epochs, history[-1])
-  table = np.asarray(params["item_embed"]["embedding"], np.float32)
   info = {"train_loss_per_epoch": history, "steps": n_steps,
           "num_train_positions": int(sum(int((y > 0).sum()) for _, y in buckets.values())),
           "wall_time_s": round(time.perf_counter() - t0, 2)}
-  return table, info
+  return params, info
 
 
 def sasrec_embeddings(sequences: Sequence[Sequence[int]], num_items: int, config: SASRecConfig = SASRecConfig(),

@@ -130,33 +130,6 @@ def test_auc_is_the_pairwise_fraction_with_ties_counting_half():
   assert rm.auc(np.ones(3), np.zeros((3, 2))) == 1.0 and rm.auc(np.zeros(3), np.ones((3, 2))) == 0.0
 
 
-def test_rerank_orders_by_the_fused_score_and_keeps_empty_beams_last():
-  """The second stage: beams reordered by log p + weight * logit, each row on its own; weight 0
-  is the policy's order; an empty beam (item -1, score -inf) never moves above a real one."""
-  rng = np.random.default_rng(0)
-  items = rng.permutation(np.arange(1, 25)).reshape(3, 8).astype(np.int32)
-  logp = -np.sort(rng.exponential(2.0, (3, 8)), axis=1)  # the policy's order: descending
-  logits = rng.normal(size=(3, 8))
-  items[2, 6:], logp[2, 6:] = -1, -np.inf  # row 2 has two empty beams
-  logits[2, 6:] = 50.0  # whatever the ranker says about them
-  same, fused0 = rm.rerank(items, logp, logits, 0.0)
-  np.testing.assert_array_equal(same, items)
-  np.testing.assert_array_equal(fused0, logp)
-  w = 0.7
-  out, fused = rm.rerank(items, logp, logits, w)
-  for b in range(3):
-    live = items[b] > 0
-    want = items[b][live][np.argsort(-(logp[b] + w * logits[b])[live], kind="stable")]
-    np.testing.assert_array_equal(out[b, :live.sum()], want)
-    assert np.all(np.diff(fused[b][np.isfinite(fused[b])]) <= 0)
-  np.testing.assert_array_equal(out[2, 6:], [-1, -1])
-  # a large weight is the ranker's order
-  big, _ = rm.rerank(items[:2], logp[:2], logits[:2], 1e6)
-  np.testing.assert_array_equal(big, np.take_along_axis(items[:2], np.argsort(-logits[:2], axis=1), 1))
-  with pytest.raises(ValueError, match="same"):
-    rm.rerank(items, logp[:, :4], logits, 1.0)
-
-
 def test_a_candidates_score_does_not_depend_on_its_group():
   ranker = _ranker()
   params = nn.unbox(ranker.init(jax.random.key(0), ranker.dummy_batch(2)))

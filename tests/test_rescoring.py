@@ -1,0 +1,204 @@
+"""The SASRec second stage (oxyjax/rescoring.py): trained on training sequences only, scores the
+beams by the user's history, and refuses a scorer trained on other data."""
+
+import numpy as np
+import pytest
+
+from oxyjax import rescoring
+from oxyjax.sid import build
+from tests.sid.test_build import _fake
+from tests.sid.test_sasrec import TINY
+
+
+@pytest.fixture(scope="module")
+def trained():
+  ds = _fake()
+  seqs = build.training_sequences(ds.train)
+  return ds, seqs, rescoring.train(seqs, ds.num_items, TINY, seed=0)
+
+
+def _features(histories, width=6):
+  """The model's left-aligned history features for a list of histories."""
+  items = np.zeros((len(histories), width), np.int32)
+  for i, h in enumerate(histories):
+    items[i, :len(h)] = h
+  return items, items > 0
+
+
+def test_right_aligned_keeps_the_most_recent_items():
+  items, mask = _features([(3, 4, 5), (), (1, 2, 3, 4, 5, 6)])
+  out = rescoring.right_aligned(items, mask, 4)
+  np.testing.assert_array_equal(out, [[0, 3, 4, 5], [0, 0, 0, 0], [3, 4, 5, 6]])
+
+
+def test_scores_are_a_log_softmax_over_the_catalogue(trained):
+  ds, _, scorer = trained
+  items, mask = _features([(1, 2, 3), (40, 41)])
+  every_item = np.tile(np.arange(1, ds.num_items + 1), (2, 1))
+  lp = scorer.log_probs(items, mask, every_item)
+  # float32 log-softmax over 60 items: logsumexp is 0 up to a few float32 ulps of the largest logit.
+  np.testing.assert_allclose(np.logaddexp.reduce(lp.astype(np.float64), axis=1), 0.0, atol=1e-4)
+
+
+def test_rescoring_moves_up_the_items_of_the_users_group(trained):
+  """Users buy within one of three groups of 19 items. For a history from group g, the scorer
+  prefers group-g items; a 'policy' that ranks three other-group items first is corrected by
+  re-scoring at a large weight, and left alone at weight 0. A scorer that ignored the history
+  (e.g. a misaligned input) would not know the group."""
+  _, _, scorer = trained
+  histories, groups = [], []
+  for g in range(3):
+    lo = 1 + g * 19
+    histories += [(lo + 1, lo + 5, lo + 9), (lo + 2, lo + 17)]
+    groups += [g, g]
+  items, mask = _features(histories)
+  beams = np.array([[1 + ((g + 1) % 3) * 19 + 3, 1 + ((g + 2) % 3) * 19 + 4, 1 + ((g + 1) % 3) * 19 + 7,
+                     1 + g * 19 + 6] for g in groups], np.int32)
+  policy = np.tile(np.array([-1.0, -1.5, -2.0, -2.5], np.float32), (len(groups), 1))
+  lp = scorer.log_probs(items, mask, beams)
+  assert (lp[:, 3] > lp[:, :3].max(axis=1)).all(), lp
+  reordered, _ = rescoring.rerank(beams, policy, lp, 10.0)
+  np.testing.assert_array_equal(reordered[:, 0], beams[:, 3])
+  unchanged, _ = rescoring.rerank(beams, policy, lp, 0.0)
+  np.testing.assert_array_equal(unchanged, beams)
+
+
+def test_rerank_orders_by_the_fused_score_and_keeps_empty_beams_last():
+  """The second stage: beams reordered by log p + weight * logit, each row on its own; weight 0
+  is the policy's order; an empty beam (item -1, score -inf) never moves above a real one."""
+  rng = np.random.default_rng(0)
+  items = rng.permutation(np.arange(1, 25)).reshape(3, 8).astype(np.int32)
+  logp = -np.sort(rng.exponential(2.0, (3, 8)), axis=1)  # the policy's order: descending
+  logits = rng.normal(size=(3, 8))
+  items[2, 6:], logp[2, 6:] = -1, -np.inf  # row 2 has two empty beams
+  logits[2, 6:] = 50.0  # whatever the second stage says about them
+  same, fused0 = rescoring.rerank(items, logp, logits, 0.0)
+  np.testing.assert_array_equal(same, items)
+  np.testing.assert_array_equal(fused0, logp)
+  w = 0.7
+  out, fused = rescoring.rerank(items, logp, logits, w)
+  for b in range(3):
+    live = items[b] > 0
+    want = items[b][live][np.argsort(-(logp[b] + w * logits[b])[live], kind="stable")]
+    np.testing.assert_array_equal(out[b, :live.sum()], want)
+    assert np.all(np.diff(fused[b][np.isfinite(fused[b])]) <= 0)
+  np.testing.assert_array_equal(out[2, 6:], [-1, -1])
+  # a large weight is the second stage's order
+  big, _ = rescoring.rerank(items[:2], logp[:2], logits[:2], 1e6)
+  np.testing.assert_array_equal(big, np.take_along_axis(items[:2], np.argsort(-logits[:2], axis=1), 1))
+  with pytest.raises(ValueError, match="same"):
+    rescoring.rerank(items, logp[:, :4], logits, 1.0)
+
+
+def test_save_load_round_trip_and_refusals(trained, tmp_path):
+  ds, seqs, scorer = trained
+  scorer.save(str(tmp_path / "s"))
+  loaded = rescoring.SASRecScorer.load(str(tmp_path / "s"), sequences=seqs, num_items=ds.num_items)
+  assert loaded.config == scorer.config and loaded.digest == scorer.digest
+  items, mask = _features([(1, 2, 3), (40, 41)])
+  beams = np.array([[4, 5, 6], [42, 43, 1]])
+  np.testing.assert_array_equal(loaded.log_probs(items, mask, beams), scorer.log_probs(items, mask, beams))
+  other = [list(s) for s in seqs]
+  other[0] = other[0] + [7]
+  with pytest.raises(ValueError, match="other training sequences"):
+    rescoring.SASRecScorer.load(str(tmp_path / "s"), sequences=other)
+  with pytest.raises(ValueError, match="items"):
+    rescoring.SASRecScorer.load(str(tmp_path / "s"), num_items=ds.num_items + 1)
+  with pytest.raises(ValueError, match="out of range"):
+    loaded.log_probs(items, mask, np.array([[ds.num_items + 1]] * 2))
+
+
+def test_the_digest_keys_the_training_sequences_only():
+  """The scorer's key is its training data: the fake dataset's held-out targets are sentinel items
+  59 / 60, never in a training sequence, and changing any one training item changes the digest."""
+  sa = build.training_sequences(_fake().train)
+  assert not {59, 60} & {i for s in sa for i in s}
+  changed = [list(s) for s in sa]
+  changed[3][-1] = 59
+  assert rescoring.sequences_digest(changed) != rescoring.sequences_digest(sa)
+  assert rescoring.sequences_digest([list(s) for s in sa]) == rescoring.sequences_digest(sa)
+
+
+def test_union_keeps_the_beams_and_adds_each_new_item_once():
+  beams = np.array([[3, 5, -1], [1, 2, 4]])
+  extra = np.array([[5, 7, 3], [9, 8, 2]])
+  np.testing.assert_array_equal(rescoring.union(beams, extra), [[3, 5, -1, 0, 7, 0], [1, 2, 4, 9, 8, 0]])
+
+
+def test_path_log_probs_are_the_beam_search_scores():
+  """The union scores SASRec's extra items by teacher forcing (`RecModel.path_log_probs`); for
+  the beams themselves that must be the score beam search gave them (normalize="vocab"): the same
+  joint log-probability computed two ways (incremental decoding with a cache, one teacher-forced
+  pass). Float32 rounding of the two attention orders is ~1e-5 of |logit| (the tiny model's
+  logits are scaled up to ~10), summed over 3 levels: we allow 1e-4 relative and absolute."""
+  import jax
+  from tests.rl.conftest import Tiny
+
+  tiny = Tiny()
+  batch, _ = tiny.batch(4, seed=1)
+  pred = jax.jit(lambda p, b, t: tiny.model.predict(p, b, t, beam_size=8))(tiny.params, batch, tiny.forest)
+  items, scores = np.asarray(pred.items), np.asarray(pred.scores)
+  live = items > 0
+  assert live.sum() >= 16
+  joint = np.asarray(jax.jit(tiny.model.path_log_probs)(tiny.params, batch, tiny.sid_codes[np.maximum(items, 0)]))
+  np.testing.assert_allclose(joint[live], scores[live], rtol=1e-4, atol=1e-4)
+
+
+def _tiny_eval_setup(b=10):
+  from oxyjax import partitioning
+  from oxyjax.data import pipeline
+  from tests.rl.conftest import N_ITEMS, Tiny
+
+  tiny = Tiny()
+  rng = np.random.default_rng(3)
+  lengths = rng.integers(1, 8, b)
+  hist = np.zeros((b, 8), np.int32)
+  for i, n in enumerate(lengths):
+    hist[i, :n] = rng.integers(1, N_ITEMS + 1, n)
+  arrays = pipeline.ExampleArrays(history=hist, history_len=lengths, target=rng.integers(1, N_ITEMS + 1, b),
+                                  user=np.arange(1, b + 1), scenario=np.zeros(b))
+  return tiny, arrays, partitioning.Partitioner({"data": 8})  # the 8 fake CPU devices
+
+
+def test_the_evaluator_scores_the_second_stage_order():
+  """`Evaluator(second_stage=...)` ranks by the second stage's order: reversing the 8 beams moves a
+  target at rank r to rank 7 - r."""
+  from oxyjax.evaluation import Evaluator
+
+  tiny, arrays, part = _tiny_eval_setup()
+  plain = Evaluator(tiny.model, part, tiny.full, beam_size=8, batch_size=4, ks=(1, 5))
+  rev = Evaluator(tiny.model, part, tiny.full, beam_size=8, batch_size=4, ks=(1, 5),
+                  second_stage=lambda params, feats, items, scores: items[:, ::-1])
+  items = np.concatenate([b[1][b[3]] for b in plain.beams(tiny.params, arrays)])  # real rows only
+  arrays.target[:] = items[:, 2]  # every target is in the beams, at rank 2
+  np.testing.assert_array_equal(plain.target_ranks(tiny.params, arrays), 2)
+  np.testing.assert_array_equal(rev.target_ranks(tiny.params, arrays), 5)
+
+
+def test_the_rescorer_ranks_beams_and_sasrec_items_by_the_fused_score():
+  """The union holds every beam and SASRec's top items once; at a huge weight their order is
+  SASRec's, at weight 0 the policy's joint log-probability (which for the beams is their beam
+  score: the first 8 stay in beam order unless SASRec brought a better path beam search missed)."""
+  from oxyjax.evaluation import Evaluator
+  from tests.rl.conftest import N_ITEMS
+
+  tiny, arrays, part = _tiny_eval_setup()
+  rng = np.random.default_rng(0)
+  seqs = [list(rng.integers(1, N_ITEMS + 1, rng.integers(3, 8))) for _ in range(60)]
+  scorer = rescoring.train(seqs, N_ITEMS, TINY, seed=0)
+  ev = Evaluator(tiny.model, part, tiny.full, beam_size=8, batch_size=4)
+  for feats, items, scores, _ in ev.beams(tiny.params, arrays):
+    for weight in (0.0, 1e6):
+      r = rescoring.Rescorer(tiny.model, scorer, tiny.sid_codes, part, weight=weight, union=5)
+      out = r(tiny.params, feats, items, scores)
+      cand, policy = r.candidates(tiny.params, feats, items, scores)
+      assert out.shape == (items.shape[0], 13)
+      for row in range(items.shape[0]):
+        live = out[row][out[row] > 0]
+        assert len(set(live.tolist())) == live.size  # each candidate once
+        assert set(live.tolist()) == set(cand[row][cand[row] > 0].tolist())
+        assert set(items[row][items[row] > 0].tolist()) <= set(live.tolist())
+        key = policy[row] if weight == 0 else r.score(feats, cand)[row]
+        by_key = dict(zip(cand[row].tolist(), key.tolist()))
+        assert np.all(np.diff([by_key[i] for i in live]) <= 1e-6)
+    assert r.max_beam_score_error < 1e-3
