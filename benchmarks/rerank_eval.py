@@ -139,6 +139,7 @@ def main():
                   help="read test at this weight (the defaults rule's choice) instead of each model's best on validation")
   ap.add_argument("--test_variant", default=None, help="beams | union<k> (default: the union where given)")
   ap.add_argument("--no_test", action="store_true", help="validation only")
+  ap.add_argument("--test_only", action="store_true", help="test only, at --test_weight (validation was read before)")
   ap.add_argument("--summaries", default=None,
                   help="a directory for one run summary per model and weight (validation), for select_defaults.py")
   ap.add_argument("--max_examples", type=int, default=None, help="a fixed random subset of each split (default: every row)")
@@ -147,8 +148,12 @@ def main():
   weights = [float(w) for w in args.weights.split(",")]
   if 0.0 not in weights:
     raise SystemExit("--weights must include 0 (the policy alone)")
+  if args.test_only and args.test_weight is None:
+    raise SystemExit("--test_only needs --test_weight")
   if args.union and not args.sasrec:
     raise SystemExit("--union needs --sasrec")
+  if args.test_variant not in (None, *variants(args.union)):
+    raise SystemExit(f"--test_variant must be one of {variants(args.union)} with --union={args.union}")
   print(f"[rerank_eval] CPU: {cpu_model()}")
   part = partitioning.Partitioner({"data": 1})
   result = {"cpu": cpu_model(), "beam": args.beam, "ranker": args.ranker, "sasrec": args.sasrec,
@@ -158,10 +163,14 @@ def main():
     exp, params, step, ev = load_model(spec, part, beam=args.beam, batch_size=args.batch_size)
     stage = SecondStage(args, exp, params, part)
     t0 = time.time()
+    rec = result["models"][spec] = {"step": step}
+    if args.test_only:
+      run_test(args, exp, params, ev, stage, rec)
+      continue
     val = beams_and_logits(exp, params, ev, stage, "validation", args.max_examples)
-    rec = result["models"][spec] = {
+    rec.update({
         "step": step, "validation_rows": int(val["targets"].shape[0]),
-        "validation_policy": mean_metrics(policy_ranks(val, args.beam))}
+        "validation_policy": mean_metrics(policy_ranks(val, args.beam))})
     print(f"\n[rerank_eval] {spec} (step {step}), {time.time() - t0:.0f} s; validation {rec['validation_rows']} rows:")
     print("| candidates | weight | " + " | ".join(METRICS) + " |\n|---|---|" + "---|" * len(METRICS))
     print("| beams | policy alone | " + " | ".join(f"{rec['validation_policy'][m]:.4f}" for m in METRICS) + " |")
@@ -184,23 +193,7 @@ def main():
       print(f"largest |recomputed joint log-prob - beam score| over live beams: {rec['max_beam_score_error']:.2e}")
     if args.no_test:
       continue
-    variant = args.test_variant or variants(args.union)[-1]
-    chosen = rec[variant]["best_weight_on_validation"] if args.test_weight is None else args.test_weight
-    test = beams_and_logits(exp, params, ev, stage, "test", args.max_examples)
-    base, mine = policy_ranks(test, args.beam), ranks_at(chosen, candidates_of(test, variant, args.beam))
-    rec.update({"test_rows": int(test["targets"].shape[0]), "test_variant": variant, "chosen_weight": chosen,
-                "test": {"policy": mean_metrics(base), "reranked": mean_metrics(mine),
-                         "difference": {m: metrics_lib.paired_difference(base, mine, m) for m in METRICS}}})
-    if "alone" in test:
-      rec["test"]["sasrec_alone"] = mean_metrics(metrics_lib.target_ranks(test["alone"], test["targets"]))
-    print(f"test ({rec['test_rows']} rows), read once: policy alone, then {variant} re-scored at weight {chosen:g} "
-          f"(difference ± paired SE)")
-    print("| | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS))
-    print("| policy | " + " | ".join(f"{rec['test']['policy'][m]:.4f}" for m in METRICS) + " |")
-    print("| re-scored | " + " | ".join(f"{rec['test']['reranked'][m]:.4f} ({d:+.4f} ± {se:.4f})"
-                                        for m in METRICS for d, se in [rec["test"]["difference"][m]]) + " |")
-    if "sasrec_alone" in rec["test"]:
-      print("| SASRec alone | " + " | ".join(f"{rec['test']['sasrec_alone'][m]:.4f}" for m in METRICS) + " |")
+    run_test(args, exp, params, ev, stage, rec)
   if args.out:
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)
@@ -211,6 +204,27 @@ def training_steps(spec: str, stage: SecondStage) -> int:
   with open(os.path.join(spec.partition("@")[0], "run_summary.json")) as f:
     steps = int(json.load(f).get("steps") or 0)
   return steps + (int(stage.scorer.info.get("steps", 0)) if stage.scorer is not None else 0)
+
+
+def run_test(args, exp, params, ev, stage, rec) -> None:
+  """Reads test once: the policy alone, and the chosen candidates re-scored at the chosen weight."""
+  variant = args.test_variant or variants(args.union)[-1]
+  chosen = rec[variant]["best_weight_on_validation"] if args.test_weight is None else args.test_weight
+  test = beams_and_logits(exp, params, ev, stage, "test", args.max_examples)
+  base, mine = policy_ranks(test, args.beam), ranks_at(chosen, candidates_of(test, variant, args.beam))
+  rec.update({"test_rows": int(test["targets"].shape[0]), "test_variant": variant, "chosen_weight": chosen,
+              "test": {"policy": mean_metrics(base), "reranked": mean_metrics(mine),
+                       "difference": {m: metrics_lib.paired_difference(base, mine, m) for m in METRICS}}})
+  if "alone" in test:
+    rec["test"]["sasrec_alone"] = mean_metrics(metrics_lib.target_ranks(test["alone"], test["targets"]))
+  print(f"test ({rec['test_rows']} rows), read once: policy alone, then {variant} re-scored at weight {chosen:g} "
+        f"(difference ± paired SE)")
+  print("| | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS))
+  print("| policy | " + " | ".join(f"{rec['test']['policy'][m]:.4f}" for m in METRICS) + " |")
+  print("| re-scored | " + " | ".join(f"{rec['test']['reranked'][m]:.4f} ({d:+.4f} ± {se:.4f})"
+                                      for m in METRICS for d, se in [rec["test"]["difference"][m]]) + " |")
+  if "sasrec_alone" in rec["test"]:
+    print("| SASRec alone | " + " | ".join(f"{rec['test']['sasrec_alone'][m]:.4f}" for m in METRICS) + " |")
 
 
 def write_summaries(directory: str, spec: str, dataset: str, step: int, curve, variant: str) -> None:
