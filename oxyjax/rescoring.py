@@ -1,26 +1,31 @@
 r"""A second stage for the decoder's final beams: re-scoring by a sequential recommender.
 
 Constrained beam search (`oxyjax.decoding`) retrieves each row's K distinct valid items with the
-generative model's log-likelihood ``log p_gen(item | history)``. A SASRec model
+generative model's joint log-likelihood ``log p_gen(item | history)``. A SASRec model
 (`oxyjax.sid.sasrec`: causal self-attention, full-softmax next-item cross-entropy) trained on the
-same TRAINING sequences scores the same K items, and they are reordered by the log-linear
-combination (a product of experts)
+same TRAINING sequences scores them, and they are reordered by the log-linear combination (a
+product of experts)
 
     log p_gen(item) + weight * log softmax_SASRec(item | history)        (`rerank`)
 
-The generative model sees an item through its semantic-ID path, which ties similar items
-together; SASRec has one free embedding per item. The two make different errors, and where they
-agree an item moves up. Re-scoring never adds an item: Recall@K for K >= beam is unchanged, and
-Recall@10 can only gain items from ranks 11-beam. ``weight`` 0 is the generative model alone.
-The weight is a setting of the default configuration, chosen by the defaults rule on the
-validation splits of all four shipped datasets together (docs/results.md).
+With ``union`` k > 0 the candidates are the beams and SASRec's own top k items (each item once);
+an item beam search did not return gets its ``log p_gen`` by teacher forcing
+(`RecModel.path_log_probs`, the same joint log-probability beam search scores). The generative
+model sees an item through its semantic-ID path, which ties similar items together; SASRec has one
+free embedding per item; the two make different errors. ``weight`` 0 is the generative model
+alone. `Rescorer` is the second stage `Evaluator(second_stage=...)` applies; `RescoringConfig`
+sets it for the training command (`train.train(rescoring=...)`, off unless its weight is
+non-zero; the default configuration's weight and union were chosen by the defaults rule on the
+validation splits of all four shipped datasets, docs/results.md). Not yet part of the exported
+serving function (`oxyjax.export`, `oxyjax.serve`): a server answers with the beams alone.
 
-    python -m oxyjax.rescoring --dataset=beauty --out=runs/beauty_sasrec
+    python -m oxyjax.rescoring --dataset=beauty [--out=DIR]
 
 trains SASRec on the dataset's training split only (``build.training_sequences``: a validation
 or test target never shapes it) and saves an Orbax parameter checkpoint whose metadata holds the
-model config, the item count and the digest of the training sequences; `SASRecScorer.load`
-refuses a scorer trained on other sequences than the dataset's it is asked to score for.
+model config, the item count and the digest of the training sequences, by default into the cache
+the training command reads (`get_scorer`: keyed by that digest and every setting);
+`SASRecScorer.load` refuses a scorer trained on other sequences than the dataset's it scores for.
 """
 
 from __future__ import annotations
@@ -250,21 +255,26 @@ def dataset_sequences(dataset: str) -> tuple[list[list[int]], int]:
 
 
 _DATASET = flags.DEFINE_string("dataset", None, "a registered dataset (beauty, sports, office, industrial, ...)")
-_OUT = flags.DEFINE_string("out", None, "the scorer's directory")
+_OUT = flags.DEFINE_string("out", None, "the scorer's directory (default: the cache the training command reads, "
+                           "<repo>/.cache/rescoring/<dataset>_<training digest>_<settings>)")
 _SEED = flags.DEFINE_integer("seed", 0, "training seed")
 _EPOCHS = flags.DEFINE_integer("num_epochs", sasrec_lib.SASRecConfig.num_epochs, "training epochs")
 
 
 def main(argv):
   del argv
-  if not _DATASET.value or not _OUT.value:
-    raise app.UsageError("--dataset and --out are required")
-  sequences, num_items = dataset_sequences(_DATASET.value)
+  if not _DATASET.value:
+    raise app.UsageError("--dataset is required")
   config = dataclasses.replace(sasrec_lib.SASRecConfig(), num_epochs=_EPOCHS.value)
-  scorer = train(sequences, num_items, config, seed=_SEED.value)
-  scorer.save(_OUT.value)
-  print(f"[rescoring] {_DATASET.value}: {len(sequences)} training sequences, {num_items} items, "
-        f"final train loss {scorer.info['train_loss_per_epoch'][-1]}, {scorer.info['wall_time_s']} s -> {_OUT.value}")
+  if _OUT.value is None:
+    scorer = get_scorer(_DATASET.value, RescoringConfig(sasrec=config, seed=_SEED.value))
+    out = scorer_cache_dir(_DATASET.value, scorer.digest, RescoringConfig(sasrec=config, seed=_SEED.value))
+  else:
+    sequences, num_items = dataset_sequences(_DATASET.value)
+    scorer = train(sequences, num_items, config, seed=_SEED.value)
+    scorer.save(out := _OUT.value)
+  print(f"[rescoring] {_DATASET.value}: {scorer.num_items} items, train loss by epoch "
+        f"{scorer.info.get('train_loss_per_epoch')}, {scorer.info.get('wall_time_s')} s -> {out}")
 
 
 if __name__ == "__main__":
