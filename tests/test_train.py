@@ -106,8 +106,9 @@ def test_tiny_gin_config_runs_train_end_to_end(tmp_path):
 
 def test_default_configuration_trains_end_to_end_in_the_tiny_size(tmp_path):
   """gin_configs/defaults/small.gin (the one default chosen on validation, docs/results.md),
-  unchanged but for the tiny model, a few steps, a small SID codebook and a short RQ-VAE fit,
-  builds its RQ-VAE SIDs, trains, keeps its EMA weights and evaluates."""
+  unchanged but for the tiny model, a few steps, a small SID codebook, a short RQ-VAE fit and a
+  2-epoch re-scoring model, builds its RQ-VAE SIDs, trains, keeps its EMA weights, trains its
+  SASRec second stage and evaluates with it."""
   model_dir = tmp_path / "run"
   env = dict(os.environ, PYTHONPATH=REPO)
   cmd = [sys.executable, "-m", "oxyjax.train", "--gin_file=gin_configs/defaults/small.gin",
@@ -119,14 +120,20 @@ def test_default_configuration_trains_end_to_end_in_the_tiny_size(tmp_path):
          "--gin_bindings=oxyjax.train.SIDConfig.codebook_size = 16",
          "--gin_bindings=oxyjax.train.SIDConfig.rqvae_steps = 20",
          "--gin_bindings=oxyjax.train.SIDConfig.embedding = 'collaborative'",
-         f"--gin_bindings=oxyjax.train.SIDConfig.cache_dir = '{tmp_path / 'sid'}'"]
+         f"--gin_bindings=oxyjax.train.SIDConfig.cache_dir = '{tmp_path / 'sid'}'",
+         "--gin_bindings=oxyjax.sid.sasrec.SASRecConfig.num_epochs = 2",
+         f"--gin_bindings=oxyjax.train.RescoringConfig.cache_dir = '{tmp_path / 'rescoring'}'"]
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   assert "step 6/6" in out.stdout and "EMA weights" in out.stdout
   sid_meta = json.load(open(model_dir / "artifact" / "sid_table.json"))["meta"]
   assert sid_meta["settings"]["quantizer"] == "rqvae" and sid_meta["settings"]["rqvae"]["num_steps"] == 20
+  # the default's second stage: a SASRec scorer trained on the training split and cached, the
+  # final metrics re-scored, the beams alone beside them
+  assert "re-scoring: training the SASRec scorer" in out.stdout
+  assert len(os.listdir(tmp_path / "rescoring")) == 1
   summary = json.load(open(model_dir / "run_summary.json"))
-  assert set(summary["results"]) == {"validation", "test"}
+  assert set(summary["results"]) == {"validation", "test", "validation_beams", "test_beams"}
   assert summary["results"]["validation"]["num_examples"] == 64
 
 
