@@ -185,7 +185,9 @@ class Rescorer:
   """``(params, features, items [b, K], scores [b, K]) -> items [b, C]``: the policy's beams
   (with ``union``, plus SASRec's top ``union`` items, each scored by the policy's joint
   log-probability, `RecModel.path_log_probs`) reordered by ``log p_policy + weight * log p_SASRec``
-  (`rerank`); empty candidates last as 0. For `Evaluator(second_stage=...)`."""
+  (`rerank`); empty candidates last as 0. For `Evaluator(second_stage=...)`. SASRec reads the
+  history the policy reads (its most recent ``ModelConfig.max_history`` items, 20 for the small
+  model), though it was trained on windows of up to ``SASRecConfig.max_len`` (50)."""
 
   def __init__(self, model, scorer: SASRecScorer, sid_codes: np.ndarray, partitioner, *, weight: float,
                union: int = 0):
