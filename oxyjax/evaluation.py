@@ -20,6 +20,9 @@ from oxyjax.data import pipeline
 from oxyjax.sid.trie import PrefixTrie
 
 
+BEAMS_PREFIX = "beams/"  # with a second stage: the beams' own metrics, beside the second stage's
+
+
 def fixed_subset(arrays: pipeline.ExampleArrays, max_examples: int | None) -> pipeline.ExampleArrays:
   """A fixed random `max_examples` of `arrays` (all of them when None or more): the files are
   ordered by user id, and the first users are not representative (the first 3,000 of Beauty
@@ -71,11 +74,21 @@ class Evaluator:
   def __call__(self, params, arrays: pipeline.ExampleArrays, max_examples: int | None = None,
                trie: PrefixTrie | None = None) -> dict[str, float]:
     """Metrics of `params` on `arrays` (a fixed random `max_examples` of them when given), decoding
-    over `trie` (default: the evaluator's; a scenario's pool for a multi-scenario model)."""
+    over `trie` (default: the evaluator's; a scenario's pool for a multi-scenario model). With a
+    second stage, the metrics of its order, and those of the beams alone from the same decoding
+    pass under ``BEAMS_PREFIX + <metric>``."""
+    arrays = fixed_subset(arrays, max_examples)
     acc = metrics_lib.MetricsAccumulator(ks=self.ks)
-    for items, targets, mask in self._decode(params, fixed_subset(arrays, max_examples), trie):
-      acc.update(items, targets, mask=mask)
-    return acc.result()
+    if self.second_stage is None:
+      for items, targets, mask in self._decode(params, arrays, trie):
+        acc.update(items, targets, mask=mask)
+      return acc.result()
+    beams_acc = metrics_lib.MetricsAccumulator(ks=self.ks)
+    for batch, items, scores, mask in self.beams(params, arrays, trie):
+      targets = np.asarray(batch["target_items"])
+      beams_acc.update(items, targets, mask=mask)
+      acc.update(np.asarray(self.second_stage(params, batch, items, scores)), targets, mask=mask)
+    return {**acc.result(), **{BEAMS_PREFIX + k: v for k, v in beams_acc.result().items()}}
 
   def target_ranks(self, params, arrays: pipeline.ExampleArrays, max_examples: int | None = None,
                    trie: PrefixTrie | None = None) -> np.ndarray:

@@ -85,10 +85,9 @@ class SASRecScorer:
 
   def __post_init__(self):
     model = sasrec_lib.make_model(self.num_items, self.config)
-    self._log_probs = jax.jit(lambda p, seq, items: jnp.take_along_axis(
-        jax.nn.log_softmax(model.apply({"params": p}, seq, train=False)[:, -1]), items, axis=1))
-    self._top_k = jax.jit(lambda p, seq, k: jax.lax.top_k(
-        jax.nn.log_softmax(model.apply({"params": p}, seq, train=False)[:, -1]), k), static_argnums=2)
+    next_item = lambda p, seq: jax.nn.log_softmax(model.apply({"params": p}, seq, train=False)[:, -1])  # noqa: E731
+    self._log_probs = jax.jit(lambda p, seq, items: jnp.take_along_axis(next_item(p, seq), items, axis=1))
+    self._top_k = jax.jit(lambda p, seq, k: jax.lax.top_k(next_item(p, seq), k), static_argnums=2)
 
   def log_probs(self, history_items: np.ndarray, history_mask: np.ndarray, items: np.ndarray) -> np.ndarray:
     """``log softmax_SASRec(item | history)`` over the whole catalogue, at ``items [B, K]``

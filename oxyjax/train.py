@@ -34,17 +34,17 @@ from oxyjax import flops as flops_lib
 from oxyjax import losses
 from oxyjax import metrics as metrics_lib
 from oxyjax import partitioning
+from oxyjax import rescoring as rescoring_lib
 from oxyjax import trainer as trainer_lib
 from oxyjax.artifact import ArtifactError, ModelArtifact, artifact_dir
 from oxyjax.data import feature_converter
 from oxyjax.data import pipeline
 from oxyjax.data import user_data  # noqa: F401  (gin: user_dataset)
 from oxyjax.data.scenarios import ScenarioConfig  # noqa: F401  (gin: oxyjax.train.ScenarioConfig)
-from oxyjax.evaluation import Evaluator
+from oxyjax.evaluation import BEAMS_PREFIX, Evaluator
 from oxyjax.experiment import (InstructionsConfig, SIDConfig, instruction_coverage, load_instructions,  # noqa: F401
                                load_sid_table)
 from oxyjax.models.encoder_decoder import ModelConfig
-from oxyjax import rescoring as rescoring_lib
 from oxyjax.rescoring import RescoringConfig  # noqa: F401  (gin: oxyjax.train.RescoringConfig)
 from oxyjax.trainer import OptimizerConfig, make_optimizer, make_train_step  # noqa: F401  (gin and callers)
 
@@ -113,19 +113,21 @@ def final_results(exp: experiment_lib.Experiment, evaluator: Evaluator, params, 
                   rescoring: RescoringConfig, partitioner: partitioning.Partitioner, log=print,
                   max_examples: int | None = None) -> dict[str, dict[str, float]]:
   """`evaluate_final`, and with re-scoring on, its metrics under `<split>` and the beams alone
-  under `<split>_beams`."""
+  (from the same decoding pass) under `<split>_beams`."""
   if not rescoring.enabled:
     return evaluate_final(exp, evaluator, params, splits, log, max_examples)
   check_rescoring(rescoring, bool(exp.scenarios), evaluator.score_normalization, evaluator.level_weights)
-  beams = evaluate_final(exp, evaluator, params, splits, log, max_examples)
   scorer = rescoring_lib.get_scorer(exp.dataset, rescoring, log)
   stage = rescoring_lib.Rescorer(exp.model, scorer, exp.artifact.sid_table.codes, partitioner,
                                  weight=rescoring.weight, union=rescoring.union)
   rescored = Evaluator(exp.model, partitioner, evaluator.trie, beam_size=evaluator.beam_size,
                        batch_size=evaluator.batch_size, ks=evaluator.ks, second_stage=stage)
-  log(f"[oxyjax] re-scoring the beams (weight {rescoring.weight:g}, union {rescoring.union})")
-  results = evaluate_final(exp, rescored, params, splits, log, max_examples)
-  results.update({f"{name}_beams": r for name, r in beams.items()})
+  log(f"[oxyjax] re-scoring the beams (weight {rescoring.weight:g}, union {rescoring.union}); "
+      f"'{BEAMS_PREFIX}<metric>' is the beams alone")
+  results = {}
+  for name, r in evaluate_final(exp, rescored, params, splits, log, max_examples).items():
+    results[name] = {k: v for k, v in r.items() if not k.startswith(BEAMS_PREFIX)}
+    results[f"{name}_beams"] = {k[len(BEAMS_PREFIX):]: v for k, v in r.items() if k.startswith(BEAMS_PREFIX)}
   return results
 
 

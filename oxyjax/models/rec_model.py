@@ -177,6 +177,6 @@ class RecModel:
     """The joint log-probability ``[B, G]`` of given SID paths ``codes [B, G, L]`` (teacher-forced,
     the encoder once per row): the score `predict` gives a beam with ``normalize="vocab"`` and
     no level weights, for items beam search did not return (`oxyjax.rescoring`'s union)."""
-    logits = self.network.apply({"params": params}, batch, jnp.maximum(codes, 0), method=EncoderDecoder.group_logits)
-    lp = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.take_along_axis(lp, jnp.maximum(codes, 0)[..., None], axis=-1)[..., 0].sum(axis=-1)
+    safe = jnp.maximum(codes, 0)  # padding candidates (-1): any path; the caller masks them
+    lp = jax.nn.log_softmax(self.network.apply({"params": params}, batch, safe, method=EncoderDecoder.group_logits))
+    return jnp.take_along_axis(lp, safe[..., None], axis=-1)[..., 0].sum(axis=-1)
