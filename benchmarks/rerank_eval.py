@@ -52,43 +52,41 @@ from oxyjax.rl import ranking_model  # noqa: E402
 WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
 
 
-class SecondStage:
+class Scorer:
   """The scorer named by ``--ranker`` or ``--sasrec`` for one model, checked against the model's
   artifact (ranker) or dataset's training sequences (SASRec).
 
-  ``score(features, items) -> [b, K]``; ``candidates(features, items, scores)``: the items the
-  fused order ranks, with the policy's joint log-probability of each: the beams alone, or with
-  ``--union=k`` the beams and SASRec's top k (`rescoring.Rescorer.candidates`); ``alone(features)``:
-  SASRec's own top 20 over the catalogue (None for the ranker, which scores only given candidates)."""
+  ``parts(features, items, scores) -> (candidates, policy log-probs, second-stage scores)``: the
+  items the fused order ranks, each with the policy's joint log-probability and the scorer's
+  score: the beams alone, or with ``--union=k`` the beams and SASRec's top k
+  (`rescoring.Rescorer.parts`); ``alone(features)``: SASRec's own top 20 over the catalogue (None
+  for the ranker, which scores only given candidates)."""
 
-  def __init__(self, args, exp, params, part):
+  def __init__(self, args, exp, params, ev):
     self.params, self.scorer = params, None
     if args.ranker:
-      ranker, ranker_params, _ = ranking_model.load(args.ranker, exp.artifact, part)
+      ranker, ranker_params, _ = ranking_model.load(args.ranker, exp.artifact, ev.partitioner)
       score = jax.jit(ranker.score)
-      self.score = lambda feats, items: score(ranker_params, feats, items)
-      self.candidates = lambda feats, items, scores: (items, scores)
+      self.parts = lambda feats, items, scores: (items, scores, score(ranker_params, feats, items))
       return
     sequences, num_items = rescoring.dataset_sequences(exp.artifact.dataset)
     self.scorer = rescoring.SASRecScorer.load(args.sasrec, sequences=sequences, num_items=num_items)
-    self.rescorer = rescoring.Rescorer(exp.model, self.scorer, exp.artifact.sid_table.codes, part, weight=0.0,
-                                       union=args.union)
-    self.score = self.rescorer.score
-    self.candidates = lambda feats, items, scores: self.rescorer.candidates(params, feats, items, scores)
+    stage = rescoring.SecondStage(self.scorer, 0.0, args.union)  # the weight is swept on the parts
+    rescorer = rescoring.Rescorer(exp.model, stage, exp.artifact.sid_table.codes, ev.trie, ev.partitioner)
+    self.parts = lambda feats, items, scores: rescorer.parts(params, feats, items, scores)
 
   def alone(self, feats):
     return None if self.scorer is None else self.scorer.top_k(feats["history_items"], feats["history_mask"], 20)[0]
 
 
-def beams_and_logits(exp, params, ev, stage: SecondStage, split: str, max_examples: int | None = None):
+def beams_and_logits(exp, params, ev, stage: Scorer, split: str, max_examples: int | None = None):
   """``{items [N, C], scores [N, C] (policy), logits [N, C] (second stage), targets [N], alone
   [N, 20] (SASRec alone, where there is one)}`` over a split."""
   (arrays, _pool), = exp.eval_sets(split).values()
   arrays = fixed_subset(arrays, max_examples)
   out = {"items": [], "scores": [], "logits": [], "targets": [], "alone": []}
   for feats, items, scores, mask in ev.beams(params, arrays):
-    items, scores = stage.candidates(feats, items, scores)
-    logits = np.asarray(stage.score(feats, items))
+    items, scores, logits = (np.asarray(x) for x in stage.parts(feats, items, scores))
     alone = stage.alone(feats)
     for key, val in (("items", items), ("scores", scores), ("logits", logits), ("targets", feats["target_items"]),
                      ("alone", alone)):
@@ -161,7 +159,7 @@ def main():
             "command": "python benchmarks/rerank_eval.py " + " ".join(sys.argv[1:]), "models": {}}
   for spec in args.models:
     exp, params, step, ev = load_model(spec, part, beam=args.beam, batch_size=args.batch_size)
-    stage = SecondStage(args, exp, params, part)
+    stage = Scorer(args, exp, params, ev)
     t0 = time.time()
     rec = result["models"][spec] = {"step": step}
     if args.test_only:
@@ -199,7 +197,7 @@ def main():
       json.dump(result, f, indent=1)
 
 
-def training_steps(spec: str, stage: SecondStage) -> int:
+def training_steps(spec: str, stage: Scorer) -> int:
   """The policy run's training steps (its run_summary.json) plus the scorer's."""
   with open(os.path.join(spec.partition("@")[0], "run_summary.json")) as f:
     steps = int(json.load(f).get("steps") or 0)

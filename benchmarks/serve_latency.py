@@ -2,6 +2,13 @@ r"""Serving latency: the exported programs in-process and the HTTP endpoint, bes
 
   python benchmarks/serve_latency.py                       # small + 0.1B over Beauty, ~15 min on 2 cores
   python benchmarks/serve_latency.py --models=small --out=docs/bench/serve_latency
+  python benchmarks/serve_latency.py --models=small,small+rescoring --out=docs/bench/serve_latency_rescoring
+
+A model name `<model>+rescoring` is that model exported with the SASRec second stage inside its
+programs (`rescoring.SecondStage`: the default configuration's weight 1.5 and union 20, the
+default SASRec shape; randomly initialised unless --sasrec names a saved scorer or stage: its cost
+does not depend on the weights' values, the union is always SASRec's top 20 and each is scored),
+measured in the same run as the model without it.
 
 For each model (gin_configs/models/<name>.gin over Amazon Beauty's SID trie, 12,101 items;
 randomly initialised unless --small_weights names a trained params checkpoint: the latency of a
@@ -74,6 +81,24 @@ def build(model_name: str, dataset: str, weights: str | None):
     params, _ = checkpoints.load_params(weights, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   return model, params, art, ds, n_params
+
+
+def second_stage(art, sasrec_dir: str | None, weight: float = 1.5, union: int = 20):
+  """The default configuration's second stage over `art`'s catalogue: a saved scorer, or SASRec's
+  default shape randomly initialised (latency does not depend on its weights' values)."""
+  import jax
+
+  from oxyjax import rescoring
+  from oxyjax.sid import sasrec as sasrec_lib
+
+  if sasrec_dir:
+    scorer = rescoring.SASRecScorer.load(sasrec_dir, num_items=art.num_items)
+  else:
+    cfg = sasrec_lib.SASRecConfig()
+    params = sasrec_lib.make_model(art.num_items, cfg).init(
+        jax.random.key(0), np.zeros((1, cfg.max_len), np.int32), train=False)["params"]
+    scorer = rescoring.SASRecScorer(cfg, art.num_items, params, digest="random-init")
+  return rescoring.SecondStage(scorer, weight, union)
 
 
 def request_bodies(ds, n: int, k: int, beam: int, max_history: int, seed: int = 0):
@@ -195,6 +220,8 @@ def main():
   ap.add_argument("--dataset", default="beauty")
   ap.add_argument("--models", default="small,base_0p1b")
   ap.add_argument("--small_weights", default=None, help="trained params checkpoint of the small model")
+  ap.add_argument("--sasrec", default=None, help="a saved SASRec scorer (python -m oxyjax.rescoring) or second stage "
+                  "for the <model>+rescoring variants (default: randomly initialised)")
   ap.add_argument("--batch_sizes", default="1,8,64", help="batch sizes measured (in-process) and client counts (HTTP)")
   ap.add_argument("--buckets", default="1,2,4,8,16,32,64", help="batch buckets exported for the small model's server")
   ap.add_argument("--beam_sizes", default="20,256,512")
@@ -223,9 +250,13 @@ def main():
   report = {"cpu": cpu, "cpus": os.cpu_count(), "backend": jax.default_backend(), "dataset": args.dataset,
             "models": {}, "command": " ".join(sys.argv)}
   tmp = tempfile.mkdtemp(prefix="serve_latency-")
-  load = None
+  loads = {}
   for name in args.models.split(","):
-    model, params, art, ds, n_params = build(name, args.dataset, args.small_weights if name == "small" else None)
+    base, _, variant = name.partition("+")
+    if variant not in ("", "rescoring"):
+      raise SystemExit(f"unknown model variant {name!r} (<model> or <model>+rescoring)")
+    model, params, art, ds, n_params = build(base, args.dataset, args.small_weights if base == "small" else None)
+    stage = second_stage(art, args.sasrec) if variant else None
     is_big = n_params > 50e6
     cases = [(b, w) for w in beam_sizes for b in batch_sizes if not (is_big and b * w > args.max_rows_0p1b)]
     skipped = [(b, w) for w in beam_sizes for b in batch_sizes if (b, w) not in cases]
@@ -233,12 +264,15 @@ def main():
     t = time.perf_counter()
     buckets = sorted({b for b, _ in cases} | (set(int(x) for x in args.buckets.split(",")) if name == "small" else set()))
     export_lib.export_model(model, params, art, sdir, batch_sizes=buckets,
-                            beam_sizes=sorted({w for _, w in cases}), log=lambda *a: None)
+                            beam_sizes=sorted({w for _, w in cases}), second_stage=stage, log=lambda *a: None)
     export_s = time.perf_counter() - t
     sm = serve.ServingModel(sdir, log=lambda *a: None)
     rec = serve.Recommender(sm)
     mrep = {"params": n_params, "items": art.num_items, "export_s": export_s, "in_process": [], "brute_force": [],
-            "http": [], "skipped_cpu": [f"{b}x{w}" for b, w in skipped]}
+            "http": [], "skipped_cpu": [f"{b}x{w}" for b, w in skipped],
+            "second_stage": {"weight": stage.weight, "union": stage.union, "sasrec": stage.scorer.config.to_dict(),
+                             "sasrec_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(stage.params)),
+                             "weights": args.sasrec or "random init"} if stage else None}
     print(f"\n## {name}: {n_params / 1e6:.1f}M parameters, {art.num_items} items; export {export_s:.1f}s; "
           f"skipped on this CPU: {mrep['skipped_cpu'] or 'none'}", flush=True)
     print("| case | compile s | p50 ms | p99 ms | rows/s | reps |\n|---|---|---|---|---|---|", flush=True)
@@ -256,7 +290,7 @@ def main():
       print(f"| in-process {b} x {w} | {compile_s:.1f} | {1e3 * p50:.2f} | {1e3 * p99:.2f} | {b / p50:.0f} | "
             f"{len(times)} |", flush=True)
     # Brute force costs (items x levels) decoder tokens per row: the 0.1B model only at batch 1, 3 reps.
-    for b in [x for x in batch_sizes if x <= (1 if is_big else 8)]:
+    for b in [x for x in batch_sizes if x <= (1 if is_big else 8) and not variant]:
       bodies = request_bodies(ds, 64, args.k, beam_sizes[0], model.config.max_history, seed=7 + b)
       rows = [rec.prepare(x)[0] for x in bodies]
       feats = [{k: np.concatenate([r[k] for r in rows[i:i + b]]) for k in rows[0]} for i in range(0, 64, b)]
@@ -272,7 +306,7 @@ def main():
                                   "p99_ms": 1e3 * p99, "reps": len(times)})
       print(f"| brute force {b} (all {art.num_items} items, top {args.k}) | {compile_s:.1f} | {1e3 * p50:.2f} | "
             f"{1e3 * p99:.2f} | {b / p50:.0f} | {len(times)} |", flush=True)
-    if name == "small":
+    if base == "small":
       srv = ServerProc(sdir, args.max_batch_wait_ms)
       try:
         print("\n| HTTP case | clients | p50 ms | p99 ms | req/s | rows per call | errors |\n|---|---|---|---|---|---|---|",
@@ -295,19 +329,22 @@ def main():
         h0 = srv.health()
         lat, errors, wall = http_clients(srv, bodies, args.load_clients, args.load_requests)
         h1 = srv.health()
-        load = {"requests": len(lat), "clients": args.load_clients, "beam": 20, "errors": len(errors),
+        load = {"model": name, "requests": len(lat), "clients": args.load_clients, "beam": 20, "errors": len(errors),
                 "error_samples": [str(e) for e in errors[:5]], "wall_s": wall, "req_per_s": len(lat) / wall,
                 "p50_ms": 1e3 * pct(lat, 50), "p90_ms": 1e3 * pct(lat, 90), "p99_ms": 1e3 * pct(lat, 99),
                 "max_ms": 1e3 * max(lat), "rows_per_call": (h1["rows"] - h0["rows"]) / max(h1["batches"] - h0["batches"], 1),
                 "latencies_ms": [round(1e3 * x, 3) for x in lat]}
-        print(f"\nload test: {len(lat)} requests from {args.load_clients} clients at beam 20: {len(errors)} errors, "
+        loads[name] = load
+        print(f"\nload test ({name}): {len(lat)} requests from {args.load_clients} clients at beam 20: {len(errors)} errors, "
               f"{load['req_per_s']:.0f} req/s, p50 {load['p50_ms']:.1f} ms, p99 {load['p99_ms']:.1f} ms, "
               f"max {load['max_ms']:.1f} ms, {load['rows_per_call']:.1f} rows per call", flush=True)
       finally:
         srv.close()
     report["models"][name] = mrep
-  if load:
+  load = next(iter(loads.values()), None)
+  if loads:
     report["load_test"] = {k: v for k, v in load.items() if k != "latencies_ms"}
+    report["load_tests"] = {n: {k: v for k, v in x.items() if k != "latencies_ms"} for n, x in loads.items()}
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out + ".json", "w") as f:
     json.dump(report, f, indent=1)
@@ -316,22 +353,24 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lat = np.asarray(load["latencies_ms"])
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax[0].hist(lat, bins=60, color="tab:blue")
-    for q, ls in ((50, "--"), (99, ":")):
-      ax[0].axvline(np.percentile(lat, q), color="k", ls=ls, label=f"p{q} {np.percentile(lat, q):.1f} ms")
+    for (name, ld), color in zip(loads.items(), ("tab:blue", "tab:orange", "tab:green")):
+      lat = np.asarray(ld["latencies_ms"])
+      ax[0].hist(lat, bins=60, color=color, alpha=.6, label=f"{name}: p50 {np.percentile(lat, 50):.1f}, "
+                 f"p99 {np.percentile(lat, 99):.1f} ms")
+      s = np.sort(lat)
+      ax[1].plot(s, np.arange(1, len(s) + 1) / len(s), color=color,
+                 label=f"{name}: {ld['req_per_s']:.0f} req/s, {ld['errors']} errors")
     ax[0].set_xlabel("latency (ms)")
     ax[0].set_ylabel("requests")
-    ax[0].legend()
-    s = np.sort(lat)
-    ax[1].plot(s, np.arange(1, len(s) + 1) / len(s))
+    ax[0].legend(fontsize=8)
     ax[1].set_xscale("log")
     ax[1].set_xlabel("latency (ms, log)")
     ax[1].set_ylabel("fraction of requests")
     ax[1].grid(alpha=.3)
-    fig.suptitle(f"oxyjax.serve load test: {load['requests']} requests, {load['clients']} clients, beam 20, "
-                 f"small model; {load['req_per_s']:.0f} req/s, {load['errors']} errors\n{cpu}", fontsize=9)
+    ax[1].legend(fontsize=8)
+    fig.suptitle(f"oxyjax.serve load test: {load['requests']} requests from {load['clients']} clients at beam 20, "
+                 f"per model\n{cpu}", fontsize=9)
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
   print(f"\nwrote {args.out}.json" + (f" and {args.png}" if load else ""))

@@ -13,13 +13,22 @@ and each row starts at its pool's root (`pool_root`), so one program serves ever
 
 `params` is the parameter tree, `features` the dict of `SERVING_FEATURES` arrays the model
 reads (host arrays from `predict.build_request`, padded to B rows), `trie` the forest's four
-CSR arrays. Directory layout (format `oxyjax.serving_export`, version `SERVING_VERSION`):
+CSR arrays. With a second stage (`rescoring.SecondStage`: the run's SASRec re-scoring, saved by
+training into `<model_dir>/second_stage`) the same program also runs it after the beam search:
+
+  serve(params, features, trie, stage_params, sid_codes) -> (items [B, W + union], fused scores)
+
+the beams and SASRec's top `union` items of the row's pool, ordered by log p + weight * log
+p_SASRec (the function evaluation runs, `rescoring.Rescorer`). Directory layout (format
+`oxyjax.serving_export`, version `SERVING_VERSION`):
 
   serving.json            format, version, buckets, beam sizes, score normalisation, the
                           feature and parameter specs the programs were traced with, each
                           pool's root, the artifact's content digest, the platforms
   serve_b{B}_w{W}.jaxexport   serialised `jax.export.Exported`, one per bucket and beam
   forest.npz              the pools' trie (child_start, child_code, child_node, leaf_item)
+  second_stage/           (with a second stage) the SASRec scorer's Orbax checkpoint, its
+                          weight and union (`SecondStage.save`)
   artifact/               the model artifact (SID table, items and titles, pools, scenarios,
                           text embeddings) with `params/`: the very weights exported
   users.jsonl             (--user_histories) each user's latest behaviours, for requests that
@@ -47,7 +56,7 @@ import numpy as np
 
 PROG = "python -m oxyjax.export"
 SERVING_FORMAT = "oxyjax.serving_export"
-SERVING_VERSION = 1
+SERVING_VERSION = 2  # 2: the optional second stage (a version-1 directory reads as one without it)
 MANIFEST = "serving.json"
 # What `RecModel.predict` reads of a batch (init_decode + decode_step); targets are not inputs.
 SERVING_FEATURES = ("history_items", "history_codes", "history_mask", "history_text", "scenario",
@@ -55,6 +64,7 @@ SERVING_FEATURES = ("history_items", "history_codes", "history_mask", "history_t
                     "instruction_mask", "pool_root")
 TRIE_FIELDS = ("child_start", "child_code", "child_node", "leaf_item")
 USERS_FILE = "users.jsonl"
+STAGE_DIR = "second_stage"
 
 
 class ExportError(ValueError):
@@ -86,22 +96,28 @@ def param_spec(params) -> list[list[Any]]:
   return [[jax.tree_util.keystr(p), list(np.shape(x)), str(x.dtype)] for p, x in leaves]
 
 
-def make_serve_fn(model, trie_static: dict[str, Any], beam_size: int, normalize: str = "vocab"):
-  """The function that is exported: (params, features, trie arrays) -> (items, scores)."""
+def make_serve_fn(model, trie_static: dict[str, Any], beam_size: int, normalize: str = "vocab", stage=None):
+  """The function that is exported: (params, features, trie arrays) -> (items, scores); with a
+  `rescoring.SecondStage`, (params, features, trie arrays, stage params, SID codes) -> the
+  stage's (items, fused scores)."""
   from oxyjax.sid.trie import PrefixTrie
 
-  def serve(params, features, trie_arrays):
+  def serve(params, features, trie_arrays, *stage_args):
     trie = PrefixTrie(*trie_arrays, **trie_static)
     out = model.predict(params, features, trie, beam_size=beam_size, normalize=normalize)
-    return out.items, out.scores
+    if stage is None:
+      return out.items, out.scores
+    stage_params, sid_codes = stage_args
+    return stage.apply(model, params, stage_params, features, trie, sid_codes, out.items, out.scores)
 
   return serve
 
 
 def export_model(model, params, artifact, out_dir: str, *, batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
                  beam_sizes: Sequence[int] = (20,), normalize: str = "vocab", step: int = 0,
-                 platforms: Sequence[str] | None = None, log=print) -> str:
-  """Writes the serving directory for `model` with `params` (see the module docstring); returns it."""
+                 platforms: Sequence[str] | None = None, second_stage=None, log=print) -> str:
+  """Writes the serving directory for `model` with `params` (see the module docstring), with
+  `second_stage` (a `rescoring.SecondStage`) inside the programs where given; returns it."""
   import jax
   from jax import export as jax_export
 
@@ -111,6 +127,12 @@ def export_model(model, params, artifact, out_dir: str, *, batch_sizes: Sequence
   beam_sizes = sorted({int(w) for w in beam_sizes})
   if not batch_sizes or batch_sizes[0] < 1 or not beam_sizes or beam_sizes[0] < 1:
     raise ValueError(f"batch and beam sizes must be positive, got {batch_sizes}, {beam_sizes}")
+  if second_stage is not None:
+    if normalize != "vocab":
+      raise ValueError("the second stage fuses the beams' joint log-probabilities: export it with normalize 'vocab'")
+    if second_stage.scorer.num_items != artifact.num_items:
+      raise ValueError(f"the second stage's scorer has {second_stage.scorer.num_items} items, the artifact "
+                       f"{artifact.num_items}: it was trained for another catalogue")
   pools = serving_pools(artifact)
   forest, roots = artifact.pool_forest(pools)
   trie_arrays = tuple(np.asarray(getattr(forest, f)) for f in TRIE_FIELDS)
@@ -125,12 +147,21 @@ def export_model(model, params, artifact, out_dir: str, *, batch_sizes: Sequence
   try:
     abstract_params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     abstract_trie = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in trie_arrays)
+    stage_args, stage_info = (), None
+    if second_stage is not None:
+      stage_params = jax.tree_util.tree_map(np.asarray, second_stage.params)
+      sid_codes = np.asarray(artifact.sid_table.codes, np.int32)
+      stage_args = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (stage_params, sid_codes))
+      second_stage.save(os.path.join(tmp, STAGE_DIR))
+      stage_info = {"directory": STAGE_DIR, "weight": second_stage.weight, "union": second_stage.union,
+                    "num_items": second_stage.scorer.num_items, "digest": second_stage.scorer.digest,
+                    "params": param_spec(stage_params), "sid_codes": list(sid_codes.shape)}
     programs = {}
     for w in beam_sizes:
-      fn = jax.jit(make_serve_fn(model, trie_static, w, normalize))
+      fn = jax.jit(make_serve_fn(model, trie_static, w, normalize, second_stage))
       for b in batch_sizes:
         feats = {k: jax.ShapeDtypeStruct((b,) + shape, np.dtype(dt)) for k, (shape, dt) in spec.items()}
-        exp = jax_export.export(fn, platforms=platforms)(abstract_params, feats, abstract_trie)
+        exp = jax_export.export(fn, platforms=platforms)(abstract_params, feats, abstract_trie, *stage_args)
         name = program_name(b, w)
         with open(os.path.join(tmp, name), "wb") as f:
           f.write(exp.serialize())
@@ -147,7 +178,7 @@ def export_model(model, params, artifact, out_dir: str, *, batch_sizes: Sequence
         "features": {k: [list(s), d] for k, (s, d) in spec.items()}, "params": param_spec(params),
         "pools": pools, "roots": roots, "trie": {k: list(v) if isinstance(v, tuple) else v
                                                  for k, v in trie_static.items()},
-        "artifact_digest": saved.content_digest(), "weights_step": int(step),
+        "artifact_digest": saved.content_digest(), "weights_step": int(step), "second_stage": stage_info,
         "platforms": list(platforms) if platforms else [jax.default_backend()],
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -195,14 +226,36 @@ def write_user_histories(artifact, path: str, max_items: int | None = None) -> i
   return n
 
 
-def export_run(model_dir: str, out_dir: str | None = None, *, user_histories: bool = False, **kwargs) -> str:
-  """Exports a run directory (or an artifact directory) with the weights `oxyjax.predict` uses;
-  `user_histories` also writes `users.jsonl` (`write_user_histories`) from the data."""
+def load_second_stage(model_dir: str, second_stage: str | None, num_items: int, log=print):
+  """The `rescoring.SecondStage` to export: ``"auto"`` the run's own (``<model_dir>/second_stage``,
+  written by a training run with re-scoring on) where it has one, ``"none"`` (or None) no second
+  stage, else the directory of a saved stage."""
+  from oxyjax import checkpoints
+  from oxyjax import rescoring
+
+  if second_stage in (None, "none"):
+    return None
+  path = os.path.join(model_dir, STAGE_DIR) if second_stage == "auto" else second_stage
+  if not checkpoints.has_checkpoint(path):
+    if second_stage == "auto":
+      return None
+    raise FileNotFoundError(f"{path}: no second stage there (a run with re-scoring on writes <run>/{STAGE_DIR})")
+  stage = rescoring.SecondStage.load(path, num_items=num_items)
+  log(f"[export] second stage from {path}: SASRec (weight {stage.weight:g}, union {stage.union})")
+  return stage
+
+
+def export_run(model_dir: str, out_dir: str | None = None, *, user_histories: bool = False,
+               second_stage: str | None = "auto", **kwargs) -> str:
+  """Exports a run directory (or an artifact directory) with the weights `oxyjax.predict` uses
+  and the run's second stage (`load_second_stage`); `user_histories` also writes `users.jsonl`
+  (`write_user_histories`) from the data."""
   from oxyjax import predict
 
   p = predict.Predictor(model_dir)
   out_dir = out_dir or os.path.join(model_dir, "serving")
-  out = export_model(p.model, p.params, p.artifact, out_dir, step=p.step, **kwargs)
+  stage = load_second_stage(model_dir, second_stage, p.artifact.num_items, log=kwargs.get("log", print))
+  out = export_model(p.model, p.params, p.artifact, out_dir, step=p.step, second_stage=stage, **kwargs)
   if user_histories:
     write_user_histories(p.artifact, os.path.join(out, USERS_FILE))
   return out
@@ -220,6 +273,9 @@ def _define_flags():
   flags.DEFINE_enum("normalize", "vocab", ["vocab", "valid"], "Beam score normalisation (decoding.beam_search).")
   flags.DEFINE_bool("user_histories", False, "Also write users.jsonl: each user's latest behaviours from the data.")
   flags.DEFINE_list("platforms", [], "Platforms to lower for (e.g. cpu,cuda); default: this machine's backend.")
+  flags.DEFINE_string("second_stage", "auto", "'auto': the run's SASRec re-scoring stage (<model_dir>/second_stage, "
+                      "written by a run with re-scoring on) where it has one; 'none': the beams alone; or the "
+                      "directory of a saved stage.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -237,7 +293,8 @@ def main(argv: Sequence[str]) -> None:
   try:
     out = export_run(fl.model_dir, fl.out, batch_sizes=[int(b) for b in fl.batch_sizes],
                      beam_sizes=[int(w) for w in fl.beam_sizes], normalize=fl.normalize,
-                     platforms=fl.platforms or None, user_histories=fl.user_histories)
+                     platforms=fl.platforms or None, user_histories=fl.user_histories,
+                     second_stage=fl.second_stage)
   except (ArtifactError, FileNotFoundError, ValueError) as e:
     raise SystemExit(f"{PROG}: {e}") from None
   print(f"[export] wrote {out}")

@@ -16,8 +16,10 @@ free embedding per item; the two make different errors. ``weight`` 0 is the gene
 alone. `Rescorer` is the second stage `Evaluator(second_stage=...)` applies; `RescoringConfig`
 sets it for the training command (`train.train(rescoring=...)`, off unless its weight is
 non-zero; the default configuration's weight and union were chosen by the defaults rule on the
-validation splits of all four shipped datasets, docs/results.md). Not yet part of the exported
-serving function (`oxyjax.export`, `oxyjax.serve`): a server answers with the beams alone.
+validation splits of all four shipped datasets, docs/results.md). `SecondStage` is the one
+traceable function both evaluation (`Rescorer`) and the exported serving program
+(`oxyjax.export`) run; a training run with re-scoring on saves its stage into
+``<model_dir>/second_stage``, which the export picks up.
 
     python -m oxyjax.rescoring --dataset=beauty [--out=DIR]
 
@@ -31,6 +33,7 @@ the training command reads (`get_scorer`: keyed by that digest and every setting
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -105,11 +108,13 @@ class SASRecScorer:
     lp, items = self._top_k(self.params, seq, k)
     return np.asarray(items), np.asarray(lp)
 
-  def save(self, directory: str) -> None:
+  def save(self, directory: str, stage: dict[str, Any] | None = None) -> None:
     """An Orbax parameter checkpoint with the config and the training digest as metadata
-    (`checkpoints.save_params`: an older save is replaced only once this one is complete)."""
+    (`checkpoints.save_params`: an older save is replaced only once this one is complete);
+    ``stage`` (`SecondStage.save`): its weight and union, kept in ``info["stage"]``."""
+    info = {**self.info, "stage": stage} if stage else self.info
     meta = {"kind": KIND, "config": self.config.to_dict(), "num_items": self.num_items, "digest": self.digest,
-            "info": self.info, "step": 0}
+            "info": info, "step": 0}
     checkpoints.save_params(directory, self.params, meta, log=lambda *_: None)
 
   @classmethod
@@ -180,43 +185,117 @@ class RescoringConfig:
     return self.weight != 0.0
 
 
+def sasrec_window(history_items: jax.Array, history_mask: jax.Array, max_len: int) -> jax.Array:
+  """Traceable `right_aligned`: the most recent ``max_len`` items of each left-aligned history
+  ``[B, S]``, right-aligned (0-padded at the start)."""
+  n = history_mask.astype(jnp.int32).sum(axis=1, keepdims=True)  # [B, 1]
+  idx = n - max_len + jnp.arange(max_len, dtype=jnp.int32)[None]  # [B, max_len]
+  got = jnp.take_along_axis(history_items.astype(jnp.int32), jnp.maximum(idx, 0), axis=1, mode="clip")
+  return jnp.where(idx >= 0, got, 0)
+
+
+@dataclasses.dataclass
+class SecondStage:
+  """The second stage as one traceable function, for evaluation (`Rescorer`) and for the exported
+  serving program (`oxyjax.export`): a trained scorer, its weight and the union size.
+
+  `apply` takes the policy's beams ``items, scores [B, W]`` (beam search's output: -1 / -inf for
+  an empty beam) and returns ``(items [B, W + union], fused scores)``, best first, -1 / -inf for an
+  empty candidate. The candidates are the beams and, with ``union`` k > 0, SASRec's top k items
+  that are valid items of the row's pool (``trie.find`` from ``batch["pool_root"]``) and not
+  already beams; an extra item's policy score is its teacher-forced joint log-probability
+  (`RecModel.path_log_probs`), a beam's is its beam score (the same number, to float rounding)."""
+
+  scorer: SASRecScorer
+  weight: float
+  union: int = 0
+
+  def __post_init__(self):
+    self.weight, self.union = float(self.weight), int(self.union)
+    if not np.isfinite(self.weight) or self.union < 0:
+      raise ValueError(f"second stage: weight must be finite and union >= 0, got {self.weight}, {self.union}")
+    self._sasrec = sasrec_lib.make_model(self.scorer.num_items, self.scorer.config)
+
+  @property
+  def params(self):
+    return self.scorer.params
+
+  def candidates(self, model, params, stage_params, batch, trie, sid_codes, items, scores):
+    """Traceable: ``(candidates [B, W + union], policy log-probs, SASRec log-probs)``, -1 / -inf
+    for an empty candidate. ``stage_params``: the scorer's parameters; ``sid_codes [num_items +
+    1, L]``: the SID table (to score and pool-check SASRec's items)."""
+    seq = sasrec_window(batch["history_items"], batch["history_mask"], self.scorer.config.max_len)
+    logits = self._sasrec.apply({"params": stage_params}, seq, train=False)[:, -1]
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, num_items + 1]
+    cand, policy = items, scores
+    if self.union:
+      _, extra = jax.lax.top_k(lp, self.union)  # [B, k]
+      codes = jnp.asarray(sid_codes)[extra]  # [B, k, L]
+      in_pool = trie.find(codes, batch.get("pool_root")) == extra
+      new = in_pool & (extra > 0) & ~(extra[:, :, None] == items[:, None, :]).any(axis=2)
+      extra_policy = model.path_log_probs(params, batch, codes)
+      cand = jnp.concatenate([items, jnp.where(new, extra, -1)], axis=1)
+      policy = jnp.concatenate([scores, jnp.where(new, extra_policy, -jnp.inf)], axis=1)
+    live = (cand > 0) & jnp.isfinite(policy)
+    return jnp.where(live, cand, -1), jnp.where(live, policy, -jnp.inf), jnp.take_along_axis(lp, jnp.maximum(cand, 0), 1)
+
+  def fuse(self, cand, policy, sasrec):
+    """Traceable: the candidates ordered by ``policy + weight * sasrec``, best first, ties in
+    candidate order (the beams' first); ``(items, fused scores)``, -1 / -inf for empty ones."""
+    live = cand > 0
+    # weight 0 must not mix in SASRec at all (0 * a non-finite log-prob is NaN).
+    fused = jnp.where(live, policy if self.weight == 0 else policy + self.weight * sasrec, -jnp.inf)
+    order = jnp.argsort(-fused, axis=1, stable=True)
+    fused = jnp.take_along_axis(fused, order, axis=1)
+    return jnp.where(jnp.isfinite(fused), jnp.take_along_axis(cand, order, axis=1), -1), fused
+
+  def apply(self, model, params, stage_params, batch, trie, sid_codes, items, scores):
+    """Traceable: `candidates`, then `fuse` (see the class docstring)."""
+    return self.fuse(*self.candidates(model, params, stage_params, batch, trie, sid_codes, items, scores))
+
+  def save(self, directory: str) -> None:
+    """The scorer's Orbax checkpoint (`SASRecScorer.save`) with the weight and union."""
+    self.scorer.save(directory, stage={"weight": self.weight, "union": self.union})
+
+  @classmethod
+  def load(cls, directory: str, **kwargs) -> "SecondStage":
+    scorer = SASRecScorer.load(directory, **kwargs)
+    stage = scorer.info.get("stage")
+    if not stage:
+      raise ValueError(f"{directory}: a SASRec scorer without a second stage's weight and union (write one with "
+                       "SecondStage.save, or pass the weight and union)")
+    return cls(scorer, float(stage["weight"]), int(stage["union"]))
+
+
 class Rescorer:
-  """``(params, features, items [b, K], scores [b, K]) -> items [b, C]``: the policy's beams
-  (with ``union``, plus SASRec's top ``union`` items, each scored by the policy's joint
-  log-probability, `RecModel.path_log_probs`) reordered by ``log p_policy + weight * log p_SASRec``
-  (`rerank`); empty candidates last as 0. For `Evaluator(second_stage=...)`. SASRec reads the
-  history the policy reads (its most recent ``ModelConfig.max_history`` items, 20 for the small
-  model), though it was trained on windows of up to ``SASRecConfig.max_len`` (50)."""
+  """``(params, features, items [b, K], scores [b, K]) -> items [b, K + union]``: `SecondStage.apply`
+  under jit for `Evaluator(second_stage=...)` (the same function the serving program runs);
+  empty candidates last as 0. `parts` gives the candidates and both scores, for sweeping the
+  weight (benchmarks/rerank_eval.py). SASRec reads the history the policy reads (its most recent
+  ``ModelConfig.max_history`` items, 20 for the small model), though it was trained on windows of
+  up to ``SASRecConfig.max_len`` (50)."""
 
-  def __init__(self, model, scorer: SASRecScorer, sid_codes: np.ndarray, partitioner, *, weight: float,
-               union: int = 0):
-    self.model, self.scorer, self.sid_codes, self.partitioner = model, scorer, np.asarray(sid_codes), partitioner
-    self.weight, self.union = float(weight), int(union)
-    self._path_log_probs = jax.jit(model.path_log_probs)
-    self.max_beam_score_error = 0.0  # |recomputed joint log-prob - beam score| over live beams
+  def __init__(self, model, stage: SecondStage, sid_codes: np.ndarray, trie, partitioner):
+    self.stage, self.partitioner = stage, partitioner
+    # Replicated on the policy's mesh: one jit call reads them beside the policy's sharded params.
+    self.trie, self.stage_params, self.sid_codes = jax.device_put(
+        (trie, stage.params, np.asarray(sid_codes, np.int32)), partitioner.replicated())
+    self._apply = jax.jit(functools.partial(stage.apply, model))
+    self._candidates = jax.jit(functools.partial(stage.candidates, model))
 
-  def candidates(self, params, feats, items, scores) -> tuple[np.ndarray, np.ndarray]:
-    """``(items [b, C], policy log-probs [b, C])``: the beams, or with ``union`` the beams and
-    SASRec's extra items (-inf for an empty slot)."""
-    items, scores = np.asarray(items), np.asarray(scores)
-    if not self.union:
-      return items, scores
-    extra, _ = self.scorer.top_k(feats["history_items"], feats["history_mask"], self.union)
-    cand = union(items, extra)
+  def _run(self, fn, params, feats, items, scores):
     with jax.set_mesh(self.partitioner.mesh), self.partitioner.rules_context():
-      joint = np.asarray(self._path_log_probs(params, feats, self.sid_codes[np.maximum(cand, 0)]))
-    live = items > 0  # the recomputed joint log-prob of a beam is its beam-search score
-    err = np.abs(joint[:, :items.shape[1]] - scores)[live]
-    self.max_beam_score_error = max(self.max_beam_score_error, float(err.max(initial=0.0)))
-    return cand, np.where(cand > 0, joint, -np.inf)
+      return fn(params, self.stage_params, feats, self.trie, self.sid_codes, jnp.asarray(items, jnp.int32),
+                jnp.asarray(scores, jnp.float32))
 
-  def score(self, feats, items) -> np.ndarray:
-    return self.scorer.log_probs(feats["history_items"], feats["history_mask"], np.maximum(items, 0))
+  def parts(self, params, feats, items, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(candidates [b, C] (0: empty), policy log-probs (-inf: empty), SASRec log-probs)``."""
+    cand, policy, sasrec = (np.asarray(x) for x in self._run(self._candidates, params, feats, items, scores))
+    return np.maximum(cand, 0), policy, sasrec
 
   def __call__(self, params, feats, items, scores) -> np.ndarray:
-    cand, policy = self.candidates(params, feats, items, scores)
-    reordered, fused = rerank(cand, policy, self.score(feats, cand), self.weight)
-    return np.where(np.isfinite(fused), reordered, 0)
+    out, _ = self._run(self._apply, params, feats, items, scores)
+    return np.maximum(np.asarray(out), 0)
 
 
 def train(sequences: Sequence[Sequence[int]], num_items: int,
@@ -255,28 +334,33 @@ def dataset_sequences(dataset: str) -> tuple[list[list[int]], int]:
   return build.training_sequences(ds.train), ds.num_items
 
 
-_DATASET = flags.DEFINE_string("dataset", None, "a registered dataset (beauty, sports, office, industrial, ...)")
-_OUT = flags.DEFINE_string("out", None, "the scorer's directory (default: the cache the training command reads, "
-                           "<repo>/.cache/rescoring/<dataset>_<training digest>_<settings>)")
-_SEED = flags.DEFINE_integer("seed", 0, "training seed")
-_EPOCHS = flags.DEFINE_integer("num_epochs", sasrec_lib.SASRecConfig.num_epochs, "training epochs")
+def _define_flags():
+  """The CLI's flags, defined only when it runs (other entry points that import this module, such
+  as `oxyjax.export`, have flags of the same names)."""
+  flags.DEFINE_string("dataset", None, "a registered dataset (beauty, sports, office, industrial, ...)")
+  flags.DEFINE_string("out", None, "the scorer's directory (default: the cache the training command reads, "
+                      "<repo>/.cache/rescoring/<dataset>_<training digest>_<settings>)")
+  flags.DEFINE_integer("seed", 0, "training seed")
+  flags.DEFINE_integer("num_epochs", sasrec_lib.SASRecConfig.num_epochs, "training epochs")
 
 
 def main(argv):
   del argv
-  if not _DATASET.value:
+  fl = flags.FLAGS
+  if not fl.dataset:
     raise app.UsageError("--dataset is required")
-  config = dataclasses.replace(sasrec_lib.SASRecConfig(), num_epochs=_EPOCHS.value)
-  if _OUT.value is None:
-    scorer = get_scorer(_DATASET.value, RescoringConfig(sasrec=config, seed=_SEED.value))
-    out = scorer_cache_dir(_DATASET.value, scorer.digest, RescoringConfig(sasrec=config, seed=_SEED.value))
+  config = dataclasses.replace(sasrec_lib.SASRecConfig(), num_epochs=fl.num_epochs)
+  if fl.out is None:
+    scorer = get_scorer(fl.dataset, RescoringConfig(sasrec=config, seed=fl.seed))
+    out = scorer_cache_dir(fl.dataset, scorer.digest, RescoringConfig(sasrec=config, seed=fl.seed))
   else:
-    sequences, num_items = dataset_sequences(_DATASET.value)
-    scorer = train(sequences, num_items, config, seed=_SEED.value)
-    scorer.save(out := _OUT.value)
-  print(f"[rescoring] {_DATASET.value}: {scorer.num_items} items, train loss by epoch "
+    sequences, num_items = dataset_sequences(fl.dataset)
+    scorer = train(sequences, num_items, config, seed=fl.seed)
+    scorer.save(out := fl.out)
+  print(f"[rescoring] {fl.dataset}: {scorer.num_items} items, train loss by epoch "
         f"{scorer.info.get('train_loss_per_epoch')}, {scorer.info.get('wall_time_s')} s -> {out}")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -18,7 +18,10 @@ Request (JSON object, POST /v1/recommend; unknown fields are an error):
 
 Response: {"scenario", "items": [{"rank", "item_id", "score", "title"}], "instruction":
 {"source": "near_line" | "default" | "query" | "none", "reason"}, "history": "request" | "profile",
-"beam", "k", "weights_step"}.
+"ranking": "beams" | "second_stage", "beam", "k", "weights_step"}. With an exported second stage
+(`rescoring.SecondStage`, inside the same compiled program) the items are the beams and SASRec's
+top items of the pool re-ranked, and "score" is the fused score log p + weight * log p_SASRec;
+without one, the beams in beam-search order with their joint log-probabilities.
 A bad request gets 400 (413 for a body over `max_body_bytes`, 404 for another path) with
 {"error": message, "field": the field it is about}; a full queue 503; a request not answered
 within `request_timeout_s` 504.
@@ -86,6 +89,7 @@ class Answer:
   beam: int
   k: int
   history: str = "request"  # or 'profile': read from the export's users.jsonl for a user-id request
+  ranking: str = "beams"  # or 'second_stage': the exported re-scoring stage ordered the items
 
 
 # ------------------------------------------------------------------------------ the model
@@ -119,6 +123,7 @@ class ServingModel:
       self.batch_sizes = [int(b) for b in m["batch_sizes"]]
       self.beam_sizes = [int(w) for w in m["beam_sizes"]]
       self.roots = {k: int(v) for k, v in m["roots"].items()}
+      self.second_stage = m.get("second_stage")  # None: the beams alone
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise export_lib.ExportError(f"{path}: {e}") from None
     self.artifact = ModelArtifact.load(os.path.join(self.directory, "artifact"))
@@ -137,6 +142,9 @@ class ServingModel:
     leaves, tree = jax.tree_util.tree_flatten(params)
     self.params = jax.device_put(jax.tree_util.tree_unflatten(
         tree, [np.asarray(x, dt) for x, dt in zip(leaves, dtypes)]))
+    self._stage_args = ()
+    if self.second_stage:
+      self._stage_args = self._load_second_stage(path)
     forest_path = os.path.join(self.directory, "forest.npz")
     try:
       with np.load(forest_path) as z:
@@ -164,6 +172,27 @@ class ServingModel:
             self._users[(str(u["domain"]), str(u["user"]))] = [str(x) for x in u["history"]]
           except (ValueError, KeyError, TypeError) as e:
             raise export_lib.ExportError(f"{users_path}:{n}: {e}") from None
+
+  def _load_second_stage(self, manifest_path: str) -> tuple:
+    """(scorer params, SID codes) on device, the exported programs' last two arguments; checked
+    against the shapes the programs were traced with."""
+    import jax
+
+    from oxyjax import rescoring
+
+    st = self.second_stage
+    stage_dir = os.path.join(self.directory, st["directory"])
+    try:
+      stage = rescoring.SecondStage.load(stage_dir, num_items=self.artifact.num_items)
+    except (OSError, ValueError, KeyError) as e:
+      raise export_lib.ExportError(f"{stage_dir}: {e}") from None
+    got = export_lib.param_spec(stage.params)
+    codes = np.asarray(self.artifact.sid_table.codes, np.int32)
+    if (got != st["params"] or list(codes.shape) != st["sid_codes"] or stage.scorer.digest != st["digest"]
+        or (stage.weight, stage.union) != (st["weight"], st["union"])):
+      raise export_lib.ExportError(f"{stage_dir} does not match the second stage of {manifest_path} "
+                                   "(parameters, SID table, digest, weight or union)")
+    return jax.device_put(stage.params), jax.device_put(codes)
 
   def user_history(self, domain: str, user: str) -> list[str] | None:
     """The user's latest behaviours from the export's users.jsonl (None when unknown)."""
@@ -197,7 +226,8 @@ class ServingModel:
 
   def infer(self, rows: Sequence[dict[str, np.ndarray]], beam: int) -> tuple[np.ndarray, np.ndarray]:
     """Runs rows (each a dict of [1, ...] serving features, `pool_root` set) at beam `beam`;
-    returns (items [n, beam] int32, scores [n, beam] float32), in the chunks of `plan`."""
+    returns (items [n, C] int32, scores [n, C] float32), in the chunks of `plan`: C is the beam,
+    or with a second stage beam + its union (the fused list, -1 / -inf for empty slots)."""
     if beam not in self.beam_sizes:
       raise ValueError(f"beam {beam} was not exported (have {self.beam_sizes})")
     out_items, out_scores = [], []
@@ -209,7 +239,7 @@ class ServingModel:
       chunk += [self._empty_row()] * (b - n)
       feats = {k: np.concatenate([r[k] for r in chunk]).astype(d) for k, (_, d) in self.feature_spec.items()}
       with self._lock:
-        items, scores = self._programs[(b, beam)](self.params, feats, self.trie)
+        items, scores = self._programs[(b, beam)](self.params, feats, self.trie, *self._stage_args)
         items, scores = np.asarray(items), np.asarray(scores)
       out_items.append(items[:n])
       out_scores.append(scores[:n])
@@ -425,7 +455,7 @@ class Recommender:
     out = [{"rank": r + 1, "item_id": art.raw_item_ids[i], "score": float(s), "title": art.title(int(i))}
            for r, (i, s) in enumerate(zip(items[:k], scores[:k])) if i > 0]
     return Answer(items=out, instruction=source, scenario=sc["name"] if sc else None, beam=beam, k=k,
-                  history=history_source)
+                  history=history_source, ranking="second_stage" if self.model.second_stage else "beams")
 
   def recommend(self, bodies: Sequence[Any]) -> list[Answer | BadRequest]:
     """Answers several requests together (the batcher's path, without the queue)."""
@@ -635,7 +665,9 @@ class Server:
                            timeout_s=request_timeout_s)
     health = {"scenarios": [s["name"] for s in self.model.scenarios] or None, "beam_sizes": self.model.beam_sizes,
               "batch_sizes": self.model.batch_sizes, "weights_step": self.model.weights_step,
-              "dataset": self.model.artifact.dataset, "instruction_store": store}
+              "dataset": self.model.artifact.dataset, "instruction_store": store,
+              "second_stage": ({k: self.model.second_stage[k] for k in ("weight", "union")}
+                               if self.model.second_stage else None)}
     self.httpd = _HTTPServer((host, port), make_handler(self.batcher, limits, health))
     self.address = self.httpd.server_address
 

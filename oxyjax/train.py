@@ -50,6 +50,7 @@ from oxyjax.trainer import OptimizerConfig, make_optimizer, make_train_step  # n
 
 REPO_ROOT = experiment_lib.REPO_ROOT
 DEFAULT_GIN_FILE = os.path.join(REPO_ROOT, "gin_configs", "modes", "quickstart.gin")
+SECOND_STAGE_DIR = "second_stage"  # <model_dir>/second_stage: the run's re-scoring stage (`oxyjax.export` serves it)
 
 
 @dataclasses.dataclass
@@ -111,15 +112,18 @@ def check_rescoring(rescoring: RescoringConfig, scenarios: bool, score_normaliza
 
 def final_results(exp: experiment_lib.Experiment, evaluator: Evaluator, params, splits: Sequence[str],
                   rescoring: RescoringConfig, partitioner: partitioning.Partitioner, log=print,
-                  max_examples: int | None = None) -> dict[str, dict[str, float]]:
+                  max_examples: int | None = None, model_dir: str | None = None) -> dict[str, dict[str, float]]:
   """`evaluate_final`, and with re-scoring on, its metrics under `<split>` and the beams alone
-  (from the same decoding pass) under `<split>_beams`."""
+  (from the same decoding pass) under `<split>_beams`; the stage is saved into
+  `<model_dir>/second_stage` for `oxyjax.export`."""
   if not rescoring.enabled:
     return evaluate_final(exp, evaluator, params, splits, log, max_examples)
   check_rescoring(rescoring, bool(exp.scenarios), evaluator.score_normalization, evaluator.level_weights)
-  scorer = rescoring_lib.get_scorer(exp.dataset, rescoring, log)
-  stage = rescoring_lib.Rescorer(exp.model, scorer, exp.artifact.sid_table.codes, partitioner,
-                                 weight=rescoring.weight, union=rescoring.union)
+  stage = rescoring_lib.SecondStage(rescoring_lib.get_scorer(exp.dataset, rescoring, log), rescoring.weight,
+                                    rescoring.union)
+  if model_dir is not None and jax.process_index() == 0:
+    stage.save(os.path.join(model_dir, SECOND_STAGE_DIR))  # what `oxyjax.export` serves with the model
+  stage = rescoring_lib.Rescorer(exp.model, stage, exp.artifact.sid_table.codes, evaluator.trie, partitioner)
   rescored = Evaluator(exp.model, partitioner, evaluator.trie, beam_size=evaluator.beam_size,
                        batch_size=evaluator.batch_size, ks=evaluator.ks, second_stage=stage)
   log(f"[oxyjax] re-scoring the beams (weight {rescoring.weight:g}, union {rescoring.union}); "
@@ -435,7 +439,8 @@ def train(
   if model_dir:
     checkpoints.save_params(exp.artifact.params_dir, params,
                             {"step": weights_step, "train_steps": step, "ema": optimizer.ema_decay > 0})
-  results = final_results(exp, evaluator, params, final_eval_splits, rescoring, part, log, final_eval_max_examples)
+  results = final_results(exp, evaluator, params, final_eval_splits, rescoring, part, log, final_eval_max_examples,
+                          model_dir)
   if model_dir and jax.process_index() == 0 and results:
     write_summary(model_dir, dataset, {
         "dataset": dataset, "steps": step, "train_seconds": train_seconds, "best_step": best_step,
@@ -477,7 +482,8 @@ def evaluate_run(model_dir: str, *, partitioner: partitioning.Partitioner, split
                  max_examples: int | None = None, rescoring: RescoringConfig = RescoringConfig(),
                  write_results: bool = True, log=print) -> TrainResult:
   """Evaluates a run from its artifact alone (no training split, no optimizer state) on
-  `splits`, and (`write_results`) merges the results into `<model_dir>/run_summary.json`."""
+  `splits`, and (`write_results`) merges the results into `<model_dir>/run_summary.json` (and
+  with re-scoring on saves its stage into `<model_dir>/second_stage`)."""
   t0 = time.time()
   art = ModelArtifact.load(artifact_dir(model_dir))
   exp = experiment_lib.from_artifact(art, partitioner=partitioner, instructions=instructions,
@@ -487,7 +493,8 @@ def evaluate_run(model_dir: str, *, partitioner: partitioning.Partitioner, split
   params, step = load_eval_weights(model_dir, factory.params_abstract, weights, log=log)
   evaluator = Evaluator(exp.model, partitioner, exp.trie(), beam_size=eval_beam_size, batch_size=eval_batch_size,
                         score_normalization=eval_score_normalization, level_weights=eval_level_weights)
-  results = final_results(exp, evaluator, params, splits, rescoring, partitioner, log, max_examples)
+  results = final_results(exp, evaluator, params, splits, rescoring, partitioner, log, max_examples,
+                          model_dir if write_results else None)
   if write_results and jax.process_index() == 0 and results:
     write_summary(model_dir, exp.dataset, {"dataset": exp.dataset, "results": results}, merge=True)
   return TrainResult({"params": params}, step, results.get("validation"), results.get("test"), None,

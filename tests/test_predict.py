@@ -231,6 +231,15 @@ def test_evaluate_run_rescores_with_a_cached_sasrec_scorer(run, tmp_path, monkey
   with open(copy / "run_summary.json") as f:
     results = json.load(f)["results"]
   assert set(results["test_beams"]) == set(results["test"])
+  # the run now has its second stage, which the export serves by default
+  assert not os.path.exists(model_dir / "second_stage") and os.path.isdir(copy / "second_stage")
+  from oxyjax import export as export_lib
+
+  sdir = export_lib.export_run(str(copy), str(tmp_path / "serving"), batch_sizes=(1,), beam_sizes=(10,),
+                               log=lambda *a: None)
+  with open(os.path.join(sdir, export_lib.MANIFEST)) as f:
+    stage = json.load(f)["second_stage"]
+  assert (stage["weight"], stage["union"]) == (1.0, 5)
   with pytest.raises(ValueError, match="eval_score_normalization"):
     train_lib.evaluate_run(str(model_dir), partitioner=_part(), splits=("test",), data_source="readers",
                            rescoring=cfg, eval_score_normalization="valid", eval_batch_size=64)

@@ -263,8 +263,10 @@ def test_a_stuck_or_garbage_llm_never_holds_up_or_fails_a_request(exported, tmp_
   store = InstructionStore(store_dir)
   backend = BlockedBackend()
   job = threading.Thread(target=run_job, args=(ds, [ex], store, backend, HashEncoder()), daemon=True)
+  # No warmup: the first request compiles its program, so its deadline is generous (60 s); the
+  # LLM stays blocked until released below, so an answer at all proves no request waits on it.
   srv = serve.Server(out, store=str(store_dir), store_reload_s=0, encoder=HashEncoder(), warmup=False,
-                     log=lambda *a: None).start()
+                     request_timeout_s=60.0, log=lambda *a: None).start()
   try:
     job.start()
     assert backend.entered.wait(30)
@@ -384,3 +386,52 @@ def test_a_batch_runs_in_the_buckets_that_waste_least(exported, server):
               np.asarray([x["score"] for x in ans.items]))
 
     _assert_same_ranking(*arrays(together[i]), *arrays(alone), f"row {i} of 11")
+
+
+def test_the_second_stage_runs_inside_the_exported_program(exported, tmp_path):
+  """A run's SASRec second stage (`rescoring.SecondStage`) exported with the model: each row's
+  answer, alone (bucket 1) and packed with others and padding (bucket 8), is the NumPy reference
+  second stage (tests/test_rescoring.py) applied to the in-process model's beams: the beams and
+  SASRec's top items of the scenario's own pool, by log p + weight * log p_SASRec. The export
+  without a stage (the fixture's run has none) answers with the beams, saying so."""
+  from oxyjax import rescoring
+  from tests.sid.test_sasrec import TINY as SASREC_TINY
+  from tests.test_rescoring import assert_fused_order, numpy_second_stage
+
+  out, predictor = exported
+  assert serve.ServingModel(out, log=lambda *a: None).second_stage is None
+  art = predictor.artifact
+  seqs, n = rescoring.dataset_sequences("office")
+  assert n == art.num_items
+  stage = rescoring.SecondStage(rescoring.train(seqs, n, SASREC_TINY, seed=0), 1.5, 6)
+  stage.save(str(tmp_path / "stage"))
+  sdir = export_lib.export_run(os.path.join(os.path.dirname(out), "run"), str(tmp_path / "serving"),
+                               batch_sizes=(1, 8), beam_sizes=(BEAM,), second_stage=str(tmp_path / "stage"),
+                               log=lambda *a: None)
+  sm = serve.ServingModel(sdir, log=lambda *a: None)
+  assert sm.second_stage["union"] == 6
+  rec = serve.Recommender(sm, encoder=HashEncoder())
+  bodies = _requests(predictor)
+  rows = [rec.prepare(b)[0] for b in bodies]
+  packed_items, packed_scores = sm.infer(rows[::-1] + rows, BEAM)
+  assert packed_items.shape == (8, BEAM + 6)
+  added = 0
+  for i, (body, row) in enumerate(zip(bodies, rows)):
+    want_items, want_scores = _in_process(predictor, body)
+    beams = art.item_indices(want_items)[None]
+    pool = set(art.pools[body["scenario"]].tolist())
+    ref = numpy_second_stage(predictor.model, predictor.params, stage.scorer, art.sid_table.codes, row, beams,
+                             want_scores[None].astype(np.float32), 6, 1.5, pool=pool)
+    alone_items, alone_scores = sm.infer([row], BEAM)
+    for items, scores in ((alone_items[0], alone_scores[0]), (packed_items[3 - i], packed_scores[3 - i]),
+                          (packed_items[4 + i], packed_scores[4 + i])):
+      assert_fused_order(items, ref["items"][0], ref["fused"][0], 1.5)
+      live = items > 0
+      assert set(items[live].tolist()) <= pool
+      np.testing.assert_allclose(scores[live], np.sort(ref["fused"][0][np.isfinite(ref["fused"][0])])[::-1],
+                                 rtol=1e-4, atol=1e-4)
+    added += int((alone_items[0] > 0).sum()) - BEAM
+    ans = rec.recommend([body])[0]
+    assert ans.ranking == "second_stage"
+    np.testing.assert_array_equal(art.item_indices([x["item_id"] for x in ans.items]), alone_items[0][:BEAM])
+  assert added > 0  # SASRec brought items beam search did not return

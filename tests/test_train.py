@@ -132,6 +132,7 @@ def test_default_configuration_trains_end_to_end_in_the_tiny_size(tmp_path):
   # final metrics re-scored, the beams alone beside them
   assert "re-scoring: training the SASRec scorer" in out.stdout
   assert len(os.listdir(tmp_path / "rescoring")) == 1
+  assert os.path.isdir(model_dir / "second_stage")  # saved with the run, for `oxyjax.export`
   summary = json.load(open(model_dir / "run_summary.json"))
   assert set(summary["results"]) == {"validation", "test", "validation_beams", "test_beams"}
   assert summary["results"]["validation"]["num_examples"] == 64

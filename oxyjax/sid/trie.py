@@ -252,6 +252,30 @@ class PrefixTrie:
         vocab_sizes=self.vocab_sizes,
     )
 
+  # ------------------------------------------------------------------ under jit
+
+  def find(self, codes: jax.Array, root: Optional[jax.Array] = None) -> jax.Array:
+    """Traceable `lookup`: the item at each full path ``codes [B, G, L]`` starting from each
+    row's ``root [B]`` (default node 0; a pool's root in a forest), ``-1`` where the path is
+    not in the trie (or not under that root). Each level gathers the node's
+    ``max_children[level]`` edges, as the decoder does."""
+    B, G, L = codes.shape
+    if L != self.num_levels:
+      raise ValueError(f"codes must be [B, G, {self.num_levels}], got {codes.shape}")
+    num_edges = self.child_code.shape[0]
+    node = jnp.zeros((B, G), jnp.int32) if root is None else jnp.broadcast_to(
+        jnp.asarray(root, jnp.int32).reshape(B, 1), (B, G))
+    ok = jnp.ones((B, G), bool)
+    for level in range(L):
+      k = self.max_children[level]
+      start = self.child_start[node]
+      offs = jnp.arange(k, dtype=jnp.int32)
+      edge = jnp.minimum(start[..., None] + offs, num_edges - 1)  # [B, G, k]
+      hit = (offs < (self.child_start[node + 1] - start)[..., None]) & (self.child_code[edge] == codes[..., level:level + 1])
+      ok &= hit.any(axis=-1)
+      node = jnp.where(ok, self.child_node[jnp.take_along_axis(edge, jnp.argmax(hit, axis=-1)[..., None], -1)[..., 0]], 0)
+    return jnp.where(ok, self.leaf_item[node], -1).astype(jnp.int32)
+
   # ------------------------------------------------------------------ host-side queries
 
   @property

@@ -145,3 +145,23 @@ def test_large_catalogue_builds():
   assert t.num_items == c.shape[0] and t.max_children[3] == 1
   sample = rng.choice(c.shape[0], 1000, replace=False)
   np.testing.assert_array_equal(t.lookup(codes[sample]), items[sample])
+
+
+def test_find_under_jit_is_lookup_from_each_rows_root():
+  """`find` (traced) gives `lookup`'s item for real paths and -1 for others; in a forest, a row
+  starting at a pool's root finds only that pool's items (the second stage's pool check)."""
+  rng = np.random.default_rng(5)
+  codes = random_codes(rng, 200, (8, 6, 5))  # 200 of 240 paths: random others hit and miss
+  items = np.arange(1, 201)
+  t = PrefixTrie.from_codes(codes, items, (8, 6, 5))
+  other = np.stack([rng.integers(0, v, size=60) for v in (8, 6, 5)], axis=1)
+  queries = np.concatenate([codes[:60], other]).reshape(4, 30, 3)
+  got = jax.jit(lambda tr, c: tr.find(c))(t, queries)
+  np.testing.assert_array_equal(np.asarray(got), t.lookup(queries.reshape(-1, 3)).reshape(4, 30))
+  pools = [rng.choice(items, size=50, replace=False) for _ in range(2)]
+  forest, roots = PrefixTrie.forest([t.subset(p) for p in pools])
+  q = np.broadcast_to(codes[None], (2, 200, 3))
+  got = np.asarray(jax.jit(lambda tr, c, r: tr.find(c, r))(forest, q, np.asarray(roots)))
+  for row, pool in enumerate(pools):
+    want = np.where(np.isin(items, pool), items, -1)
+    np.testing.assert_array_equal(got[row], want)
