@@ -64,7 +64,7 @@ SERVING_FEATURES = ("history_items", "history_codes", "history_mask", "history_t
                     "instruction_mask", "pool_root")
 TRIE_FIELDS = ("child_start", "child_code", "child_node", "leaf_item")
 USERS_FILE = "users.jsonl"
-STAGE_DIR = "second_stage"
+STAGE_DIR = "second_stage"  # in a serving directory
 
 
 class ExportError(ValueError):
@@ -96,14 +96,14 @@ def param_spec(params) -> list[list[Any]]:
   return [[jax.tree_util.keystr(p), list(np.shape(x)), str(x.dtype)] for p, x in leaves]
 
 
-def make_serve_fn(model, trie_static: dict[str, Any], beam_size: int, normalize: str = "vocab", stage=None):
-  """The function that is exported: (params, features, trie arrays) -> (items, scores); with a
-  `rescoring.SecondStage`, (params, features, trie arrays, stage params, SID codes) -> the
-  stage's (items, fused scores)."""
-  from oxyjax.sid.trie import PrefixTrie
+def serving_fn(model, beam_size: int, normalize: str = "vocab", stage=None):
+  """The request path, traceable: ``(params, features, trie, *stage_args) -> (items, scores)``.
+  Constrained beam search over ``trie`` (each row from its ``pool_root`` where the features
+  have one); with a `rescoring.SecondStage` (``stage_args``: its parameters and the SID table),
+  the stage's re-ranked candidates and fused scores. The exported programs and the in-process
+  `predict.Predictor` both run it."""
 
-  def serve(params, features, trie_arrays, *stage_args):
-    trie = PrefixTrie(*trie_arrays, **trie_static)
+  def serve(params, features, trie, *stage_args):
     out = model.predict(params, features, trie, beam_size=beam_size, normalize=normalize)
     if stage is None:
       return out.items, out.scores
@@ -111,6 +111,16 @@ def make_serve_fn(model, trie_static: dict[str, Any], beam_size: int, normalize:
     return stage.apply(model, params, stage_params, features, trie, sid_codes, out.items, out.scores)
 
   return serve
+
+
+def make_serve_fn(model, trie_static: dict[str, Any], beam_size: int, normalize: str = "vocab", stage=None):
+  """The function that is exported: `serving_fn` with the trie as its four CSR arrays
+  (``trie_static``: its static fields)."""
+  from oxyjax.sid.trie import PrefixTrie
+
+  fn = serving_fn(model, beam_size, normalize, stage)
+  return lambda params, features, trie_arrays, *stage_args: fn(params, features, PrefixTrie(*trie_arrays, **trie_static),
+                                                               *stage_args)
 
 
 def export_model(model, params, artifact, out_dir: str, *, batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
@@ -226,36 +236,16 @@ def write_user_histories(artifact, path: str, max_items: int | None = None) -> i
   return n
 
 
-def load_second_stage(model_dir: str, second_stage: str | None, num_items: int, log=print):
-  """The `rescoring.SecondStage` to export: ``"auto"`` the run's own (``<model_dir>/second_stage``,
-  written by a training run with re-scoring on) where it has one, ``"none"`` (or None) no second
-  stage, else the directory of a saved stage."""
-  from oxyjax import checkpoints
-  from oxyjax import rescoring
-
-  if second_stage in (None, "none"):
-    return None
-  path = os.path.join(model_dir, STAGE_DIR) if second_stage == "auto" else second_stage
-  if not checkpoints.has_checkpoint(path):
-    if second_stage == "auto":
-      return None
-    raise FileNotFoundError(f"{path}: no second stage there (a run with re-scoring on writes <run>/{STAGE_DIR})")
-  stage = rescoring.SecondStage.load(path, num_items=num_items)
-  log(f"[export] second stage from {path}: SASRec (weight {stage.weight:g}, union {stage.union})")
-  return stage
-
-
 def export_run(model_dir: str, out_dir: str | None = None, *, user_histories: bool = False,
                second_stage: str | None = "auto", **kwargs) -> str:
-  """Exports a run directory (or an artifact directory) with the weights `oxyjax.predict` uses
-  and the run's second stage (`load_second_stage`); `user_histories` also writes `users.jsonl`
-  (`write_user_histories`) from the data."""
+  """Exports a run directory (or an artifact directory) with the weights and the second stage
+  `oxyjax.predict` uses (`second_stage`: see `rescoring.SecondStage.of_run`); `user_histories`
+  also writes `users.jsonl` (`write_user_histories`) from the data."""
   from oxyjax import predict
 
-  p = predict.Predictor(model_dir)
+  p = predict.Predictor(model_dir, second_stage=second_stage, log=kwargs.get("log", print))
   out_dir = out_dir or os.path.join(model_dir, "serving")
-  stage = load_second_stage(model_dir, second_stage, p.artifact.num_items, log=kwargs.get("log", print))
-  out = export_model(p.model, p.params, p.artifact, out_dir, step=p.step, second_stage=stage, **kwargs)
+  out = export_model(p.model, p.params, p.artifact, out_dir, step=p.step, second_stage=p.second_stage, **kwargs)
   if user_histories:
     write_user_histories(p.artifact, os.path.join(out, USERS_FILE))
   return out

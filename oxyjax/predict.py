@@ -19,7 +19,11 @@ sentence encoder as I_r, as the training queries were). Raw item ids of a severa
 model are `<domain>/<raw id>`.
 
 Prints one line per item: rank, raw item id, score (the beam search's log-probability of the
-item's SID path), title where the data has one. `--json` prints the same as JSON.
+item's SID path), title where the data has one. A run trained with re-scoring on has its SASRec
+second stage in `<run>/second_stage` (`rescoring.SecondStage`); it is used by default
+(`--second_stage=auto`): the beams and SASRec's top items of the pool, ordered by the fused
+score log p + weight * log p_SASRec, which is then the score printed (the exported serving
+program runs the same function, `export.serving_fn`). `--json` prints the same as JSON.
 An unknown item id or scenario, an empty history or query, or a missing artifact ends with
 a one-line error.
 """
@@ -42,9 +46,12 @@ class Predictor:
   Runs on one device (a request is one row; batch-independent inference makes the answer the
   same as inside any evaluation batch)."""
 
-  def __init__(self, path: str, *, beam_size: int = 20, pool: str = "all", log=lambda *a, **k: None):
+  def __init__(self, path: str, *, beam_size: int = 20, pool: str = "all", second_stage: str | None = "auto",
+               log=lambda *a, **k: None):
     import jax
 
+    from oxyjax import export as export_lib
+    from oxyjax import rescoring
     from oxyjax import experiment as experiment_lib
     from oxyjax import partitioning
     from oxyjax import train as train_lib
@@ -73,7 +80,12 @@ class Predictor:
     self.pool = pool
     self.trie = self.experiment.trie(pool)
     self.beam_size = beam_size
-    self._predict = jax.jit(lambda p, b, t: self.model.predict(p, b, t, beam_size=beam_size))
+    # `second_stage`: see `rescoring.SecondStage.of_run` ('auto': the run's own, if it has one).
+    self.second_stage = rescoring.SecondStage.of_run(run_dir, second_stage, num_items=self.artifact.num_items,
+                                                     log=log) if run_dir is not None else None
+    self._stage_args = () if self.second_stage is None else jax.device_put(
+        (self.second_stage.params, np.asarray(self.artifact.sid_table.codes, np.int32)), self.partitioner.replicated())
+    self._predict = jax.jit(export_lib.serving_fn(self.model, beam_size, stage=self.second_stage))
     self._encoder = None
 
   def scenario(self, name: str | int) -> dict:
@@ -92,8 +104,8 @@ class Predictor:
     batch = req.features
     part = self.partitioner
     with jax.set_mesh(part.mesh), part.rules_context():
-      out = self._predict(self.params, part.shard_batch(batch), trie)
-    got_items, scores = np.asarray(out.items)[0], np.asarray(out.scores)[0]
+      items, scores = self._predict(self.params, part.shard_batch(batch), trie, *self._stage_args)
+    got_items, scores = np.asarray(items)[0], np.asarray(scores)[0]
     return [(self.artifact.raw_item_ids[i], float(s), self.artifact.title(int(i)))
             for i, s in zip(got_items[:top_k], scores[:top_k]) if i > 0]
 
@@ -209,6 +221,8 @@ def _define_flags():
   flags.DEFINE_string("instruction", None, "A reasoning instruction I_r as text (embedded with the sentence "
                       "encoder), for models that read one; default: the learned default instruction.")
   flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
+  flags.DEFINE_string("second_stage", "auto", "'auto': the run's SASRec re-scoring stage (<model_dir>/second_stage) "
+                      "where it has one; 'none': the beams alone; or the directory of a saved stage.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -224,7 +238,7 @@ def main(argv: Sequence[str]) -> None:
   from oxyjax.artifact import ArtifactError
 
   try:
-    predictor = Predictor(fl.model_dir, beam_size=fl.beam_size, pool=fl.pool)
+    predictor = Predictor(fl.model_dir, beam_size=fl.beam_size, pool=fl.pool, second_stage=fl.second_stage)
     recs = predictor.recommend(fl.history, top_k=fl.top_k, scenario=fl.scenario, instruction=fl.instruction,
                                trigger=fl.trigger, query=fl.query)
   except (ArtifactError, FileNotFoundError, KeyError, ValueError) as e:
@@ -232,6 +246,7 @@ def main(argv: Sequence[str]) -> None:
     raise SystemExit(f"{PROG}: {msg}") from None
   if fl.json:
     print(json.dumps({"history": list(fl.history), "weights_step": predictor.step,
+                      "ranking": "second_stage" if predictor.second_stage else "beams",
                       "items": [{"rank": r, "item_id": i, "score": s, "title": t}
                                 for r, (i, s, t) in enumerate(recs, 1)]}, indent=1))
     return

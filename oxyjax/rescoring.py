@@ -51,6 +51,7 @@ from oxyjax.sid import build
 from oxyjax.sid import sasrec as sasrec_lib
 
 KIND = "oxyjax.rescoring.SASRecScorer"
+RUN_STAGE_DIR = "second_stage"  # <model_dir>/second_stage: a run's stage, saved by training with re-scoring on
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -88,7 +89,7 @@ class SASRecScorer:
 
   def __post_init__(self):
     model = sasrec_lib.make_model(self.num_items, self.config)
-    next_item = lambda p, seq: jax.nn.log_softmax(model.apply({"params": p}, seq, train=False)[:, -1])  # noqa: E731
+    next_item = lambda p, seq: jax.nn.log_softmax(model.apply({"params": p}, seq, train=False, last_only=True))  # noqa: E731
     self._log_probs = jax.jit(lambda p, seq, items: jnp.take_along_axis(next_item(p, seq), items, axis=1))
     self._top_k = jax.jit(lambda p, seq, k: jax.lax.top_k(next_item(p, seq), k), static_argnums=2)
 
@@ -225,7 +226,7 @@ class SecondStage:
     for an empty candidate. ``stage_params``: the scorer's parameters; ``sid_codes [num_items +
     1, L]``: the SID table (to score and pool-check SASRec's items)."""
     seq = sasrec_window(batch["history_items"], batch["history_mask"], self.scorer.config.max_len)
-    logits = self._sasrec.apply({"params": stage_params}, seq, train=False)[:, -1]
+    logits = self._sasrec.apply({"params": stage_params}, seq, train=False, last_only=True)
     lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, num_items + 1]
     cand, policy = items, scores
     if self.union:
@@ -265,6 +266,23 @@ class SecondStage:
       raise ValueError(f"{directory}: a SASRec scorer without a second stage's weight and union (write one with "
                        "SecondStage.save, or pass the weight and union)")
     return cls(scorer, float(stage["weight"]), int(stage["union"]))
+
+  @classmethod
+  def of_run(cls, model_dir: str, which: str | None = "auto", *, num_items: int, log=print) -> "SecondStage | None":
+    """The stage to serve a run with: ``"auto"`` the run's own (``<model_dir>/second_stage``,
+    written by a training run with re-scoring on) where it has one, ``"none"`` (or None) no
+    second stage, else the directory of a saved stage (refused if it has other items)."""
+    if which in (None, "none"):
+      return None
+    path = os.path.join(model_dir, RUN_STAGE_DIR) if which == "auto" else which
+    if not checkpoints.has_checkpoint(path):
+      if which == "auto":
+        return None
+      raise FileNotFoundError(f"{path}: no second stage there (a run with re-scoring on writes "
+                              f"<run>/{RUN_STAGE_DIR})")
+    stage = cls.load(path, num_items=num_items)
+    log(f"[oxyjax] second stage from {path}: SASRec (weight {stage.weight:g}, union {stage.union})")
+    return stage
 
 
 class Rescorer:

@@ -50,7 +50,6 @@ from oxyjax.trainer import OptimizerConfig, make_optimizer, make_train_step  # n
 
 REPO_ROOT = experiment_lib.REPO_ROOT
 DEFAULT_GIN_FILE = os.path.join(REPO_ROOT, "gin_configs", "modes", "quickstart.gin")
-SECOND_STAGE_DIR = "second_stage"  # <model_dir>/second_stage: the run's re-scoring stage (`oxyjax.export` serves it)
 
 
 @dataclasses.dataclass
@@ -122,7 +121,7 @@ def final_results(exp: experiment_lib.Experiment, evaluator: Evaluator, params, 
   stage = rescoring_lib.SecondStage(rescoring_lib.get_scorer(exp.dataset, rescoring, log), rescoring.weight,
                                     rescoring.union)
   if model_dir is not None and jax.process_index() == 0:
-    stage.save(os.path.join(model_dir, SECOND_STAGE_DIR))  # what `oxyjax.export` serves with the model
+    stage.save(os.path.join(model_dir, rescoring_lib.RUN_STAGE_DIR))  # what `oxyjax.export` serves with the model
   stage = rescoring_lib.Rescorer(exp.model, stage, exp.artifact.sid_table.codes, evaluator.trie, partitioner)
   rescored = Evaluator(exp.model, partitioner, evaluator.trie, beam_size=evaluator.beam_size,
                        batch_size=evaluator.batch_size, ks=evaluator.ks, second_stage=stage)

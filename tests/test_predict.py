@@ -19,6 +19,7 @@ from oxyjax.artifact import ArtifactError, ModelArtifact
 from oxyjax.data import pipeline
 from oxyjax.data import readers
 from oxyjax.models.encoder_decoder import ModelConfig
+from tests.models.test_batch_independence import _assert_same_ranking
 from tests.xla_env import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -240,6 +241,20 @@ def test_evaluate_run_rescores_with_a_cached_sasrec_scorer(run, tmp_path, monkey
   with open(os.path.join(sdir, export_lib.MANIFEST)) as f:
     stage = json.load(f)["second_stage"]
   assert (stage["weight"], stage["union"]) == (1.0, 5)
+  # `oxyjax.predict` uses the run's stage too (the same `export.serving_fn`): the in-process and
+  # the exported answers agree; with `second_stage="none"` the beams alone, as before the stage.
+  from oxyjax import serve
+
+  p = predict_lib.Predictor(str(copy), beam_size=10)
+  history = list(p.artifact.raw_item_ids[1:6])
+  recs = p.recommend(history, top_k=10)
+  ans = serve.Recommender(serve.ServingModel(sdir, log=lambda *a: None)).recommend([{"history": history, "k": 10}])[0]
+  assert ans.ranking == "second_stage"
+  _assert_same_ranking(np.asarray([x["item_id"] for x in ans.items]), np.asarray([x["score"] for x in ans.items]),
+                       np.asarray([r[0] for r in recs]), np.asarray([r[1] for r in recs]), "exported vs in-process")
+  beams = predict_lib.Predictor(str(copy), beam_size=10, second_stage="none").recommend(history, top_k=10)
+  assert beams == predict_lib.Predictor(str(model_dir), beam_size=10).recommend(history, top_k=10)
+  assert [r[0] for r in beams] != [r[0] for r in recs]  # the stage re-ranked (weight 1, 5 extra items)
   with pytest.raises(ValueError, match="eval_score_normalization"):
     train_lib.evaluate_run(str(model_dir), partitioner=_part(), splits=("test",), data_source="readers",
                            rescoring=cfg, eval_score_normalization="valid", eval_batch_size=64)

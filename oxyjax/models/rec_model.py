@@ -174,9 +174,24 @@ class RecModel:
                                 normalize=normalize, root=batch.get("pool_root"), level_weights=level_weights)
 
   def path_log_probs(self, params, batch: Mapping[str, jax.Array], codes: jax.Array) -> jax.Array:
-    """The joint log-probability ``[B, G]`` of given SID paths ``codes [B, G, L]`` (teacher-forced,
-    the encoder once per row): the score `predict` gives a beam with ``normalize="vocab"`` and
-    no level weights, for items beam search did not return (`oxyjax.rescoring`'s union)."""
+    """The joint log-probability ``[B, G]`` of given SID paths ``codes [B, G, L]``: the score
+    `predict` gives a beam with ``normalize="vocab"`` and no level weights, for items beam search
+    did not return (`oxyjax.rescoring`'s union). Computed as beam search computes it: the encoder
+    and the [BOS, INSTR] prefix once per row, then one cached decoder step per level for all G
+    paths (a teacher-forced pass of the whole group would run the prefix G times)."""
     safe = jnp.maximum(codes, 0)  # padding candidates (-1): any path; the caller masks them
-    lp = jax.nn.log_softmax(self.network.apply({"params": params}, batch, safe, method=EncoderDecoder.group_logits))
-    return jnp.take_along_axis(lp, safe[..., None], axis=-1)[..., 0].sum(axis=-1)
+    b, g, levels = safe.shape
+    context = self.network.apply({"params": params}, batch, method=EncoderDecoder.init_decode)
+
+    def step(level, prev_codes, cache):
+      return self.network.apply({"params": params}, level, prev_codes, cache, context,
+                                method=EncoderDecoder.decode_step)
+
+    logits, cache = step(0, jnp.zeros((b, 1), jnp.int32), None)  # [B, 1, V]
+    total = jnp.take_along_axis(jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)), safe[..., 0], axis=1)
+    cache = decoding.reorder_cache(cache, jnp.zeros((b, g), jnp.int32))  # the prefix's cache for every path
+    for level in range(1, levels):
+      logits, cache = step(level, safe[..., level - 1], cache)  # [B, G, V]
+      lp = jax.nn.log_softmax(logits.astype(jnp.float32))
+      total = total + jnp.take_along_axis(lp, safe[..., level:level + 1], axis=-1)[..., 0]
+    return total

@@ -87,8 +87,10 @@ class SASRec(nn.Module):
     self.final_ln = nn.LayerNorm()
     self.drop = nn.Dropout(self.dropout_rate)
 
-  def __call__(self, seq: jax.Array, *, train: bool) -> jax.Array:
-    """``seq [B, L]`` left-padded with 0 -> next-item logits ``[B, L, num_items + 1]``."""
+  def __call__(self, seq: jax.Array, *, train: bool, last_only: bool = False) -> jax.Array:
+    """``seq [B, L]`` left-padded with 0 -> next-item logits ``[B, L, num_items + 1]``; with
+    ``last_only`` only the last position's ``[B, num_items + 1]`` (scoring: the catalogue-wide
+    output product is then one row per user, not L)."""
     length = seq.shape[1]
     valid = seq > 0
     pos = jnp.arange(length - 1, -1, -1)  # distance from the last position
@@ -98,7 +100,7 @@ class SASRec(nn.Module):
     mask = causal[None, None] & valid[:, None, None, :]
     for block in self.blocks:
       x = block(x, mask, train=train) * valid[..., None]
-    h = self.final_ln(x)
+    h = self.final_ln(x[:, -1] if last_only else x)
     logits = self.item_embed.attend(h)
     return logits.at[..., 0].set(-1e9)  # never predict padding
 

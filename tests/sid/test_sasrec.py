@@ -99,3 +99,17 @@ def test_sid_settings_key_the_sasrec_cache():
   d = build.sid_cache_dir("beauty", "abc", num_levels=3, codebook_size=256, embedding="sasrec",
                           balance="residual", seed=0, root="/x")
   assert d.name.startswith("beauty_abc_sasrec-") and d.name.endswith("_3x256_residual_s0")
+
+
+def test_last_only_is_the_last_positions_logits():
+  """Scoring reads only the last position (`last_only`, the second stage's path): the same logits
+  as the full output's last row, up to float32 reassociation of a 16-d product (1e-5)."""
+  import jax
+
+  model = sasrec.make_model(30, TINY)
+  seq = np.array([[0, 0, 3, 4, 5, 6, 7, 8], [0, 0, 0, 0, 0, 0, 1, 2]], np.int32)
+  params = model.init(jax.random.key(0), seq, train=False)["params"]
+  full = np.asarray(model.apply({"params": params}, seq, train=False))
+  last = np.asarray(model.apply({"params": params}, seq, train=False, last_only=True))
+  assert full.shape == (2, 8, 31) and last.shape == (2, 31)
+  np.testing.assert_allclose(last, full[:, -1], rtol=1e-5, atol=1e-5)
