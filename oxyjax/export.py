@@ -119,8 +119,11 @@ def make_serve_fn(model, trie_static: dict[str, Any], beam_size: int, normalize:
   from oxyjax.sid.trie import PrefixTrie
 
   fn = serving_fn(model, beam_size, normalize, stage)
-  return lambda params, features, trie_arrays, *stage_args: fn(params, features, PrefixTrie(*trie_arrays, **trie_static),
-                                                               *stage_args)
+
+  def serve(params, features, trie_arrays, *stage_args):
+    return fn(params, features, PrefixTrie(*trie_arrays, **trie_static), *stage_args)
+
+  return serve
 
 
 def export_model(model, params, artifact, out_dir: str, *, batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),

@@ -50,10 +50,10 @@ class Predictor:
                log=lambda *a, **k: None):
     import jax
 
-    from oxyjax import export as export_lib
-    from oxyjax import rescoring
     from oxyjax import experiment as experiment_lib
+    from oxyjax import export as export_lib
     from oxyjax import partitioning
+    from oxyjax import rescoring
     from oxyjax import train as train_lib
     from oxyjax import trainer as trainer_lib
     from oxyjax.artifact import ModelArtifact, artifact_dir

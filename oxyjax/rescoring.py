@@ -89,7 +89,10 @@ class SASRecScorer:
 
   def __post_init__(self):
     model = sasrec_lib.make_model(self.num_items, self.config)
-    next_item = lambda p, seq: jax.nn.log_softmax(model.apply({"params": p}, seq, train=False, last_only=True))  # noqa: E731
+
+    def next_item(p, seq):
+      return jax.nn.log_softmax(model.apply({"params": p}, seq, train=False, last_only=True))
+
     self._log_probs = jax.jit(lambda p, seq, items: jnp.take_along_axis(next_item(p, seq), items, axis=1))
     self._top_k = jax.jit(lambda p, seq, k: jax.lax.top_k(next_item(p, seq), k), static_argnums=2)
 
@@ -204,8 +207,8 @@ class SecondStage:
   an empty beam) and returns ``(items [B, W + union], fused scores)``, best first, -1 / -inf for an
   empty candidate. The candidates are the beams and, with ``union`` k > 0, SASRec's top k items
   that are valid items of the row's pool (``trie.find`` from ``batch["pool_root"]``) and not
-  already beams; an extra item's policy score is its teacher-forced joint log-probability
-  (`RecModel.path_log_probs`), a beam's is its beam score (the same number, to float rounding)."""
+  already beams; an extra item's policy score is its joint log-probability
+  (`RecModel.path_log_probs`, computed as beam search computes it), a beam's is its beam score."""
 
   scorer: SASRecScorer
   weight: float
@@ -238,7 +241,8 @@ class SecondStage:
       cand = jnp.concatenate([items, jnp.where(new, extra, -1)], axis=1)
       policy = jnp.concatenate([scores, jnp.where(new, extra_policy, -jnp.inf)], axis=1)
     live = (cand > 0) & jnp.isfinite(policy)
-    return jnp.where(live, cand, -1), jnp.where(live, policy, -jnp.inf), jnp.take_along_axis(lp, jnp.maximum(cand, 0), 1)
+    sasrec = jnp.take_along_axis(lp, jnp.maximum(cand, 0), axis=1)
+    return jnp.where(live, cand, -1), jnp.where(live, policy, -jnp.inf), sasrec
 
   def fuse(self, cand, policy, sasrec):
     """Traceable: the candidates ordered by ``policy + weight * sasrec``, best first, ties in
