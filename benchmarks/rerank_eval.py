@@ -73,7 +73,19 @@ class Scorer:
     self.scorer = rescoring.SASRecScorer.load(args.sasrec, sequences=sequences, num_items=num_items)
     stage = rescoring.SecondStage(self.scorer, 0.0, args.union)  # the weight is swept on the parts
     rescorer = rescoring.Rescorer(exp.model, stage, exp.artifact.sid_table.codes, ev.trie, ev.partitioner)
-    self.parts = lambda feats, items, scores: rescorer.parts(params, feats, items, scores)
+    path_log_probs = jax.jit(exp.model.path_log_probs)
+    codes = np.asarray(exp.artifact.sid_table.codes)
+    self.max_beam_score_error = 0.0  # |recomputed joint log-prob - beam score| over live beams
+
+    def parts(feats, items, scores):
+      items, scores = np.asarray(items), np.asarray(scores)
+      with jax.set_mesh(ev.partitioner.mesh), ev.partitioner.rules_context():
+        joint = np.asarray(path_log_probs(params, feats, codes[np.maximum(items, 0)]))
+      err = np.abs(joint - scores)[items > 0]
+      self.max_beam_score_error = max(self.max_beam_score_error, float(err.max(initial=0.0)))
+      return rescorer.parts(params, feats, items, scores)
+
+    self.parts = parts
 
   def alone(self, feats):
     return None if self.scorer is None else self.scorer.top_k(feats["history_items"], feats["history_mask"], 20)[0]
@@ -187,7 +199,7 @@ def main():
       if args.summaries:
         write_summaries(args.summaries, spec, exp.artifact.dataset, training_steps(spec, stage), curve, variant)
     if args.union:
-      rec["max_beam_score_error"] = stage.rescorer.max_beam_score_error
+      rec["max_beam_score_error"] = stage.max_beam_score_error
       print(f"largest |recomputed joint log-prob - beam score| over live beams: {rec['max_beam_score_error']:.2e}")
     if args.no_test:
       continue
