@@ -262,7 +262,7 @@ def main():
     skipped = [(b, w) for w in beam_sizes for b in batch_sizes if (b, w) not in cases]
     sdir = os.path.join(tmp, name)
     t = time.perf_counter()
-    buckets = sorted({b for b, _ in cases} | (set(int(x) for x in args.buckets.split(",")) if name == "small" else set()))
+    buckets = sorted({b for b, _ in cases} | (set(int(x) for x in args.buckets.split(",")) if base == "small" else set()))
     export_lib.export_model(model, params, art, sdir, batch_sizes=buckets,
                             beam_sizes=sorted({w for _, w in cases}), second_stage=stage, log=lambda *a: None)
     export_s = time.perf_counter() - t
