@@ -88,7 +88,7 @@ class SASRecScorer:
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
-    model = sasrec_lib.make_model(self.num_items, self.config)
+    self.model = model = sasrec_lib.make_model(self.num_items, self.config)
 
     def next_item(p, seq):
       return jax.nn.log_softmax(model.apply({"params": p}, seq, train=False, last_only=True))
@@ -218,7 +218,6 @@ class SecondStage:
     self.weight, self.union = float(self.weight), int(self.union)
     if not np.isfinite(self.weight) or self.union < 0:
       raise ValueError(f"second stage: weight must be finite and union >= 0, got {self.weight}, {self.union}")
-    self._sasrec = sasrec_lib.make_model(self.scorer.num_items, self.scorer.config)
 
   @property
   def params(self):
@@ -229,7 +228,7 @@ class SecondStage:
     for an empty candidate. ``stage_params``: the scorer's parameters; ``sid_codes [num_items +
     1, L]``: the SID table (to score and pool-check SASRec's items)."""
     seq = sasrec_window(batch["history_items"], batch["history_mask"], self.scorer.config.max_len)
-    logits = self._sasrec.apply({"params": stage_params}, seq, train=False, last_only=True)
+    logits = self.scorer.model.apply({"params": stage_params}, seq, train=False, last_only=True)
     lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, num_items + 1]
     cand, policy = items, scores
     if self.union:

@@ -122,9 +122,9 @@ def final_results(exp: experiment_lib.Experiment, evaluator: Evaluator, params, 
                                     rescoring.union)
   if model_dir is not None and jax.process_index() == 0:
     stage.save(os.path.join(model_dir, rescoring_lib.RUN_STAGE_DIR))  # what `oxyjax.export` serves with the model
-  stage = rescoring_lib.Rescorer(exp.model, stage, exp.artifact.sid_table.codes, evaluator.trie, partitioner)
+  rescorer = rescoring_lib.Rescorer(exp.model, stage, exp.artifact.sid_table.codes, evaluator.trie, partitioner)
   rescored = Evaluator(exp.model, partitioner, evaluator.trie, beam_size=evaluator.beam_size,
-                       batch_size=evaluator.batch_size, ks=evaluator.ks, second_stage=stage)
+                       batch_size=evaluator.batch_size, ks=evaluator.ks, second_stage=rescorer)
   log(f"[oxyjax] re-scoring the beams (weight {rescoring.weight:g}, union {rescoring.union}); "
       f"'{BEAMS_PREFIX}<metric>' is the beams alone")
   results = {}
