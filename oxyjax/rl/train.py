@@ -49,18 +49,30 @@ from oxyjax.trainer import OptimizerConfig
 DEFAULT_GIN_FILE = os.path.join(experiment_lib.REPO_ROOT, "gin_configs", "modes", "rl.gin")
 
 
-def item_embeddings(exp: experiment_lib.Experiment, params) -> tuple[np.ndarray, str]:
-  """What the similarity and diversity rewards compare: the frozen MiniLM text embeddings when
-  every domain has item text (the 2018 data: also the space of search queries), else the starting
-  model's own item representation (item-ID + SID-code embeddings, frozen at the start)."""
+SIMILARITY_SPACES = ("auto", "text", "model")
+
+
+def item_embeddings(exp: experiment_lib.Experiment, params, space: str = "auto") -> tuple[np.ndarray, str]:
+  """What the similarity and diversity rewards compare, by `space`:
+
+  * ``"text"``: the frozen MiniLM text embeddings of every item (the 2018 data: also the space of
+    search queries); refused for a dataset without item text. Computed once per catalogue and
+    cached (`sid.build.item_text_embeddings`): about 6 min on one CPU core for Office's 3,460 items.
+  * ``"model"``: the starting model's own item representation (item-ID + SID-code embeddings,
+    frozen at the start).
+  * ``"auto"``: text where every domain has item text, else the model's."""
   from oxyjax.sid import build as sid_build
 
-  try:
-    if exp.catalogue is not None:
-      return experiment_lib._text_embeddings(exp.catalogue), "text (all-MiniLM-L6-v2)"
-    return sid_build.item_text_embeddings(exp.dataset), "text (all-MiniLM-L6-v2)"
-  except ValueError:  # no item text
-    pass
+  if space not in SIMILARITY_SPACES:
+    raise ValueError(f"similarity_space must be one of {SIMILARITY_SPACES}, got {space!r}")
+  if space != "model":
+    try:
+      if exp.catalogue is not None:
+        return experiment_lib._text_embeddings(exp.catalogue), "text (all-MiniLM-L6-v2)"
+      return sid_build.item_text_embeddings(exp.dataset), "text (all-MiniLM-L6-v2)"
+    except ValueError as e:  # no item text
+      if space == "text":
+        raise ValueError(f"similarity_space 'text': {e}") from None
   codes = exp.model.sid_codes
   items = np.arange(codes.shape[0], dtype=np.int32)
   item_e, side_e, _ = exp.model.network.apply({"params": params}, jnp.asarray(items), jnp.asarray(codes), None,
@@ -130,6 +142,7 @@ def train_rl(
     log_every_steps: int = 10,
     stop_after_steps: int | None = None,
     data_source: str = "seqio",
+    similarity_space: str = "auto",
     verbose: bool = True,
 ) -> pretrain.TrainResult:
   """Post-trains the model of `init_model_dir` into `model_dir` for `num_steps` rollout steps of
@@ -143,10 +156,13 @@ def train_rl(
   (`python -m oxyjax.rl.ranking_model`), the reward service of the ``ranking`` component; without
   one, every ranking weight must be 0. ranker_refresh: keep training that ranker on the policy's
   own candidates as the policy moves (`ranking_model.RefreshConfig`; its state is checkpointed
-  with the policy's under the key ``ranker``).
+  with the policy's under the key ``ranker``). similarity_space: the item embeddings the similarity
+  and diversity rewards compare (`item_embeddings`: ``auto``, ``text`` or ``model``).
   """
   t_start = time.time()
   log = print if verbose else (lambda *a, **k: None)
+  if similarity_space not in SIMILARITY_SPACES:
+    raise ValueError(f"similarity_space must be one of {SIMILARITY_SPACES}, got {similarity_space!r}")
   part = partitioning.Partitioner(mesh_shape)
   if batch_size % (grad_accum_steps * part.data_parallel_size):
     raise ValueError(f"batch_size {batch_size} must be divisible by grad_accum_steps x data-parallel size "
@@ -204,7 +220,7 @@ def train_rl(
   # The starting weights (also after a resume): the frozen reference and item embeddings.
   init_params, _ = checkpoints.load_params(init_params_dir, factory.params_abstract)
   ref_params = init_params if policy_losses.needs_reference(loss) else None
-  emb, emb_kind = item_embeddings(exp, init_params)
+  emb, emb_kind = item_embeddings(exp, init_params, similarity_space)
   per_user_note = f", {prompts_per_user} per user" if prompts == "recent" else ""
   log(f"[oxyjax] post-training {init_model_dir} -> {model_dir}: loss {loss.name}, {rollout.method} rollouts, "
       f"G={rollout.group_size}, {batch_size} prompts/step ({prompts} training examples{per_user_note}), {num_steps} steps x {mu} update(s); similarity on {emb_kind}; "

@@ -41,8 +41,42 @@ def _rl(init, model_dir, **kw):
       rollout=RolloutConfig(method="sample", group_size=4), loss=PolicyLossConfig(name="sa_gcpo"),
       optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=0, decay="constant", weight_decay=0.0),
       eval_every_steps=2, eval_max_examples=32, eval_batch_size=32, eval_beam_size=5, final_eval_max_examples=64,
-      checkpoint_every_steps=2, log_every_steps=2, data_source="readers", verbose=False)
+      checkpoint_every_steps=2, log_every_steps=2, data_source="readers", verbose=False,
+      # The starting model's item embeddings: Office's MiniLM text embeddings would take ~6 min of
+      # one core on a fresh clone (the choice itself: test_the_similarity_space_is_chosen_as_asked).
+      similarity_space="model")
   return rl_train.train_rl(**{**args, **kw})
+
+
+def test_the_similarity_space_is_chosen_as_asked(tiny, monkeypatch):
+  """`item_embeddings`: 'text' reads the catalogue's text embeddings and is refused without item
+  text; 'model' is the model's item + SID-code embeddings; 'auto' is text where there is text."""
+  import types
+
+  from oxyjax.sid import build as sid_build
+
+  text = np.random.default_rng(0).normal(size=(tiny.sid_codes.shape[0], 384)).astype(np.float32)
+
+  def fake_text(dataset):
+    if dataset != "office":
+      raise ValueError(f"dataset {dataset!r} has no item text")
+    return text
+
+  monkeypatch.setattr(sid_build, "item_text_embeddings", fake_text)
+  model_e, kind = rl_train.item_embeddings(types.SimpleNamespace(catalogue=None, dataset="beauty", model=tiny.model),
+                                           tiny.params, "model")
+  assert kind == "the starting model's item embeddings" and model_e.shape == (tiny.sid_codes.shape[0], 32)
+  assert np.abs(model_e).max() > 0
+  for dataset, space, want in [("office", "auto", text), ("office", "text", text), ("office", "model", model_e),
+                               ("beauty", "auto", model_e)]:
+    exp = types.SimpleNamespace(catalogue=None, dataset=dataset, model=tiny.model)
+    np.testing.assert_array_equal(rl_train.item_embeddings(exp, tiny.params, space)[0], want)
+  with pytest.raises(ValueError, match="similarity_space 'text': dataset 'beauty' has no item text"):
+    rl_train.item_embeddings(types.SimpleNamespace(catalogue=None, dataset="beauty", model=tiny.model),
+                             tiny.params, "text")
+  with pytest.raises(ValueError, match="similarity_space must be one of"):
+    rl_train.item_embeddings(types.SimpleNamespace(catalogue=None, dataset="beauty", model=tiny.model),
+                             tiny.params, "txt")
 
 
 def test_post_training_run_and_exact_resume(pretrained):
