@@ -58,7 +58,7 @@ class Scorer:
 
   ``parts(features, items, scores) -> (candidates, policy log-probs, second-stage scores)``: the
   items the fused order ranks, each with the policy's joint log-probability and the scorer's
-  score: the beams alone, or with ``--union=k`` the beams and SASRec's top k
+  score: the beams alone, or with ``--union=k`` the beams and SASRec's k best items not among them
   (`rescoring.Rescorer.parts`); ``alone(features)``: SASRec's own top 20 over the catalogue (None
   for the ranker, which scores only given candidates)."""
 
@@ -71,7 +71,9 @@ class Scorer:
       return
     sequences, num_items = rescoring.dataset_sequences(exp.artifact.dataset)
     self.scorer = rescoring.SASRecScorer.load(args.sasrec, sequences=sequences, num_items=num_items)
-    stage = rescoring.SecondStage(self.scorer, 0.0, args.union)  # the weight is swept on the parts
+    # The weight is swept on the parts; a smaller union's candidates are the first columns of the
+    # largest one's (SASRec's best k items not among the beams, in its order: `candidates_of`).
+    stage = rescoring.SecondStage(self.scorer, 0.0, max(args.unions, default=0))
     rescorer = rescoring.Rescorer(exp.model, stage, exp.artifact.sid_table.codes, ev.trie, ev.partitioner)
     path_log_probs = jax.jit(exp.model.path_log_probs)
     codes = np.asarray(exp.artifact.sid_table.codes)
@@ -112,16 +114,17 @@ def ranks_at(weight, rows):
   return metrics_lib.target_ranks(reordered, rows["targets"])
 
 
-def variants(union: int) -> list[str]:
-  """The candidate sets scored: the beams, and with ``--union`` also beams + SASRec's top k."""
-  return ["beams"] + ([f"union{union}"] if union else [])
+def variants(unions: list[int]) -> list[str]:
+  """The candidate sets scored: the beams, and for each k of ``--union`` also the beams and
+  SASRec's k best items not among them."""
+  return ["beams"] + [f"union{k}" for k in unions]
 
 
 def candidates_of(rows, variant: str, beam: int):
-  """``rows`` restricted to a variant's candidates: the union's first ``beam`` columns are the beams."""
-  if variant.startswith("union"):
-    return rows
-  return {**rows, **{k: rows[k][:, :beam] for k in ("items", "scores", "logits")}}
+  """``rows`` restricted to a variant's candidates: the first ``beam`` columns are the beams, the
+  next k SASRec's best k items not among them (``union<k>``)."""
+  width = beam + (int(variant[len("union"):]) if variant.startswith("union") else 0)
+  return {**rows, **{k: rows[k][:, :width] for k in ("items", "scores", "logits")}}
 
 
 def policy_ranks(rows, beam: int):
@@ -139,8 +142,9 @@ def main():
   stage = ap.add_mutually_exclusive_group(required=True)
   stage.add_argument("--ranker", help="a ranking-model directory (python -m oxyjax.rl.ranking_model)")
   stage.add_argument("--sasrec", help="a SASRec scorer directory (python -m oxyjax.rescoring)")
-  ap.add_argument("--union", type=int, default=0,
-                  help="with --sasrec: also rank SASRec's top k items beside the beams (0: the beams only)")
+  ap.add_argument("--union", default="0",
+                  help="with --sasrec: also rank SASRec's k best items not among the beams beside them, for each "
+                  "k of a comma-separated list (0: the beams only)")
   ap.add_argument("--beam", type=int, default=20)
   ap.add_argument("--batch_size", type=int, default=256)
   ap.add_argument("--weights", default=",".join(str(w) for w in WEIGHTS))
@@ -156,18 +160,19 @@ def main():
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
   weights = [float(w) for w in args.weights.split(",")]
+  args.unions = sorted({int(k) for k in args.union.split(",")} - {0})
   if 0.0 not in weights:
     raise SystemExit("--weights must include 0 (the policy alone)")
   if args.test_only and args.test_weight is None:
     raise SystemExit("--test_only needs --test_weight")
-  if args.union and not args.sasrec:
+  if args.unions and not args.sasrec:
     raise SystemExit("--union needs --sasrec")
-  if args.test_variant not in (None, *variants(args.union)):
-    raise SystemExit(f"--test_variant must be one of {variants(args.union)} with --union={args.union}")
+  if args.test_variant not in (None, *variants(args.unions)):
+    raise SystemExit(f"--test_variant must be one of {variants(args.unions)} with --union={args.union}")
   print(f"[rerank_eval] CPU: {cpu_model()}")
   part = partitioning.Partitioner({"data": 1})
   result = {"cpu": cpu_model(), "beam": args.beam, "ranker": args.ranker, "sasrec": args.sasrec,
-            "union": args.union, "select": args.select, "weights": weights,
+            "union": args.unions, "select": args.select, "weights": weights,
             "command": "python benchmarks/rerank_eval.py " + " ".join(sys.argv[1:]), "models": {}}
   for spec in args.models:
     exp, params, step, ev = load_model(spec, part, beam=args.beam, batch_size=args.batch_size)
@@ -188,7 +193,7 @@ def main():
       rec["validation_sasrec_alone"] = mean_metrics(metrics_lib.target_ranks(val["alone"], val["targets"]))
       print("| SASRec top 20 | SASRec alone | "
             + " | ".join(f"{rec['validation_sasrec_alone'][m]:.4f}" for m in METRICS) + " |")
-    for variant in variants(args.union):
+    for variant in variants(args.unions):
       rows = candidates_of(val, variant, args.beam)
       curve = {w: mean_metrics(ranks_at(w, rows)) for w in weights}
       best = max(weights, key=lambda w: (curve[w][args.select], -w))  # a tie goes to the smaller weight
@@ -198,7 +203,9 @@ def main():
               + " | ".join(f"{curve[w][m]:.4f}" for m in METRICS) + " |")
       if args.summaries:
         write_summaries(args.summaries, spec, exp.artifact.dataset, training_steps(spec, stage), curve, variant)
-    if args.union:
+    if args.unions:
+      rec["extra_items_per_row"] = float((val["items"][:, args.beam:] > 0).sum(axis=1).mean())
+      print(f"items added to the beams: {rec['extra_items_per_row']:.2f} per row (at most {args.unions[-1]})")
       rec["max_beam_score_error"] = stage.max_beam_score_error
       print(f"largest |recomputed joint log-prob - beam score| over live beams: {rec['max_beam_score_error']:.2e}")
     if args.no_test:
@@ -218,7 +225,7 @@ def training_steps(spec: str, stage: Scorer) -> int:
 
 def run_test(args, exp, params, ev, stage, rec) -> None:
   """Reads test once: the policy alone, and the chosen candidates re-scored at the chosen weight."""
-  variant = args.test_variant or variants(args.union)[-1]
+  variant = args.test_variant or variants(args.unions)[-1]
   chosen = rec[variant]["best_weight_on_validation"] if args.test_weight is None else args.test_weight
   test = beams_and_logits(exp, params, ev, stage, "test", args.max_examples)
   base, mine = policy_ranks(test, args.beam), ranks_at(chosen, candidates_of(test, variant, args.beam))

@@ -5,10 +5,11 @@ r"""Serving latency: the exported programs in-process and the HTTP endpoint, bes
   python benchmarks/serve_latency.py --models=small,small+rescoring --out=docs/bench/serve_latency_rescoring
 
 A model name `<model>+rescoring` is that model exported with the SASRec second stage inside its
-programs (`rescoring.SecondStage`: the default configuration's weight 1.5 and union 20, the
+programs (`rescoring.SecondStage` with the weight and union of gin_configs/defaults/small.gin, the
 default SASRec shape; randomly initialised unless --sasrec names a saved scorer or stage: its cost
-does not depend on the weights' values, the union is always SASRec's top 20 and each is scored),
-measured in the same run as the model without it.
+does not depend on the weights' values, every row always has its `union` extra paths scored), and
+`<model>+rescoring<k>` the same with union k; each is measured in the same run as the model
+without it.
 
 For each model (gin_configs/models/<name>.gin over Amazon Beauty's SID trie, 12,101 items;
 randomly initialised unless --small_weights names a trained params checkpoint: the latency of a
@@ -36,6 +37,7 @@ import argparse
 import http.client
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -83,9 +85,22 @@ def build(model_name: str, dataset: str, weights: str | None):
   return model, params, art, ds, n_params
 
 
-def second_stage(art, sasrec_dir: str | None, weight: float = 1.5, union: int = 20):
-  """The default configuration's second stage over `art`'s catalogue: a saved scorer, or SASRec's
-  default shape randomly initialised (latency does not depend on its weights' values)."""
+def default_stage_settings() -> tuple[float, int]:
+  """The default configuration's second stage: ``(weight, union)`` of gin_configs/defaults/small.gin."""
+  import gin
+
+  from oxyjax import train  # noqa: F401  (the gin names)
+
+  gin.clear_config()
+  gin.parse_config_files_and_bindings([os.path.join(REPO, "gin_configs", "defaults", "small.gin")], [])
+  cfg = gin.get_configurable("oxyjax.train.RescoringConfig")()
+  gin.clear_config()
+  return cfg.weight, cfg.union
+
+
+def second_stage(art, sasrec_dir: str | None, weight: float, union: int):
+  """A second stage over `art`'s catalogue: a saved scorer, or SASRec's default shape randomly
+  initialised (latency does not depend on its weights' values)."""
   import jax
 
   from oxyjax import rescoring
@@ -253,10 +268,14 @@ def main():
   loads = {}
   for name in args.models.split(","):
     base, _, variant = name.partition("+")
-    if variant not in ("", "rescoring"):
-      raise SystemExit(f"unknown model variant {name!r} (<model> or <model>+rescoring)")
+    rescored = re.fullmatch(r"rescoring(\d*)", variant)
+    if variant and not rescored:
+      raise SystemExit(f"unknown model variant {name!r} (<model>, <model>+rescoring or <model>+rescoring<k>)")
     model, params, art, ds, n_params = build(base, args.dataset, args.small_weights if base == "small" else None)
-    stage = second_stage(art, args.sasrec) if variant else None
+    stage = None
+    if rescored:
+      weight, union = default_stage_settings()
+      stage = second_stage(art, args.sasrec, weight, int(rescored.group(1) or union))
     is_big = n_params > 50e6
     cases = [(b, w) for w in beam_sizes for b in batch_sizes if not (is_big and b * w > args.max_rows_0p1b)]
     skipped = [(b, w) for w in beam_sizes for b in batch_sizes if (b, w) not in cases]

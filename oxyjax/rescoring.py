@@ -8,8 +8,8 @@ product of experts)
 
     log p_gen(item) + weight * log softmax_SASRec(item | history)        (`rerank`)
 
-With ``union`` k > 0 the candidates are the beams and SASRec's own top k items (each item once);
-an item beam search did not return gets its ``log p_gen`` by teacher forcing
+With ``union`` k > 0 the candidates are the beams and SASRec's k best items that are not beams
+(and are items of the row's pool); an item beam search did not return gets its ``log p_gen`` by teacher forcing
 (`RecModel.path_log_probs`, the same joint log-probability beam search scores). The generative
 model sees an item through its semantic-ID path, which ties similar items together; SASRec has one
 free embedding per item; the two make different errors. ``weight`` 0 is the generative model
@@ -140,14 +140,6 @@ class SASRecScorer:
     return cls(config, int(meta["num_items"]), params, meta["digest"], meta.get("info", {}))
 
 
-def union(beams: np.ndarray, extra: np.ndarray) -> np.ndarray:
-  """``[B, K + k]``: each row's beams, then the items of ``extra [B, k]`` that are not among them
-  (a repeated item becomes 0, an empty slot, so every live candidate appears once)."""
-  beams, extra = np.asarray(beams), np.asarray(extra)
-  seen = (extra[:, :, None] == beams[:, None, :]).any(axis=2)
-  return np.concatenate([beams, np.where(seen | (extra < 1), 0, extra)], axis=1)
-
-
 def rerank(items: np.ndarray, policy_scores: np.ndarray, ranker_logits: np.ndarray,
            weight: float) -> tuple[np.ndarray, np.ndarray]:
   """A second stage over the policy's beams: each row's ``items [B, K]`` reordered by
@@ -175,7 +167,7 @@ def rerank(items: np.ndarray, policy_scores: np.ndarray, ranker_logits: np.ndarr
 class RescoringConfig:
   """The second stage of evaluation (and of the default configuration, where the defaults rule
   picked it). ``weight`` 0 turns it off: the beams in beam-search order. ``union`` k > 0 also
-  ranks SASRec's top k items beside the beams. ``sasrec``: the scorer's shape and training;
+  ranks SASRec's k best items that are not beams beside them (each costs the policy a scored path). ``sasrec``: the scorer's shape and training;
   ``seed``: its training seed (fixed, so that runs of several seeds share one cached scorer)."""
 
   weight: float = 0.0
@@ -205,9 +197,9 @@ class SecondStage:
 
   `apply` takes the policy's beams ``items, scores [B, W]`` (beam search's output: -1 / -inf for
   an empty beam) and returns ``(items [B, W + union], fused scores)``, best first, -1 / -inf for an
-  empty candidate. The candidates are the beams and, with ``union`` k > 0, SASRec's top k items
-  that are valid items of the row's pool (``trie.find`` from ``batch["pool_root"]``) and not
-  already beams; an extra item's policy score is its joint log-probability
+  empty candidate. The candidates are the beams and, with ``union`` k > 0, SASRec's best k items
+  among those that are valid items of the row's pool (``trie.find`` from ``batch["pool_root"]``)
+  and not already beams; an extra item's policy score is its joint log-probability
   (`RecModel.path_log_probs`, computed as beam search computes it), a beam's is its beam score."""
 
   scorer: SASRecScorer
@@ -232,10 +224,15 @@ class SecondStage:
     lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, num_items + 1]
     cand, policy = items, scores
     if self.union:
-      _, extra = jax.lax.top_k(lp, self.union)  # [B, k]
+      # SASRec's best `union` items that are valid items of the row's pool and not beams, looked
+      # for among its top union + W + 1 (every one of them when the pool is the whole catalogue:
+      # at most W beams and the padding item 0 are passed over); only they are scored by the policy.
+      _, top = jax.lax.top_k(lp, min(self.union + items.shape[1] + 1, lp.shape[1]))  # [B, M]
+      found = trie.find(jnp.asarray(sid_codes)[top], batch.get("pool_root")) == top
+      ok = found & (top > 0) & ~(top[:, :, None] == items[:, None, :]).any(axis=2)
+      first = jnp.argsort(~ok, axis=1, stable=True)[:, :self.union]  # the first `union` ok, in SASRec's order
+      extra, new = jnp.take_along_axis(top, first, axis=1), jnp.take_along_axis(ok, first, axis=1)
       codes = jnp.asarray(sid_codes)[extra]  # [B, k, L]
-      in_pool = trie.find(codes, batch.get("pool_root")) == extra
-      new = in_pool & (extra > 0) & ~(extra[:, :, None] == items[:, None, :]).any(axis=2)
       extra_policy = model.path_log_probs(params, batch, codes)
       cand = jnp.concatenate([items, jnp.where(new, extra, -1)], axis=1)
       policy = jnp.concatenate([scores, jnp.where(new, extra_policy, -jnp.inf)], axis=1)

@@ -119,12 +119,6 @@ def test_the_digest_keys_the_training_sequences_only():
   assert rescoring.sequences_digest([list(s) for s in sa]) == rescoring.sequences_digest(sa)
 
 
-def test_union_keeps_the_beams_and_adds_each_new_item_once():
-  beams = np.array([[3, 5, -1], [1, 2, 4]])
-  extra = np.array([[5, 7, 3], [9, 8, 2]])
-  np.testing.assert_array_equal(rescoring.union(beams, extra), [[3, 5, -1, 0, 7, 0], [1, 2, 4, 9, 8, 0]])
-
-
 def test_path_log_probs_are_the_beam_search_scores():
   """The union scores SASRec's extra items by teacher forcing (`RecModel.path_log_probs`); for
   the beams themselves that must be the score beam search gave them (normalize="vocab"): the same
@@ -185,8 +179,8 @@ def _scorer_for_tiny():
 
 def test_the_rescorer_ranks_beams_and_sasrec_items_by_the_fused_score():
   """The traced second stage (`SecondStage`, also the serving program's) against a NumPy
-  reference built from the host-side pieces: the candidates are `union(beams, SASRec's top 5)`,
-  an extra item's policy score is its teacher-forced joint log-prob and a beam's its beam score,
+  reference built from the host-side pieces: the candidates are the beams and SASRec's best 5
+  items that are not beams, an extra item's policy score is its teacher-forced joint log-prob and a beam's its beam score,
   SASRec's score is `SASRecScorer.log_probs`, and the order is `rerank`'s. Both sides run the
   same float32 networks; the tolerance covers jit-vs-jit reassociation of 3-level sums (1e-4),
   and order is compared only between candidates whose fused scores differ by more than that."""
@@ -213,15 +207,19 @@ def test_the_rescorer_ranks_beams_and_sasrec_items_by_the_fused_score():
 
 def numpy_second_stage(model, params, scorer, sid_codes, feats, items, scores, union, weight, pool=None):
   """The second stage from its host-side pieces (the reference for the traced `SecondStage`):
-  candidates `union(beams, SASRec's top union)` (extra items outside ``pool`` dropped), an extra
-  item's policy score its teacher-forced joint log-prob (a beam's its beam score), SASRec's
-  `log_probs`, and `rerank`'s order."""
+  the candidates are the beams, then SASRec's best ``union`` items among those of ``pool`` (every
+  item without one) that are not beams, in SASRec's order (read from its top union + W + 1: every
+  such item when there is no pool); an extra item's policy score is its joint log-prob (a beam's
+  its beam score), SASRec's `log_probs`, and `rerank`'s order."""
   import jax
 
-  extra, _ = scorer.top_k(feats["history_items"], feats["history_mask"], union)
-  if pool is not None:
-    extra = np.where(np.isin(extra, np.asarray(list(pool))), extra, 0)
-  cand = rescoring.union(np.maximum(items, 0), extra)
+  beams = np.maximum(items, 0)
+  top, _ = scorer.top_k(feats["history_items"], feats["history_mask"], union + items.shape[1] + 1)
+  extra = np.zeros((items.shape[0], union), np.int64)
+  for row in range(items.shape[0]):
+    ok = [x for x in top[row] if x > 0 and x not in beams[row] and (pool is None or x in pool)][:union]
+    extra[row, :len(ok)] = ok
+  cand = np.concatenate([beams, extra], axis=1)
   policy = np.concatenate([scores, np.asarray(jax.jit(model.path_log_probs)(params, feats, sid_codes[extra]))], 1)
   policy = np.where(cand > 0, policy, -np.inf)
   sas = scorer.log_probs(feats["history_items"], feats["history_mask"], cand)
