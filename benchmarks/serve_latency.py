@@ -92,7 +92,9 @@ def default_stage_settings() -> tuple[float, int]:
   from oxyjax import train  # noqa: F401  (the gin names)
 
   gin.clear_config()
-  gin.parse_config_files_and_bindings([os.path.join(REPO, "gin_configs", "defaults", "small.gin")], [])
+  gin.add_config_file_search_path(os.path.join(REPO, "gin_configs"))
+  gin.parse_config_files_and_bindings([os.path.join(REPO, "gin_configs", "defaults", "small.gin")], [],
+                                      finalize_config=False)
   cfg = gin.get_configurable("oxyjax.train.RescoringConfig")()
   gin.clear_config()
   return cfg.weight, cfg.union
@@ -266,6 +268,7 @@ def main():
             "models": {}, "command": " ".join(sys.argv)}
   tmp = tempfile.mkdtemp(prefix="serve_latency-")
   loads = {}
+  stage_settings = default_stage_settings() if "+" in args.models else None  # before `build` parses (and locks) gin
   for name in args.models.split(","):
     base, _, variant = name.partition("+")
     rescored = re.fullmatch(r"rescoring(\d*)", variant)
@@ -274,7 +277,7 @@ def main():
     model, params, art, ds, n_params = build(base, args.dataset, args.small_weights if base == "small" else None)
     stage = None
     if rescored:
-      weight, union = default_stage_settings()
+      weight, union = stage_settings
       stage = second_stage(art, args.sasrec, weight, int(rescored.group(1) or union))
     is_big = n_params > 50e6
     cases = [(b, w) for w in beam_sizes for b in batch_sizes if not (is_big and b * w > args.max_rows_0p1b)]

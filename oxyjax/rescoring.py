@@ -171,7 +171,7 @@ class RescoringConfig:
   ``seed``: its training seed (fixed, so that runs of several seeds share one cached scorer)."""
 
   weight: float = 0.0
-  union: int = 20
+  union: int = 10
   sasrec: sasrec_lib.SASRecConfig = sasrec_lib.SASRecConfig()
   seed: int = 0
   cache_dir: str | None = None  # default: <repo>/.cache/rescoring/<dataset>_<training digest>_<settings>

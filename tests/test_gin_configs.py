@@ -89,9 +89,9 @@ def test_default_configuration_parses_with_each_shipped_dataset():
     assert gin.get_configurable(ModelConfig)().emb_dim == 128  # the small model
     sid = gin.get_configurable(train_lib.SIDConfig)()  # the rule's choice since session 29: the RQ-VAE
     assert (sid.quantizer, sid.codebook_size, sid.rqvae_steps) == ("rqvae", 256, None)
-    # the rule's choice since session 30: the SASRec second stage, the beams + its top 20, weight 1.5
+    # the rule's choice since session 30: the SASRec second stage, weight 1.5; its union of 10 since session 32
     resc = gin.get_configurable(train_lib.RescoringConfig)()
-    assert (resc.enabled, resc.weight, resc.union, resc.sasrec.num_epochs) == (True, 1.5, 20, 40)
+    assert (resc.enabled, resc.weight, resc.union, resc.sasrec.num_epochs) == (True, 1.5, 10, 40)
 
 
 def test_ranker_mode_parses_and_rl_mode_takes_the_ranking_model():
