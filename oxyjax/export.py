@@ -19,8 +19,8 @@ training into `<model_dir>/second_stage`) the same program also runs it after th
   serve(params, features, trie, stage_params, sid_codes) -> (items [B, W + union], fused scores)
 
 the beams and SASRec's `union` best items of the row's pool that are not beams, ordered by
-log p + weight * log p_SASRec (the function evaluation runs, `rescoring.Rescorer`). Directory layout (format
-`oxyjax.serving_export`, version `SERVING_VERSION`):
+log p + weight * log p_SASRec (the function evaluation runs, `rescoring.Rescorer`). Directory
+layout (format `oxyjax.serving_export`, version `SERVING_VERSION`):
 
   serving.json            format, version, buckets, beam sizes, score normalisation, the
                           feature and parameter specs the programs were traced with, each

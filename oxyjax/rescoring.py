@@ -9,8 +9,8 @@ product of experts)
     log p_gen(item) + weight * log softmax_SASRec(item | history)        (`rerank`)
 
 With ``union`` k > 0 the candidates are the beams and SASRec's k best items that are not beams
-(and are items of the row's pool); an item beam search did not return gets its ``log p_gen`` by teacher forcing
-(`RecModel.path_log_probs`, the same joint log-probability beam search scores). The generative
+(and are items of the row's pool); each gets its ``log p_gen`` from `RecModel.path_log_probs`
+(the joint log-probability beam search scores, computed as beam search computes it). The generative
 model sees an item through its semantic-ID path, which ties similar items together; SASRec has one
 free embedding per item; the two make different errors. ``weight`` 0 is the generative model
 alone. `Rescorer` is the second stage `Evaluator(second_stage=...)` applies; `RescoringConfig`
@@ -167,8 +167,8 @@ def rerank(items: np.ndarray, policy_scores: np.ndarray, ranker_logits: np.ndarr
 class RescoringConfig:
   """The second stage of evaluation (and of the default configuration, where the defaults rule
   picked it). ``weight`` 0 turns it off: the beams in beam-search order. ``union`` k > 0 also
-  ranks SASRec's k best items that are not beams beside them (each costs the policy a scored path). ``sasrec``: the scorer's shape and training;
-  ``seed``: its training seed (fixed, so that runs of several seeds share one cached scorer)."""
+  ranks SASRec's k best items that are not beams beside them (each costs the policy a scored
+  path). ``sasrec``: the scorer's shape and training; ``seed``: its training seed (fixed, so that runs of several seeds share one cached scorer)."""
 
   weight: float = 0.0
   union: int = 10

@@ -180,8 +180,9 @@ def _scorer_for_tiny():
 def test_the_rescorer_ranks_beams_and_sasrec_items_by_the_fused_score():
   """The traced second stage (`SecondStage`, also the serving program's) against a NumPy
   reference built from the host-side pieces: the candidates are the beams and SASRec's best 5
-  items that are not beams, an extra item's policy score is its teacher-forced joint log-prob and a beam's its beam score,
-  SASRec's score is `SASRecScorer.log_probs`, and the order is `rerank`'s. Both sides run the
+  items that are not beams (chosen in Python from `SASRecScorer.top_k`), an extra item's policy
+  score is its joint log-prob (`path_log_probs`, checked against beam search's scores below) and a
+  beam's its beam score, SASRec's score is `SASRecScorer.log_probs`, and the order is `rerank`'s. Both sides run the
   same float32 networks; the tolerance covers jit-vs-jit reassociation of 3-level sums (1e-4),
   and order is compared only between candidates whose fused scores differ by more than that."""
   from oxyjax.evaluation import Evaluator
