@@ -104,11 +104,12 @@ def serving_fn(model, beam_size: int, normalize: str = "vocab", stage=None):
   `predict.Predictor` both run it."""
 
   def serve(params, features, trie, *stage_args):
-    out = model.predict(params, features, trie, beam_size=beam_size, normalize=normalize)
+    context = model.encode(params, features)  # once per request: the beam search and the stage read it
+    out = model.predict(params, features, trie, beam_size=beam_size, normalize=normalize, context=context)
     if stage is None:
       return out.items, out.scores
     stage_params, sid_codes = stage_args
-    return stage.apply(model, params, stage_params, features, trie, sid_codes, out.items, out.scores)
+    return stage.apply(model, params, stage_params, features, trie, sid_codes, out.items, out.scores, context)
 
   return serve
 

@@ -215,10 +215,11 @@ class SecondStage:
   def params(self):
     return self.scorer.params
 
-  def candidates(self, model, params, stage_params, batch, trie, sid_codes, items, scores):
+  def candidates(self, model, params, stage_params, batch, trie, sid_codes, items, scores, context=None):
     """Traceable: ``(candidates [B, W + union], policy log-probs, SASRec log-probs)``, -1 / -inf
     for an empty candidate. ``stage_params``: the scorer's parameters; ``sid_codes [num_items +
-    1, L]``: the SID table (to score and pool-check SASRec's items)."""
+    1, L]``: the SID table (to score and pool-check SASRec's items); ``context``: the policy's
+    `RecModel.encode` of ``batch`` where the caller has it (the beam search's), else recomputed."""
     seq = sasrec_window(batch["history_items"], batch["history_mask"], self.scorer.config.max_len)
     logits = self.scorer.model.apply({"params": stage_params}, seq, train=False, last_only=True)
     lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, num_items + 1]
@@ -233,7 +234,7 @@ class SecondStage:
       first = jnp.argsort(~ok, axis=1, stable=True)[:, :self.union]  # the first `union` ok, in SASRec's order
       extra, new = jnp.take_along_axis(top, first, axis=1), jnp.take_along_axis(ok, first, axis=1)
       codes = jnp.asarray(sid_codes)[extra]  # [B, k, L]
-      extra_policy = model.path_log_probs(params, batch, codes)
+      extra_policy = model.path_log_probs(params, batch, codes, context)
       cand = jnp.concatenate([items, jnp.where(new, extra, -1)], axis=1)
       policy = jnp.concatenate([scores, jnp.where(new, extra_policy, -jnp.inf)], axis=1)
     live = (cand > 0) & jnp.isfinite(policy)
@@ -250,9 +251,9 @@ class SecondStage:
     fused = jnp.take_along_axis(fused, order, axis=1)
     return jnp.where(jnp.isfinite(fused), jnp.take_along_axis(cand, order, axis=1), -1), fused
 
-  def apply(self, model, params, stage_params, batch, trie, sid_codes, items, scores):
+  def apply(self, model, params, stage_params, batch, trie, sid_codes, items, scores, context=None):
     """Traceable: `candidates`, then `fuse` (see the class docstring)."""
-    return self.fuse(*self.candidates(model, params, stage_params, batch, trie, sid_codes, items, scores))
+    return self.fuse(*self.candidates(model, params, stage_params, batch, trie, sid_codes, items, scores, context))
 
   def save(self, directory: str) -> None:
     """The scorer's Orbax checkpoint (`SASRecScorer.save`) with the weight and union."""

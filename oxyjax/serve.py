@@ -161,7 +161,6 @@ class ServingModel:
       except (OSError, ValueError) as e:
         raise export_lib.ExportError(f"{fpath}: {e}") from None
       self._programs[(b, w)] = jax.jit(exp.call)
-    self._lock = threading.Lock()  # one compiled call at a time (XLA uses every core per call)
     self._users: dict[tuple[str, str], list[str]] = {}
     users_path = os.path.join(self.directory, export_lib.USERS_FILE)
     if os.path.isfile(users_path):
@@ -238,9 +237,8 @@ class ServingModel:
       s += n
       chunk += [self._empty_row()] * (b - n)
       feats = {k: np.concatenate([r[k] for r in chunk]).astype(d) for k, (_, d) in self.feature_spec.items()}
-      with self._lock:
-        items, scores = self._programs[(b, beam)](self.params, feats, self.trie, *self._stage_args)
-        items, scores = np.asarray(items), np.asarray(scores)
+      items, scores = self._programs[(b, beam)](self.params, feats, self.trie, *self._stage_args)
+      items, scores = np.asarray(items), np.asarray(scores)
       out_items.append(items[:n])
       out_scores.append(scores[:n])
     return np.concatenate(out_items), np.concatenate(out_scores)
@@ -476,6 +474,12 @@ class Recommender:
 # ------------------------------------------------------------------------------ batching
 
 
+# Batches in the model at once. On the 2-core CPU a second call adds throughput, as XLA spreads a
+# call of a few rows over the cores only in part: 300 requests/s at beam 20 with the default
+# second stage, p99 149 ms with one worker and 77 ms with two (docs/serving.md, "Open-loop load").
+DEFAULT_BATCH_WORKERS = 2
+
+
 class QueueFull(RuntimeError):
   pass
 
@@ -493,20 +497,29 @@ class _Pending:
 
 
 class Batcher:
-  """Dynamic batching: a bounded queue, one worker, batches of the same beam, a deadline per request."""
+  """Dynamic batching: a bounded queue, batches of the same beam, a deadline per request.
+
+  `workers` threads each take a batch and run it, so up to `workers` compiled calls run at once:
+  while one runs, the next batch gathers and starts (see `DEFAULT_BATCH_WORKERS`). A batch is
+  gathered by one worker at a time (`_take` under a lock)."""
 
   def __init__(self, recommender: Recommender, *, max_batch: int | None = None, max_wait_s: float = 0.002,
-               queue_size: int = 512, timeout_s: float = 2.0):
+               queue_size: int = 512, timeout_s: float = 2.0, workers: int = DEFAULT_BATCH_WORKERS):
+    if workers < 1:
+      raise ValueError(f"batch workers must be >= 1, got {workers}")
     self.rec = recommender
     self.max_batch = max_batch or recommender.model.batch_sizes[-1]
     self.max_wait_s, self.timeout_s = max_wait_s, timeout_s
     self._q: queue.Queue[_Pending] = queue.Queue(maxsize=queue_size)
     self._held: list[_Pending] = []  # taken from the queue, other beam than the batch being run
+    self._taking = threading.Lock()  # one worker gathers a batch at a time (`_held` is shared)
+    self._counting = threading.Lock()
     self.batches = 0
     self.rows = 0
     self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._loop, daemon=True, name="batcher")
-    self._thread.start()
+    self._threads = [threading.Thread(target=self._loop, daemon=True, name=f"batcher-{i}") for i in range(workers)]
+    for t in self._threads:
+      t.start()
 
   def submit(self, body: Any) -> Answer:
     row, meta = self.rec.prepare(body)  # BadRequest before it queues
@@ -545,7 +558,8 @@ class Batcher:
 
   def _loop(self) -> None:
     while not self._stop.is_set():
-      batch = self._take()
+      with self._taking:
+        batch = [] if self._stop.is_set() else self._take()
       now = time.monotonic()
       live = [p for p in batch if p.deadline > now]  # expired ones were answered 504 already
       if not live:
@@ -558,17 +572,19 @@ class Batcher:
         log.exception("batch of %d failed", len(live))
         for p in live:
           p.result = e
-      self.batches += 1
-      self.rows += len(live)
+      with self._counting:
+        self.batches += 1
+        self.rows += len(live)
       for p in live:
         p.done.set()
 
   def close(self) -> None:
     self._stop.set()
-    try:
-      self._q.put_nowait(None)
-    except queue.Full:
-      pass
+    for _ in self._threads:  # wakes each worker blocked on an empty queue
+      try:
+        self._q.put_nowait(None)
+      except queue.Full:
+        pass
 
 
 # ------------------------------------------------------------------------------ HTTP
@@ -655,14 +671,14 @@ class Server:
   def __init__(self, serving_dir: str, *, host: str = "127.0.0.1", port: int = 0, store: str | None = None,
                instruction_max_age_s: float | None = None, store_reload_s: float = 60.0, limits: Limits = Limits(),
                max_batch_wait_ms: float = 2.0, queue_size: int = 512, request_timeout_s: float = 2.0,
-               warmup: bool = True, encoder=None, log=print):
+               batch_workers: int = DEFAULT_BATCH_WORKERS, warmup: bool = True, encoder=None, log=print):
     self.model = ServingModel(serving_dir, log=log)
     if warmup:
       self.model.warmup(log=log)
     self.instructions = InstructionSnapshot(store, max_age_s=instruction_max_age_s, reload_s=store_reload_s)
     self.recommender = Recommender(self.model, limits=limits, instructions=self.instructions, encoder=encoder)
     self.batcher = Batcher(self.recommender, max_wait_s=max_batch_wait_ms / 1e3, queue_size=queue_size,
-                           timeout_s=request_timeout_s)
+                           timeout_s=request_timeout_s, workers=batch_workers)
     health = {"scenarios": [s["name"] for s in self.model.scenarios] or None, "beam_sizes": self.model.beam_sizes,
               "batch_sizes": self.model.batch_sizes, "weights_step": self.model.weights_step,
               "dataset": self.model.artifact.dataset, "instruction_store": store,
@@ -700,6 +716,7 @@ def _define_flags():
   flags.DEFINE_float("max_batch_wait_ms", 2.0, "How long the batcher waits for more requests.")
   flags.DEFINE_integer("queue_size", 512, "Requests that may wait; more get 503.")
   flags.DEFINE_float("request_timeout_s", 2.0, "A request not answered by then gets 504.")
+  flags.DEFINE_integer("batch_workers", DEFAULT_BATCH_WORKERS, "Batches that may run at once (each a compiled call).")
   flags.DEFINE_integer("max_body_bytes", Limits.max_body_bytes, "Larger bodies get 413.")
   flags.DEFINE_integer("max_history_items", Limits.max_history_items, "Longer histories get 400.")
 
@@ -720,7 +737,7 @@ def main(argv: Sequence[str]) -> None:
                     instruction_max_age_s=fl.instruction_max_age_s, store_reload_s=fl.store_reload_s,
                     limits=Limits(max_body_bytes=fl.max_body_bytes, max_history_items=fl.max_history_items),
                     max_batch_wait_ms=fl.max_batch_wait_ms, queue_size=fl.queue_size,
-                    request_timeout_s=fl.request_timeout_s)
+                    request_timeout_s=fl.request_timeout_s, batch_workers=fl.batch_workers)
   except (ArtifactError, export_lib.ExportError, FileNotFoundError) as e:
     raise SystemExit(f"{PROG}: {e}") from None
   print(f"[serve] {server.url}/v1/recommend  (health: {server.url}/healthz)", flush=True)

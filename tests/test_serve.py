@@ -308,24 +308,70 @@ def test_concurrent_requests_share_calls_and_get_their_own_answers(exported, ser
   assert batcher.rows == len(bodies) and batcher.batches < len(bodies)  # requests were batched together
 
 
-def test_a_full_queue_gets_503_and_a_late_answer_504(exported, server):
+def _blocked_infer(monkeypatch, model, gate, timeout_s: float = 30):
+  """`model.infer` waits on `gate` (an Event or a Barrier) before it runs."""
+  real = model.infer
+
+  def infer(rows, beam):
+    gate.wait(timeout_s)
+    return real(rows, beam)
+
+  monkeypatch.setattr(model, "infer", infer)
+
+
+def test_a_full_queue_gets_503_and_a_late_answer_504(exported, server, monkeypatch):
   _, predictor = exported
   body = {"scenario": "office_homepage", "history": _office_ids(predictor)[:2]}
-  batcher = serve.Batcher(server.recommender, max_wait_s=0.0, queue_size=1, timeout_s=0.5)
+  release = threading.Event()
+  _blocked_infer(monkeypatch, server.model, release)  # the model is busy: nothing is answered
+  batcher = serve.Batcher(server.recommender, max_wait_s=0.0, queue_size=1, timeout_s=0.5, workers=1)
   errors = []
-  with server.model._lock:  # the model is busy: nothing is answered
-    def client():
-      try:
-        batcher.submit(body)
-      except (serve.QueueFull, serve.DeadlineExceeded) as e:
-        errors.append(type(e))
-    threads = [threading.Thread(target=client) for _ in range(4)]
-    for t in threads:
-      t.start()
-    for t in threads:
-      t.join(30)
+
+  def client():
+    try:
+      batcher.submit(body)
+    except (serve.QueueFull, serve.DeadlineExceeded) as e:
+      errors.append(type(e))
+
+  threads = [threading.Thread(target=client) for _ in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(30)
+  release.set()
   batcher.close()
   assert serve.QueueFull in errors and serve.DeadlineExceeded in errors and len(errors) == 4
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batch_workers_run_calls_at_once(exported, server, monkeypatch, workers):
+  """With two workers two batches are in the model at the same time (each call waits for the
+  other at a barrier; with one worker the first call waits alone and the barrier breaks), and
+  each request still gets its own answer."""
+  _, predictor = exported
+  ids = _office_ids(predictor)
+  bodies = [{"scenario": "office_homepage", "history": ids[i:i + 2], "k": 5} for i in range(2)]
+  alone = [[x["item_id"] for x in server.recommender.recommend([b])[0].items] for b in bodies]
+  _blocked_infer(monkeypatch, server.model, threading.Barrier(2), timeout_s=3 if workers == 1 else 30)
+  batcher = serve.Batcher(server.recommender, max_batch=1, max_wait_s=0.0, timeout_s=30, workers=workers)
+  got, failed = [None, None], []
+
+  def client(i):
+    try:
+      got[i] = [x["item_id"] for x in batcher.submit(bodies[i]).items]
+    except threading.BrokenBarrierError as e:
+      failed.append(e)
+
+  threads = [threading.Thread(target=client, args=(i,)) for i in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(60)
+  batcher.close()
+  if workers == 2:
+    assert got == alone and not failed and batcher.batches == 2
+  else:
+    assert failed  # one call at a time: the first never met a second
 
 
 def test_a_serving_directory_that_does_not_match_is_refused(exported, tmp_path):

@@ -157,13 +157,19 @@ class RecModel:
     return loss_sum, aux
 
   # ---------------------------------------------------------------- decoding
+  def encode(self, params, batch: Mapping[str, jax.Array]):
+    """The decoder's context for `batch` (the encoder's output and what the decoder reads of
+    it): what `predict` and `path_log_probs` compute first, passed to both when a program runs
+    the two on the same rows (the serving program with a second stage) so the encoder runs once."""
+    return self.network.apply({"params": params}, batch, method=EncoderDecoder.init_decode)
+
   def predict(self, params, batch: Mapping[str, jax.Array], trie, *, beam_size: int,
-              normalize: str = "vocab", level_weights: tuple[float, ...] | None = None
+              normalize: str = "vocab", level_weights: tuple[float, ...] | None = None, context=None
               ) -> decoding.BeamSearchOutput:
     """Top-`beam_size` distinct valid items per example, by constrained beam search
     (`normalize`, `level_weights`: how each level's scores are normalised and weighted, see
-    `decoding.beam_search`)."""
-    context = self.network.apply({"params": params}, batch, method=EncoderDecoder.init_decode)
+    `decoding.beam_search`; `context`: `encode`'s output for `batch`, computed here if None)."""
+    context = self.encode(params, batch) if context is None else context
 
     def step_fn(level, prev_codes, cache):
       return self.network.apply({"params": params}, level, prev_codes, cache, context,
@@ -173,15 +179,16 @@ class RecModel:
     return decoding.beam_search(step_fn, None, trie, batch_size=batch["scenario"].shape[0], beam_size=beam_size,
                                 normalize=normalize, root=batch.get("pool_root"), level_weights=level_weights)
 
-  def path_log_probs(self, params, batch: Mapping[str, jax.Array], codes: jax.Array) -> jax.Array:
+  def path_log_probs(self, params, batch: Mapping[str, jax.Array], codes: jax.Array, context=None) -> jax.Array:
     """The joint log-probability ``[B, G]`` of given SID paths ``codes [B, G, L]``: the score
     `predict` gives a beam with ``normalize="vocab"`` and no level weights, for items beam search
     did not return (`oxyjax.rescoring`'s union). Computed as beam search computes it: the encoder
     and the [BOS, INSTR] prefix once per row, then one cached decoder step per level for all G
-    paths (a teacher-forced pass of the whole group would run the prefix G times)."""
+    paths (a teacher-forced pass of the whole group would run the prefix G times). `context`:
+    `encode`'s output for `batch`, computed here if None."""
     safe = jnp.maximum(codes, 0)  # padding candidates (-1): any path; the caller masks them
     b, g, levels = safe.shape
-    context = self.network.apply({"params": params}, batch, method=EncoderDecoder.init_decode)
+    context = self.encode(params, batch) if context is None else context
 
     def step(level, prev_codes, cache):
       return self.network.apply({"params": params}, level, prev_codes, cache, context,

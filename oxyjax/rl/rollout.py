@@ -105,7 +105,7 @@ def sample(model, params, batch: Mapping[str, jax.Array], trie: PrefixTrie, *, g
   """G independent samples per prompt from the constrained policy (with replacement: a group
   may hold an item twice), inside the caller's jit. The encoder runs once per prompt."""
   b = batch["scenario"].shape[0]
-  context = model.network.apply({"params": params}, batch, method=EncoderDecoder.init_decode)
+  context = model.encode(params, batch)
   node = jnp.broadcast_to(_roots(batch, b)[:, None], (b, group_size))
   prev, cache, codes, logps = jnp.zeros((b, 1), jnp.int32), None, [], []
   for level in range(trie.num_levels):
@@ -130,7 +130,7 @@ def beam(model, params, batch: Mapping[str, jax.Array], trie: PrefixTrie, *, gro
   teacher-forced per-token log-probs (`policy_logprobs`). Fewer items than G in a pool leave
   empty beams (valid False)."""
   b = batch["scenario"].shape[0]
-  context = model.network.apply({"params": params}, batch, method=EncoderDecoder.init_decode)
+  context = model.encode(params, batch)
 
   def step_fn(level, prev_codes, cache):
     logits, cache = model.network.apply({"params": params}, level, prev_codes, cache, context,
