@@ -480,6 +480,8 @@ def main():
   if loads:
     report["load_test"] = {k: v for k, v in load.items() if k != "latencies_ms"}
     report["load_tests"] = {n: {k: v for k, v in x.items() if k != "latencies_ms"} for n, x in loads.items()}
+  if open_loops:
+    report["open_loop"] = open_loops
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out + ".json", "w") as f:
     json.dump(report, f, indent=1)
@@ -508,8 +510,6 @@ def main():
                  f"per model\n{cpu}", fontsize=9)
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
-  if open_loops:
-    report["open_loop"] = open_loops
   if open_loops and args.open_loop_png:
     plot_open_loop(open_loops, cpu, args.open_loop_png)
   print(f"\nwrote {args.out}.json" + (f" and {args.png}" if load else "")
@@ -517,33 +517,33 @@ def main():
 
 
 def plot_open_loop(open_loops: dict, cpu: str, path: str) -> None:
-  """p50 / p99 latency and answered rate against the offered arrival rate, per model."""
+  """p99 and p50 latency (from the scheduled arrival) and the answered rate against the offered
+  arrival rate, per model and server setting. (Redraw from a JSON: `plot_open_loop(report["open_loop"],
+  report["cpu"], path)`.)"""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+  fig, ax = plt.subplots(1, 3, figsize=(13, 4))
   for (name, rows), color in zip(open_loops.items(), COLORS):
     x = [r["offered_per_s"] for r in rows]
-    ax[0].plot(x, [r["p99_ms"] for r in rows], "o-", color=color, label=f"{name} p99")
-    ax[0].plot(x, [r["p50_ms"] for r in rows], "o--", color=color, alpha=.6, label=f"{name} p50")
-    ax[1].plot(x, [r["answered_per_s"] for r in rows], "o-", color=color, label=name)
-  ax[0].axhline(100, color="grey", lw=.8, ls=":", label="100 ms")
-  ax[0].set_yscale("log")
-  ax[0].set_xlabel("offered requests/s (Poisson arrivals)")
-  ax[0].set_ylabel("latency from arrival (ms, log)")
-  ax[0].legend(fontsize=7)
-  ax[0].grid(alpha=.3)
+    ax[0].plot(x, [r["p99_ms"] for r in rows], "o-", color=color, label=name)
+    ax[1].plot(x, [r["p50_ms"] for r in rows], "o-", color=color)
+    ax[2].plot(x, [r["answered_per_s"] for r in rows], "o-", color=color)
   lim = max(r["offered_per_s"] for rows in open_loops.values() for r in rows)
-  ax[1].plot([0, lim], [0, lim], color="grey", lw=.8, ls=":", label="answered = offered")
-  ax[1].set_xlabel("offered requests/s")
-  ax[1].set_ylabel("answered requests/s")
-  ax[1].legend(fontsize=7)
-  ax[1].grid(alpha=.3)
-  fig.suptitle(f"oxyjax.serve open-loop load test at beam 20\n{cpu}", fontsize=9)
-  fig.tight_layout()
+  ax[2].plot([0, lim], [0, lim], color="grey", lw=.8, ls=":")
+  for a, title in zip(ax[:2], ("p99", "p50")):
+    a.axhline(100, color="grey", lw=.8, ls=":")
+    a.set_yscale("log")
+    a.set_ylabel(f"{title} latency from arrival (ms, log)")
+  ax[2].set_ylabel("answered requests/s (dotted: all offered)")
+  for a in ax:
+    a.set_xlabel("offered requests/s (Poisson arrivals)")
+    a.grid(alpha=.3)
+  fig.legend(*ax[0].get_legend_handles_labels(), loc="lower center", ncol=min(4, len(open_loops)), fontsize=8)
+  fig.suptitle(f"oxyjax.serve open-loop load test at beam 20 (dotted: 100 ms)\n{cpu}", fontsize=9)
+  fig.tight_layout(rect=(0, 0.08, 1, 1))
   fig.savefig(path, dpi=110)
-
 
 if __name__ == "__main__":
   main()

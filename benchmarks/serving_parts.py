@@ -1,0 +1,84 @@
+r"""Where the serving program's time goes at beam 20: its parts timed in-process, one jit each.
+
+  python benchmarks/serving_parts.py                    # all cores
+  taskset -c 0 python benchmarks/serving_parts.py       # one core: how much of a call XLA spreads over the cores
+
+Parts (small model over Beauty's SID trie, randomly initialised; a random-init SASRec of the
+default shape, as in serve_latency.py: the cost does not depend on the weights' values):
+- `beams`: the serving function without a second stage (encoder + constrained beam search);
+- `stage_union0`: with the stage scoring the beams only (SASRec, no extra paths);
+- `stage_union<k>`: with the default stage (union k from gin_configs/defaults/small.gin);
+- `path_log_probs`: the policy's score of k given paths per row (what the union adds), encoder included;
+- `encode`: the encoder alone.
+p50 over --reps calls of rows drawn from Beauty's test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+
+from machine import cpu_model  # noqa: E402
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--batch_sizes", default="1,8,64")
+  ap.add_argument("--reps", type=int, default=40)
+  args = ap.parse_args()
+
+  import jax
+  import jax.numpy as jnp
+
+  import serve_latency as sl
+  from oxyjax import export as export_lib
+
+  weight, union = sl.default_stage_settings()
+  model, params, art, ds, _ = sl.build("small", "beauty", None)
+  stage, stage0 = sl.second_stage(art, None, weight, union), sl.second_stage(art, None, weight, 0)
+  trie, codes = art.trie(), jnp.asarray(art.sid_table.codes, jnp.int32)
+  print(f"# serving_parts on {cpu_model()} ({len(os.sched_getaffinity(0))} of {os.cpu_count()} CPUs usable), "
+        f"jax {jax.__version__}; beam 20, union {union}", flush=True)
+  fns = {
+      "beams": jax.jit(lambda p, f: export_lib.serving_fn(model, 20)(p, f, trie)),
+      "stage_union0": jax.jit(lambda p, f: export_lib.serving_fn(model, 20, stage=stage0)(p, f, trie, stage0.params,
+                                                                                           codes)),
+      f"stage_union{union}": jax.jit(lambda p, f: export_lib.serving_fn(model, 20, stage=stage)(p, f, trie,
+                                                                                               stage.params, codes)),
+      "path_log_probs": jax.jit(lambda p, f: model.path_log_probs(
+          p, f, jnp.broadcast_to(codes[1:union + 1][None], (f["scenario"].shape[0], union, codes.shape[1])))),
+      "encode": jax.jit(model.encode),
+  }
+  rng = np.random.default_rng(0)
+  print("| batch | " + " | ".join(fns) + " |\n|---|" + "---|" * len(fns), flush=True)
+  for b in [int(x) for x in args.batch_sizes.split(",")]:
+    feats = []
+    for _ in range(8):
+      hist = np.zeros((b, model.config.max_history), np.int32)
+      for r, i in enumerate(rng.choice(len(ds.test), size=b)):
+        h = ds.test[i].history[-model.config.max_history:]
+        hist[r, -len(h):] = h
+      feats.append({k: jnp.asarray(v) for k, v in model.convert_features(
+          {"history": hist, "target": np.zeros((b,), np.int32), "scenario": np.zeros((b,), np.int32)}).items()})
+    row = []
+    for fn in fns.values():
+      jax.block_until_ready(fn(params, feats[0]))
+      ts = []
+      for i in range(args.reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(params, feats[i % len(feats)]))
+        ts.append(time.perf_counter() - t)
+      row.append(f"{1e3 * np.median(ts):.2f}")
+    print(f"| {b} | " + " | ".join(row) + " |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
