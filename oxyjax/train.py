@@ -97,35 +97,49 @@ def evaluate_final(exp: experiment_lib.Experiment, evaluator: Evaluator, params,
 
 
 def check_rescoring(rescoring: RescoringConfig, scenarios: bool, score_normalization: str, level_weights) -> None:
-  """Before any training: re-scoring needs one dataset, one process and the beams' joint
-  log-probabilities (the scores it fuses)."""
-  if not rescoring.enabled:
-    return
+  """Before any training: with re-scoring on, `check_second_stage`."""
+  if rescoring.enabled:
+    check_second_stage(scenarios, score_normalization, level_weights, field="RescoringConfig.weight")
+
+
+def check_second_stage(scenarios: bool, score_normalization: str, level_weights, *, field: str) -> None:
+  """A second stage needs one dataset, one process and the beams' joint log-probabilities (the
+  scores it fuses); `field` names the setting that asked for it."""
   if scenarios or jax.process_count() != 1:
-    raise ValueError("RescoringConfig.weight: re-scoring runs on one dataset in one process "
+    raise ValueError(f"{field}: re-scoring runs on one dataset in one process "
                      "(not with scenarios or several processes)")
   if score_normalization != "vocab" or level_weights is not None:
-    raise ValueError("RescoringConfig.weight: re-scoring fuses the beams' joint log-probabilities; it needs "
+    raise ValueError(f"{field}: re-scoring fuses the beams' joint log-probabilities; it needs "
                      "eval_score_normalization 'vocab' and no eval_level_weights")
 
 
 def final_results(exp: experiment_lib.Experiment, evaluator: Evaluator, params, splits: Sequence[str],
                   rescoring: RescoringConfig, partitioner: partitioning.Partitioner, log=print,
                   max_examples: int | None = None, model_dir: str | None = None) -> dict[str, dict[str, float]]:
-  """`evaluate_final`, and with re-scoring on, its metrics under `<split>` and the beams alone
-  (from the same decoding pass) under `<split>_beams`; the stage is saved into
-  `<model_dir>/second_stage` for `oxyjax.export`."""
+  """`evaluate_final`, and with re-scoring on, `stage_results` with the dataset's scorer (trained,
+  or read from its content-keyed cache)."""
   if not rescoring.enabled:
     return evaluate_final(exp, evaluator, params, splits, log, max_examples)
   check_rescoring(rescoring, bool(exp.scenarios), evaluator.score_normalization, evaluator.level_weights)
   stage = rescoring_lib.SecondStage(rescoring_lib.get_scorer(exp.dataset, rescoring, log), rescoring.weight,
                                     rescoring.union)
+  return stage_results(exp, evaluator, params, splits, stage, partitioner, log, max_examples, model_dir)
+
+
+def stage_results(exp: experiment_lib.Experiment, evaluator: Evaluator, params, splits: Sequence[str],
+                  stage: rescoring_lib.SecondStage, partitioner: partitioning.Partitioner, log=print,
+                  max_examples: int | None = None, model_dir: str | None = None,
+                  field: str = "RescoringConfig.weight") -> dict[str, dict[str, float]]:
+  """`evaluate_final` with `stage` re-ranking the beams: its metrics under `<split>` and the beams
+  alone (from the same decoding pass) under `<split>_beams`; the stage is saved into
+  `<model_dir>/second_stage` for `oxyjax.export`. `field`: the setting named in a refusal."""
+  check_second_stage(bool(exp.scenarios), evaluator.score_normalization, evaluator.level_weights, field=field)
   if model_dir is not None and jax.process_index() == 0:
     stage.save(os.path.join(model_dir, rescoring_lib.RUN_STAGE_DIR))  # what `oxyjax.export` serves with the model
   rescorer = rescoring_lib.Rescorer(exp.model, stage, exp.artifact.sid_table.codes, evaluator.trie, partitioner)
   rescored = Evaluator(exp.model, partitioner, evaluator.trie, beam_size=evaluator.beam_size,
                        batch_size=evaluator.batch_size, ks=evaluator.ks, second_stage=rescorer)
-  log(f"[oxyjax] re-scoring the beams (weight {rescoring.weight:g}, union {rescoring.union}); "
+  log(f"[oxyjax] re-scoring the beams (weight {stage.weight:g}, union {stage.union}); "
       f"'{BEAMS_PREFIX}<metric>' is the beams alone")
   results = {}
   for name, r in evaluate_final(exp, rescored, params, splits, log, max_examples).items():

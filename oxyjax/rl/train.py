@@ -31,6 +31,7 @@ from oxyjax import checkpoints
 from oxyjax import cli
 from oxyjax import experiment as experiment_lib
 from oxyjax import partitioning
+from oxyjax import rescoring as rescoring_lib
 from oxyjax import train as pretrain
 from oxyjax import trainer as trainer_lib
 from oxyjax.artifact import ModelArtifact, artifact_dir
@@ -143,6 +144,7 @@ def train_rl(
     stop_after_steps: int | None = None,
     data_source: str = "seqio",
     similarity_space: str = "auto",
+    second_stage: str | None = "auto",
     verbose: bool = True,
 ) -> pretrain.TrainResult:
   """Post-trains the model of `init_model_dir` into `model_dir` for `num_steps` rollout steps of
@@ -158,6 +160,12 @@ def train_rl(
   own candidates as the policy moves (`ranking_model.RefreshConfig`; its state is checkpointed
   with the policy's under the key ``ranker``). similarity_space: the item embeddings the similarity
   and diversity rewards compare (`item_embeddings`: ``auto``, ``text`` or ``model``).
+  second_stage: the re-ranking stage of the final evaluation and of this run's export
+  (`rescoring.SecondStage.of_run` of `init_model_dir`): ``auto`` the starting run's own where it
+  has one (a default pre-training run does), ``none``, or a saved stage's directory. With one, the
+  test results are the stage's ranking of the post-trained policy's beams, with the beams alone
+  under ``<split>_beams``, as in a pre-training run's summary; it is saved into
+  `<model_dir>/second_stage`. The validation that selects the best step reads the beams alone.
   """
   t_start = time.time()
   log = print if verbose else (lambda *a, **k: None)
@@ -172,6 +180,9 @@ def train_rl(
   exp = experiment_lib.from_artifact(init_art, partitioner=part, data_source=data_source, log=log)
   exp.check_data()
   model = exp.model
+  stage = rescoring_lib.SecondStage.of_run(init_model_dir, second_stage, num_items=init_art.num_items, log=log)
+  if stage is not None:
+    pretrain.check_second_stage(bool(exp.scenarios), "vocab", None, field="second_stage")
 
   # ---- prompts: the training examples (each scenario's, sampled by its rate), each row's pool
   forest, root_of_scenario = exp.scenario_forest()
@@ -303,7 +314,11 @@ def train_rl(
     log(f"[oxyjax] final evaluation uses the best validation checkpoint (step {best_step})")
   checkpoints.save_params(exp.artifact.params_dir, params, {"step": weights_step, "rl_steps": step,
                                                            "loss": loss.name, "init": init_model_dir})
-  results = pretrain.evaluate_final(exp, evaluator, params, final_eval_splits, log, final_eval_max_examples)
+  if stage is None:
+    results = pretrain.evaluate_final(exp, evaluator, params, final_eval_splits, log, final_eval_max_examples)
+  else:
+    results = pretrain.stage_results(exp, evaluator, params, final_eval_splits, stage, part, log,
+                                     final_eval_max_examples, model_dir, field="second_stage")
   if refresh:
     save_refreshed_ranker(exp, ranker, state["ranker"]["params"], params, os.path.join(model_dir, "ranker"),
                           init_art, ranking_model_dir, step, eval_max_examples, log)
@@ -313,6 +328,7 @@ def train_rl(
         "loss": dataclasses.asdict(loss),
         "ranker_refresh": dataclasses.asdict(ranker_refresh),
         "rollout": dataclasses.asdict(rollout), "steps": step, "train_seconds": train_seconds,
+        "second_stage": {"weight": stage.weight, "union": stage.union, "digest": stage.scorer.digest} if stage else None,
         "best_step": best_step, "results": results, "validation_history": eval_hook.history}, merge=False)
   ckpt.close(), best.close()
   return pretrain.TrainResult(state, step, results.get("validation", results.get("validation/mean")),
