@@ -20,6 +20,12 @@ compared on the same examples.
 
   python benchmarks/paired_eval.py --split=test runs/ms/unified runs/ms/separate_office_homepage ...
 
+`--second_stage` ranks each model's beams with a second stage (`rescoring.SecondStage.of_run`:
+``auto`` each run's own, or one saved stage's directory for every model), as a default run's
+test results do: a post-trained run against its start, both through the same stage.
+
+  python benchmarks/paired_eval.py --split=test --second_stage=<stage dir> runs/beauty_default_s0 runs/rl/<run>
+
 `--default_instruction` also scores each model on the rows that carry an instruction (search
 queries, generated reasoning instructions) with the learned default `I_r` in its place, paired with
 the model itself: how much the model reads its instruction.
@@ -77,14 +83,25 @@ def eval_sets(exp, split: str):
           for key, (arrays, pool) in exp.eval_sets(split).items()}
 
 
-def load_model(spec: str, part, *, beam: int, batch_size: int):
+def load_model(spec: str, part, *, beam: int, batch_size: int, second_stage: str | None = None):
   """``(experiment, evaluation weights, their step, Evaluator)`` of one model spec: a run directory,
-  or ``<run dir>@<params dir>``."""
+  or ``<run dir>@<params dir>``; with `second_stage` (``auto`` or a stage's directory) the
+  evaluator ranks by that stage (`rescoring.SecondStage.of_run`)."""
+  from oxyjax import rescoring
+
   run_dir, _, weights = spec.partition("@")
   exp = experiment_lib.from_artifact(ModelArtifact.load(artifact_dir(run_dir)), partitioner=part, log=_quiet)
   params, step = train_lib.load_eval_weights(run_dir, trainer.TrainStateFactory(exp.model, part).params_abstract,
                                              weights or None, log=_quiet)
-  return exp, params, step, Evaluator(exp.model, part, exp.trie(), beam_size=beam, batch_size=batch_size)
+  rescorer = None
+  if second_stage:
+    stage = rescoring.SecondStage.of_run(run_dir, second_stage, num_items=exp.artifact.num_items)
+    if stage is None:
+      raise SystemExit(f"{run_dir}: --second_stage=auto, and the run has no second stage")
+    train_lib.check_second_stage(bool(exp.scenarios), "vocab", None, field="--second_stage")
+    rescorer = rescoring.Rescorer(exp.model, stage, exp.artifact.sid_table.codes, exp.trie(), part)
+  return exp, params, step, Evaluator(exp.model, part, exp.trie(), beam_size=beam, batch_size=batch_size,
+                                      second_stage=rescorer)
 
 
 def main():
@@ -98,6 +115,8 @@ def main():
   ap.add_argument("--default_instruction", action="store_true",
                   help="also score each model with the learned default I_r in place of every row's instruction "
                        "(a query, a generated instruction), as '<model>#default_instruction': does the model use it?")
+  ap.add_argument("--second_stage", default=None, help="rank by a second stage: 'auto' (each run's own) or a "
+                  "saved stage's directory (every model)")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
   wanted = None if args.sets is None else set(args.sets.split(","))
@@ -106,7 +125,8 @@ def main():
   ranks: dict[str, dict[str, np.ndarray]] = {}  # set -> model -> [rows]
   fingerprints: dict[str, tuple[str, str]] = {}  # set -> (fingerprint, the model that set it)
   for spec in args.models:
-    exp, params, step, ev = load_model(spec, part, beam=args.beam, batch_size=args.batch_size)
+    exp, params, step, ev = load_model(spec, part, beam=args.beam, batch_size=args.batch_size,
+                                       second_stage=args.second_stage)
     ids = qualified_item_ids(exp)
     for name, (arrays, trie) in eval_sets(exp, args.split).items():
       if wanted is not None and name not in wanted:
@@ -126,7 +146,8 @@ def main():
         ranks[name][f"{spec}#default_instruction"] = ev.target_ranks(
             params, train_lib.with_default_instruction(arrays), None, trie)
   base = args.models[0]
-  out = {"cpu": cpu_model(), "split": args.split, "beam": args.beam, "baseline": base, "sets": {},
+  out = {"cpu": cpu_model(), "split": args.split, "beam": args.beam, "second_stage": args.second_stage,
+         "baseline": base, "sets": {},
          "command": "python benchmarks/paired_eval.py " + " ".join(sys.argv[1:])}
   for name, by_model in ranks.items():
     rows = len(next(iter(by_model.values())))
