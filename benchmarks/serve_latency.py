@@ -249,9 +249,9 @@ def http_clients(srv: ServerProc, bodies, clients: int, total: int):
 
 def open_loop(srv: ServerProc, bodies, rate: float, duration_s: float, connections: int, seed: int = 0):
   """Requests arrive at `rate` per second (Poisson, seeded) for `duration_s` seconds, however far
-  behind the server is; `connections` keep-alive connections (a thread each) send them. A latency runs from the
-  request's scheduled arrival to its answer, so waiting for a free connection counts (no
-  coordinated omission). Returns (latencies, send delays, errors, wall seconds)."""
+  behind the server is; `connections` keep-alive connections (a thread each) send them. A latency
+  runs from the request's scheduled arrival to its answer, so waiting for a free connection counts
+  (no coordinated omission). Returns (latencies, send delays, errors, wall seconds)."""
   n = max(1, int(round(rate * duration_s)))
   arrivals = np.cumsum(np.random.default_rng(seed).exponential(1.0 / rate, n))
   jobs: queue.Queue = queue.Queue()
