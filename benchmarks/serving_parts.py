@@ -10,7 +10,7 @@ default shape, as in serve_latency.py: the cost does not depend on the weights' 
 - `stage_union<k>`: with the default stage (union k from gin_configs/defaults/small.gin);
 - `path_log_probs`: the policy's score of k given paths per row (what the union adds), encoder included;
 - `encode`: the encoder alone.
-p50 over --reps calls of rows drawn from Beauty's test split.
+p50 over --reps calls of test-split histories, built as the server builds a request's row.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def main():
 
   import serve_latency as sl
   from oxyjax import export as export_lib
+  from oxyjax import predict
 
   weight, union = sl.default_stage_settings()
   model, params, art, ds, _ = sl.build("small", "beauty", None)
@@ -61,13 +62,10 @@ def main():
   print("| batch | " + " | ".join(fns) + " |\n|---|" + "---|" * len(fns), flush=True)
   for b in [int(x) for x in args.batch_sizes.split(",")]:
     feats = []
-    for _ in range(8):
-      hist = np.zeros((b, model.config.max_history), np.int32)
-      for r, i in enumerate(rng.choice(len(ds.test), size=b)):
-        h = ds.test[i].history[-model.config.max_history:]
-        hist[r, -len(h):] = h
-      feats.append({k: jnp.asarray(v) for k, v in model.convert_features(
-          {"history": hist, "target": np.zeros((b,), np.int32), "scenario": np.zeros((b,), np.int32)}).items()})
+    for _ in range(8):  # rows as the server builds them (`predict.build_request`), batched
+      bodies = sl.request_bodies(ds, b, 10, 20, model.config.max_history, seed=int(rng.integers(1 << 31)))
+      rows = [predict.build_request(art, model, x["history"]).features for x in bodies]
+      feats.append({k: jnp.asarray(np.concatenate([r[k] for r in rows])) for k in rows[0]})
     row = []
     for fn in fns.values():
       jax.block_until_ready(fn(params, feats[0]))

@@ -474,10 +474,10 @@ class Recommender:
 # ------------------------------------------------------------------------------ batching
 
 
-# Batches in the model at once. On the 2-core CPU a second call adds throughput, as XLA spreads a
-# call of a few rows over the cores only in part: 300 requests/s at beam 20 with the default
-# second stage, p99 149 / 491 / 565 ms with one worker and 77 / 119 / 197 ms with two in three
-# runs (docs/serving.md, "Open-loop load, and two batches at once").
+# Batches in the model at once. On the 2-core CPU a second call adds throughput, as XLA does not
+# spread a call of a few rows over the cores (benchmarks/serving_parts.py): at 300 requests/s,
+# beam 20, with the default second stage, p99 149 / 491 / 565 ms with one worker and 77 / 119 /
+# 197 ms with two, in three runs (docs/serving.md, "Open-loop load, and two batches at once").
 DEFAULT_BATCH_WORKERS = 2
 
 
