@@ -95,10 +95,11 @@ def load_model(spec: str, part, *, beam: int, batch_size: int, second_stage: str
                                              weights or None, log=_quiet)
   rescorer = None
   if second_stage:
-    stage = rescoring.SecondStage.of_run(run_dir, second_stage, num_items=exp.artifact.num_items)
+    stage = rescoring.SecondStage.of_run(run_dir, second_stage, num_items=exp.artifact.num_items,
+                                         num_scenarios=len(exp.scenarios))
     if stage is None:
       raise SystemExit(f"{run_dir}: --second_stage=auto, and the run has no second stage")
-    train_lib.check_second_stage(bool(exp.scenarios), "vocab", None, field="--second_stage")
+    train_lib.check_second_stage("vocab", None, field="--second_stage")
     rescorer = rescoring.Rescorer(exp.model, stage, exp.artifact.sid_table.codes, exp.trie(), part)
   return exp, params, step, Evaluator(exp.model, part, exp.trie(), beam_size=beam, batch_size=batch_size,
                                       second_stage=rescorer)

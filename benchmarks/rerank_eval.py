@@ -19,7 +19,11 @@ rule over all datasets: `benchmarks/select_defaults.py` reads the ``--summaries`
 writes, one run summary per weight). Test is then read once, at that weight and at weight 0 (the
 policy alone), and the difference is reported with its paired standard error
 (`metrics.paired_difference`); ``--no_test`` skips it. Reordering never adds an item, so
-Recall@20 is unchanged and Recall@10 can only gain items from ranks 11-20.
+Recall@20 is unchanged and Recall@10 can only gain items from ranks 11-20 (with ``--union``
+SASRec's items join them). A multi-scenario run is scored per scenario, each over its own pool
+with its own curve and chosen weight (what `RescoringConfig.scenario_weights` then sets); its
+SASRec scorer is the catalogue's (``python -m oxyjax.rescoring --domains=...``, or the run's own
+``<run>/second_stage``).
 
   python benchmarks/rerank_eval.py --ranker=runs/beauty_default_ranker_policy runs/beauty_default \
       runs/rl/bd_ndcg_seed0_800 --out=docs/bench/rerank_beauty.json
@@ -67,9 +71,9 @@ class Scorer:
     if args.ranker:
       ranker, ranker_params, _ = ranking_model.load(args.ranker, exp.artifact, ev.partitioner)
       score = jax.jit(ranker.score)
-      self.parts = lambda feats, items, scores: (items, scores, score(ranker_params, feats, items))
+      self.parts = lambda feats, items, scores, trie: (items, scores, score(ranker_params, feats, items))
       return
-    sequences, num_items = rescoring.dataset_sequences(exp.artifact.dataset)
+    sequences, num_items = rescoring.artifact_sequences(exp.artifact)
     self.scorer = rescoring.SASRecScorer.load(args.sasrec, sequences=sequences, num_items=num_items)
     # The weight is swept on the parts; a smaller union's candidates are the first columns of the
     # largest one's (SASRec's best k items not among the beams, in its order: `candidates_of`).
@@ -79,13 +83,13 @@ class Scorer:
     codes = np.asarray(exp.artifact.sid_table.codes)
     self.max_beam_score_error = 0.0  # |recomputed joint log-prob - beam score| over live beams
 
-    def parts(feats, items, scores):
+    def parts(feats, items, scores, trie):
       items, scores = np.asarray(items), np.asarray(scores)
       with jax.set_mesh(ev.partitioner.mesh), ev.partitioner.rules_context():
         joint = np.asarray(path_log_probs(params, feats, codes[np.maximum(items, 0)]))
       err = np.abs(joint - scores)[items > 0]
       self.max_beam_score_error = max(self.max_beam_score_error, float(err.max(initial=0.0)))
-      return rescorer.parts(params, feats, items, scores)
+      return rescorer.parts(params, feats, items, scores, trie)
 
     self.parts = parts
 
@@ -93,14 +97,27 @@ class Scorer:
     return None if self.scorer is None else self.scorer.top_k(feats["history_items"], feats["history_mask"], 20)[0]
 
 
-def beams_and_logits(exp, params, ev, stage: Scorer, split: str, max_examples: int | None = None):
+def eval_set(exp, split: str, name: str):
+  """``(examples, trie)`` of one evaluation set of `split` (`set_names`), decoded over its pool."""
+  arrays, pool = exp.eval_sets(split)[f"{split}/{name}" if exp.scenarios else split]
+  return arrays, exp.trie(pool)
+
+
+def set_names(exp) -> list[str]:
+  """What is scored: each scenario of a multi-scenario run by name (each over its own pool, with
+  its own weight curve and choice), else the dataset ('all')."""
+  return [s.name for s in exp.scenarios] or ["all"]
+
+
+def beams_and_logits(exp, params, ev, stage: Scorer, split: str, max_examples: int | None = None,
+                     name: str = "all"):
   """``{items [N, C], scores [N, C] (policy), logits [N, C] (second stage), targets [N], alone
-  [N, 20] (SASRec alone, where there is one)}`` over a split."""
-  (arrays, _pool), = exp.eval_sets(split).values()
+  [N, 20] (SASRec alone, where there is one)}`` over a split (a scenario's rows: ``name``)."""
+  arrays, trie = eval_set(exp, split, name)
   arrays = fixed_subset(arrays, max_examples)
   out = {"items": [], "scores": [], "logits": [], "targets": [], "alone": []}
-  for feats, items, scores, mask in ev.beams(params, arrays):
-    items, scores, logits = (np.asarray(x) for x in stage.parts(feats, items, scores))
+  for feats, items, scores, mask in ev.beams(params, arrays, trie):
+    items, scores, logits = (np.asarray(x) for x in stage.parts(feats, items, scores, trie))
     alone = stage.alone(feats)
     for key, val in (("items", items), ("scores", scores), ("logits", logits), ("targets", feats["target_items"]),
                      ("alone", alone)):
@@ -177,43 +194,54 @@ def main():
   for spec in args.models:
     exp, params, step, ev = load_model(spec, part, beam=args.beam, batch_size=args.batch_size)
     stage = Scorer(args, exp, params, ev)
-    t0 = time.time()
-    rec = result["models"][spec] = {"step": step}
-    if args.test_only:
-      run_test(args, exp, params, ev, stage, rec)
-      continue
-    val = beams_and_logits(exp, params, ev, stage, "validation", args.max_examples)
-    rec.update({
-        "step": step, "validation_rows": int(val["targets"].shape[0]),
-        "validation_policy": mean_metrics(policy_ranks(val, args.beam))})
-    print(f"\n[rerank_eval] {spec} (step {step}), {time.time() - t0:.0f} s; validation {rec['validation_rows']} rows:")
-    print("| candidates | weight | " + " | ".join(METRICS) + " |\n|---|---|" + "---|" * len(METRICS))
-    print("| beams | policy alone | " + " | ".join(f"{rec['validation_policy'][m]:.4f}" for m in METRICS) + " |")
-    if "alone" in val:
-      rec["validation_sasrec_alone"] = mean_metrics(metrics_lib.target_ranks(val["alone"], val["targets"]))
-      print("| SASRec top 20 | SASRec alone | "
-            + " | ".join(f"{rec['validation_sasrec_alone'][m]:.4f}" for m in METRICS) + " |")
-    for variant in variants(args.unions):
-      rows = candidates_of(val, variant, args.beam)
-      curve = {w: mean_metrics(ranks_at(w, rows)) for w in weights}
-      best = max(weights, key=lambda w: (curve[w][args.select], -w))  # a tie goes to the smaller weight
-      rec[variant] = {"validation": {str(w): curve[w] for w in weights}, "best_weight_on_validation": best}
-      for w in weights:
-        print(f"| {variant} | {w:g}{' (best)' if w == best else ''} | "
-              + " | ".join(f"{curve[w][m]:.4f}" for m in METRICS) + " |")
-      if args.summaries:
-        write_summaries(args.summaries, spec, exp.artifact.dataset, training_steps(spec, stage), curve, variant)
-    if args.unions:
-      rec["extra_items_per_row"] = float((val["items"][:, args.beam:] > 0).sum(axis=1).mean())
-      print(f"items added to the beams: {rec['extra_items_per_row']:.2f} per row (at most {args.unions[-1]})")
-      rec["max_beam_score_error"] = stage.max_beam_score_error
-      print(f"largest |recomputed joint log-prob - beam score| over live beams: {rec['max_beam_score_error']:.2e}")
-    if args.no_test:
-      continue
-    run_test(args, exp, params, ev, stage, rec)
+    result["models"][spec] = {"step": step}
+    for name in set_names(exp):
+      # A multi-scenario run: one record per scenario (its own curve and weight) under "scenarios".
+      rec = result["models"][spec]
+      if exp.scenarios:
+        rec = rec.setdefault("scenarios", {}).setdefault(name, {"step": step})
+      evaluate_set(args, spec, exp, params, ev, stage, rec, name, weights)
   if args.out:
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)
+
+
+def evaluate_set(args, spec, exp, params, ev, stage, rec, name: str, weights) -> None:
+  """Validation (each weight and candidate set), the weight chosen on it, then test read once."""
+  step, t0 = rec["step"], time.time()
+  if args.test_only:
+    run_test(args, exp, params, ev, stage, rec, name)
+    return
+  val = beams_and_logits(exp, params, ev, stage, "validation", args.max_examples, name)
+  rec.update({
+      "step": step, "validation_rows": int(val["targets"].shape[0]),
+      "validation_policy": mean_metrics(policy_ranks(val, args.beam))})
+  label = spec if name == "all" else f"{spec} {name}"
+  print(f"\n[rerank_eval] {label} (step {step}), {time.time() - t0:.0f} s; validation {rec['validation_rows']} rows:")
+  print("| candidates | weight | " + " | ".join(METRICS) + " |\n|---|---|" + "---|" * len(METRICS))
+  print("| beams | policy alone | " + " | ".join(f"{rec['validation_policy'][m]:.4f}" for m in METRICS) + " |")
+  if "alone" in val:
+    rec["validation_sasrec_alone"] = mean_metrics(metrics_lib.target_ranks(val["alone"], val["targets"]))
+    print("| SASRec top 20 | SASRec alone | "
+          + " | ".join(f"{rec['validation_sasrec_alone'][m]:.4f}" for m in METRICS) + " |")
+  for variant in variants(args.unions):
+    rows = candidates_of(val, variant, args.beam)
+    curve = {w: mean_metrics(ranks_at(w, rows)) for w in weights}
+    best = max(weights, key=lambda w: (curve[w][args.select], -w))  # a tie goes to the smaller weight
+    rec[variant] = {"validation": {str(w): curve[w] for w in weights}, "best_weight_on_validation": best}
+    for w in weights:
+      print(f"| {variant} | {w:g}{' (best)' if w == best else ''} | "
+            + " | ".join(f"{curve[w][m]:.4f}" for m in METRICS) + " |")
+    if args.summaries:
+      write_summaries(args.summaries, spec, exp.artifact.dataset, training_steps(spec, stage), curve, variant,
+                      None if name == "all" else name)
+  if args.unions:
+    rec["extra_items_per_row"] = float((val["items"][:, args.beam:] > 0).sum(axis=1).mean())
+    print(f"items added to the beams: {rec['extra_items_per_row']:.2f} per row (at most {args.unions[-1]})")
+    rec["max_beam_score_error"] = stage.max_beam_score_error
+    print(f"largest |recomputed joint log-prob - beam score| over live beams: {rec['max_beam_score_error']:.2e}")
+  if not args.no_test:
+    run_test(args, exp, params, ev, stage, rec, name)
 
 
 def training_steps(spec: str, stage: Scorer) -> int:
@@ -223,11 +251,11 @@ def training_steps(spec: str, stage: Scorer) -> int:
   return steps + (int(stage.scorer.info.get("steps", 0)) if stage.scorer is not None else 0)
 
 
-def run_test(args, exp, params, ev, stage, rec) -> None:
+def run_test(args, exp, params, ev, stage, rec, name: str = "all") -> None:
   """Reads test once: the policy alone, and the chosen candidates re-scored at the chosen weight."""
   variant = args.test_variant or variants(args.unions)[-1]
   chosen = rec[variant]["best_weight_on_validation"] if args.test_weight is None else args.test_weight
-  test = beams_and_logits(exp, params, ev, stage, "test", args.max_examples)
+  test = beams_and_logits(exp, params, ev, stage, "test", args.max_examples, name)
   base, mine = policy_ranks(test, args.beam), ranks_at(chosen, candidates_of(test, variant, args.beam))
   rec.update({"test_rows": int(test["targets"].shape[0]), "test_variant": variant, "chosen_weight": chosen,
               "test": {"policy": mean_metrics(base), "reranked": mean_metrics(mine),
@@ -244,12 +272,14 @@ def run_test(args, exp, params, ev, stage, rec) -> None:
     print("| SASRec alone | " + " | ".join(f"{rec['test']['sasrec_alone'][m]:.4f}" for m in METRICS) + " |")
 
 
-def write_summaries(directory: str, spec: str, dataset: str, step: int, curve, variant: str) -> None:
-  """``<directory>/<run name>_<variant>_w<weight>_run_summary.json`` per weight: the validation
-  metrics after re-scoring, in the run-summary form `select_defaults.py` reads (``steps``: the
-  policy's training steps plus the scorer's, the cost the rule's tie-break counts)."""
+def write_summaries(directory: str, spec: str, dataset: str, step: int, curve, variant: str,
+                    scenario: str | None = None) -> None:
+  """``<directory>/<run name>[_<scenario>]_<variant>_w<weight>_run_summary.json`` per weight: the
+  validation metrics after re-scoring, in the run-summary form `select_defaults.py` reads
+  (``steps``: the policy's training steps plus the scorer's, the cost the rule's tie-break counts)."""
   os.makedirs(directory, exist_ok=True)
-  name = os.path.basename(os.path.normpath(spec.partition("@")[0])) + "_" + variant
+  name = "_".join([os.path.basename(os.path.normpath(spec.partition("@")[0]))] + ([scenario] if scenario else [])
+                  + [variant])
   for w, metrics in curve.items():
     with open(os.path.join(directory, f"{name}_w{w:g}_run_summary.json"), "w") as f:
       json.dump({"dataset": dataset, "steps": step, "rescoring_weight": w, "candidates": variant,

@@ -50,8 +50,9 @@ class Evaluator:
                score_normalization: str = "vocab", level_weights: Sequence[float] | None = None,
                select_metric: str | None = None, second_stage=None):
     """``second_stage`` (optional, e.g. `rescoring.Rescorer`): ``(params, features, items [b, beam],
-    scores [b, beam]) -> items [b, C]``, a reordering of each row's beams (C >= beam with extra
-    candidates) that the metrics score instead of the beam-search order; one process only."""
+    scores [b, beam], trie) -> items [b, C]``, a reordering of each row's beams (C >= beam with
+    extra candidates, items of the pool ``trie`` decoded over) that the metrics score instead of
+    the beam-search order; one process only."""
     self.model, self.partitioner, self.trie = model, partitioner, trie
     self.second_stage = second_stage
     self.score_normalization, self.level_weights = score_normalization, level_weights
@@ -87,7 +88,7 @@ class Evaluator:
     for batch, items, scores, mask in self.beams(params, arrays, trie):
       targets = np.asarray(batch["target_items"])
       beams_acc.update(items, targets, mask=mask)
-      acc.update(np.asarray(self.second_stage(params, batch, items, scores)), targets, mask=mask)
+      acc.update(np.asarray(self.second_stage(params, batch, items, scores, self.trie if trie is None else trie)), targets, mask=mask)
     return {**acc.result(), **{BEAMS_PREFIX + k: v for k, v in beams_acc.result().items()}}
 
   def target_ranks(self, params, arrays: pipeline.ExampleArrays, max_examples: int | None = None,
@@ -130,7 +131,8 @@ class Evaluator:
     # computes the same global metrics.
     if self.second_stage is not None:
       for batch, items, scores, mask in self.beams(params, arrays, trie):
-        yield np.asarray(self.second_stage(params, batch, items, scores)), np.asarray(batch["target_items"]), mask
+        yield (np.asarray(self.second_stage(params, batch, items, scores, self.trie if trie is None else trie)),
+               np.asarray(batch["target_items"]), mask)
       return
     for batch, sharded, out, mask in self._predict_batches(params, arrays, trie):
       if jax.process_count() == 1:

@@ -147,6 +147,7 @@ def export_model(model, params, artifact, out_dir: str, *, batch_sizes: Sequence
     if second_stage.scorer.num_items != artifact.num_items:
       raise ValueError(f"the second stage's scorer has {second_stage.scorer.num_items} items, the artifact "
                        f"{artifact.num_items}: it was trained for another catalogue")
+    second_stage.check_scenarios(len(artifact.scenarios), "export")
   pools = serving_pools(artifact)
   forest, roots = artifact.pool_forest(pools)
   trie_arrays = tuple(np.asarray(getattr(forest, f)) for f in TRIE_FIELDS)
@@ -167,8 +168,7 @@ def export_model(model, params, artifact, out_dir: str, *, batch_sizes: Sequence
       sid_codes = np.asarray(artifact.sid_table.codes, np.int32)
       stage_args = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (stage_params, sid_codes))
       second_stage.save(os.path.join(tmp, STAGE_DIR))
-      stage_info = {"directory": STAGE_DIR, "weight": second_stage.weight, "union": second_stage.union,
-                    "num_items": second_stage.scorer.num_items, "digest": second_stage.scorer.digest,
+      stage_info = {"directory": STAGE_DIR, **second_stage.settings(), "num_items": second_stage.scorer.num_items,
                     "params": param_spec(stage_params), "sid_codes": list(sid_codes.shape)}
     programs = {}
     for w in beam_sizes:

@@ -81,8 +81,9 @@ class Predictor:
     self.trie = self.experiment.trie(pool)
     self.beam_size = beam_size
     # `second_stage`: see `rescoring.SecondStage.of_run` ('auto': the run's own, if it has one).
-    self.second_stage = rescoring.SecondStage.of_run(run_dir, second_stage, num_items=self.artifact.num_items,
-                                                     log=log) if run_dir is not None else None
+    self.second_stage = rescoring.SecondStage.of_run(
+        run_dir, second_stage, num_items=self.artifact.num_items, num_scenarios=len(self.artifact.scenarios),
+        log=log) if run_dir is not None else None
     self._stage_args = () if self.second_stage is None else jax.device_put(
         (self.second_stage.params, np.asarray(self.artifact.sid_table.codes, np.int32)), self.partitioner.replicated())
     self._predict = jax.jit(export_lib.serving_fn(self.model, beam_size, stage=self.second_stage))

@@ -21,7 +21,15 @@ traceable function both evaluation (`Rescorer`) and the exported serving program
 (`oxyjax.export`) run; a training run with re-scoring on saves its stage into
 ``<model_dir>/second_stage``, which the export picks up.
 
+A multi-scenario run has one stage for every scenario: one scorer over the joint catalogue,
+trained on every domain's training sequences (`dataset_sequences` with the domains), SASRec's
+extra items taken from each row's own pool, and a weight per scenario
+(`RescoringConfig.scenario_weights`; a search row's target is named by its query, which SASRec
+does not read, so its scenario may want a smaller weight, chosen on validation:
+benchmarks/rerank_eval.py gives each scenario its own curve).
+
     python -m oxyjax.rescoring --dataset=beauty [--out=DIR]
+    python -m oxyjax.rescoring --domains=office,industrial     # a multi-scenario run's catalogue
 
 trains SASRec on the dataset's training split only (``build.training_sequences``: a validation
 or test target never shapes it) and saves an Orbax parameter checkpoint whose metadata holds the
@@ -175,10 +183,27 @@ class RescoringConfig:
   sasrec: sasrec_lib.SASRecConfig = sasrec_lib.SASRecConfig()
   seed: int = 0
   cache_dir: str | None = None  # default: <repo>/.cache/rescoring/<dataset>_<training digest>_<settings>
+  # A multi-scenario run: {scenario name: weight} for the scenarios whose weight is not `weight`
+  # (chosen per scenario on validation: benchmarks/rerank_eval.py reports each scenario's curve).
+  scenario_weights: Any = ()
+
+  def __post_init__(self):
+    pairs = self.scenario_weights.items() if isinstance(self.scenario_weights, dict) else self.scenario_weights
+    object.__setattr__(self, "scenario_weights", tuple(sorted((str(k), float(v)) for k, v in pairs)))
 
   @property
   def enabled(self) -> bool:
-    return self.weight != 0.0
+    return self.weight != 0.0 or any(w != 0.0 for _, w in self.scenario_weights)
+
+  def stage_weights(self, scenarios: Sequence[str]) -> tuple[float, ...]:
+    """One weight per scenario id (``scenarios[i]``: scenario i's name), or () (``weight`` for
+    every row) without `scenario_weights`; a name that is not one of ``scenarios`` is refused."""
+    given = dict(self.scenario_weights)
+    unknown = sorted(set(given) - set(scenarios))
+    if unknown:
+      raise ValueError(f"RescoringConfig.scenario_weights: {unknown} not among this run's scenarios "
+                       f"{list(scenarios)}")
+    return tuple(given.get(name, self.weight) for name in scenarios) if given else ()
 
 
 def sasrec_window(history_items: jax.Array, history_mask: jax.Array, max_len: int) -> jax.Array:
@@ -200,16 +225,37 @@ class SecondStage:
   empty candidate. The candidates are the beams and, with ``union`` k > 0, SASRec's best k items
   among those that are valid items of the row's pool (``trie.find`` from ``batch["pool_root"]``)
   and not already beams; an extra item's policy score is its joint log-probability
-  (`RecModel.path_log_probs`, computed as beam search computes it), a beam's is its beam score."""
+  (`RecModel.path_log_probs`, computed as beam search computes it), a beam's is its beam score.
+
+  ``scenario_weights`` (a multi-scenario model's stage): one weight per scenario id, each row fused
+  with its scenario's (``batch["scenario"]``), so that one stage serves scenarios that want
+  different weights (a search row's target is named by its query, which SASRec does not read);
+  empty: ``weight`` for every row. A row whose weight is 0 has its candidates ordered by the
+  policy's joint log-probability alone (its beams in beam-search order, SASRec's extra items
+  placed among them by their policy scores)."""
 
   scorer: SASRecScorer
   weight: float
   union: int = 0
+  scenario_weights: tuple[float, ...] = ()
 
   def __post_init__(self):
     self.weight, self.union = float(self.weight), int(self.union)
-    if not np.isfinite(self.weight) or self.union < 0:
-      raise ValueError(f"second stage: weight must be finite and union >= 0, got {self.weight}, {self.union}")
+    self.scenario_weights = tuple(float(w) for w in self.scenario_weights)
+    if not all(np.isfinite((self.weight, *self.scenario_weights))) or self.union < 0:
+      raise ValueError(f"second stage: weights must be finite and union >= 0, got {self.weight}, "
+                       f"{self.scenario_weights}, {self.union}")
+
+  def settings(self) -> dict[str, Any]:
+    """What a summary or a serving directory records of the stage (the scorer's digest beside it)."""
+    out = {"weight": self.weight, "union": self.union, "digest": self.scorer.digest}
+    return {**out, "scenario_weights": list(self.scenario_weights)} if self.scenario_weights else out
+
+  def check_scenarios(self, num_scenarios: int, where: str) -> None:
+    """A stage with per-scenario weights fits only a model of as many scenarios."""
+    if self.scenario_weights and len(self.scenario_weights) != num_scenarios:
+      raise ValueError(f"{where}: the second stage has weights for {len(self.scenario_weights)} scenarios, the model "
+                       f"{num_scenarios}")
 
   @property
   def params(self):
@@ -241,23 +287,33 @@ class SecondStage:
     sasrec = jnp.take_along_axis(lp, jnp.maximum(cand, 0), axis=1)
     return jnp.where(live, cand, -1), jnp.where(live, policy, -jnp.inf), sasrec
 
-  def fuse(self, cand, policy, sasrec):
+  def fuse(self, cand, policy, sasrec, scenario=None):
     """Traceable: the candidates ordered by ``policy + weight * sasrec``, best first, ties in
-    candidate order (the beams' first); ``(items, fused scores)``, -1 / -inf for empty ones."""
+    candidate order (the beams' first); ``(items, fused scores)``, -1 / -inf for empty ones.
+    ``scenario [B]``: each row's scenario id, which picks its weight from ``scenario_weights``."""
     live = cand > 0
-    # weight 0 must not mix in SASRec at all (0 * a non-finite log-prob is NaN).
-    fused = jnp.where(live, policy if self.weight == 0 else policy + self.weight * sasrec, -jnp.inf)
+    if self.scenario_weights:
+      if scenario is None:
+        raise ValueError("a second stage with per-scenario weights needs each row's scenario id")
+      weight = jnp.asarray(self.scenario_weights, jnp.float32)[jnp.asarray(scenario, jnp.int32)][:, None]
+      # a weight-0 row must not mix in SASRec at all (0 * a non-finite log-prob is NaN)
+      fused = jnp.where(weight == 0, policy, policy + weight * sasrec)
+    else:
+      fused = policy if self.weight == 0 else policy + self.weight * sasrec
+    fused = jnp.where(live, fused, -jnp.inf)
     order = jnp.argsort(-fused, axis=1, stable=True)
     fused = jnp.take_along_axis(fused, order, axis=1)
     return jnp.where(jnp.isfinite(fused), jnp.take_along_axis(cand, order, axis=1), -1), fused
 
   def apply(self, model, params, stage_params, batch, trie, sid_codes, items, scores, context=None):
     """Traceable: `candidates`, then `fuse` (see the class docstring)."""
-    return self.fuse(*self.candidates(model, params, stage_params, batch, trie, sid_codes, items, scores, context))
+    return self.fuse(*self.candidates(model, params, stage_params, batch, trie, sid_codes, items, scores, context),
+                     batch.get("scenario"))
 
   def save(self, directory: str) -> None:
-    """The scorer's Orbax checkpoint (`SASRecScorer.save`) with the weight and union."""
-    self.scorer.save(directory, stage={"weight": self.weight, "union": self.union})
+    """The scorer's Orbax checkpoint (`SASRecScorer.save`) with the weights and union."""
+    self.scorer.save(directory, stage={"weight": self.weight, "union": self.union,
+                                       "scenario_weights": list(self.scenario_weights)})
 
   @classmethod
   def load(cls, directory: str, **kwargs) -> "SecondStage":
@@ -266,13 +322,15 @@ class SecondStage:
     if not stage:
       raise ValueError(f"{directory}: a SASRec scorer without a second stage's weight and union (write one with "
                        "SecondStage.save, or pass the weight and union)")
-    return cls(scorer, float(stage["weight"]), int(stage["union"]))
+    return cls(scorer, float(stage["weight"]), int(stage["union"]), tuple(stage.get("scenario_weights") or ()))
 
   @classmethod
-  def of_run(cls, model_dir: str, which: str | None = "auto", *, num_items: int, log=print) -> "SecondStage | None":
+  def of_run(cls, model_dir: str, which: str | None = "auto", *, num_items: int, num_scenarios: int = 1,
+             log=print) -> "SecondStage | None":
     """The stage to serve a run with: ``"auto"`` the run's own (``<model_dir>/second_stage``,
     written by a training run with re-scoring on) where it has one, ``"none"`` (or None) no
-    second stage, else the directory of a saved stage (refused if it has other items)."""
+    second stage, else the directory of a saved stage (refused if it has other items, or weights
+    for another number of scenarios)."""
     if which in (None, "none"):
       return None
     path = os.path.join(model_dir, RUN_STAGE_DIR) if which == "auto" else which
@@ -282,8 +340,14 @@ class SecondStage:
       raise FileNotFoundError(f"{path}: no second stage there (a run with re-scoring on writes "
                               f"<run>/{RUN_STAGE_DIR})")
     stage = cls.load(path, num_items=num_items)
-    log(f"[oxyjax] second stage from {path}: SASRec (weight {stage.weight:g}, union {stage.union})")
+    stage.check_scenarios(num_scenarios, path)
+    log(f"[oxyjax] second stage from {path}: SASRec ({stage.describe()})")
     return stage
+
+  def describe(self) -> str:
+    weights = (f"weights by scenario {', '.join(f'{w:g}' for w in self.scenario_weights)}" if self.scenario_weights
+               else f"weight {self.weight:g}")
+    return f"{weights}, union {self.union}"
 
 
 class Rescorer:
@@ -292,28 +356,39 @@ class Rescorer:
   empty candidates last as 0. `parts` gives the candidates and both scores, for sweeping the
   weight (benchmarks/rerank_eval.py). SASRec reads the history the policy reads (its most recent
   ``ModelConfig.max_history`` items, 20 for the small model), though it was trained on windows of
-  up to ``SASRecConfig.max_len`` (50)."""
+  up to ``SASRecConfig.max_len`` (50). ``trie``: the pool SASRec's extra items must belong to
+  (each call may name another: a multi-scenario model's evaluation decodes each scenario over its
+  own pool, and its stage must add only items of that pool)."""
 
   def __init__(self, model, stage: SecondStage, sid_codes: np.ndarray, trie, partitioner):
     self.stage, self.partitioner = stage, partitioner
     # Replicated on the policy's mesh: one jit call reads them beside the policy's sharded params.
-    self.trie, self.stage_params, self.sid_codes = jax.device_put(
-        (trie, stage.params, np.asarray(sid_codes, np.int32)), partitioner.replicated())
+    self.stage_params, self.sid_codes = jax.device_put(
+        (stage.params, np.asarray(sid_codes, np.int32)), partitioner.replicated())
+    self._tries: dict[int, tuple[Any, Any]] = {}
+    self.trie = self._placed(trie)
     self._apply = jax.jit(functools.partial(stage.apply, model))
     self._candidates = jax.jit(functools.partial(stage.candidates, model))
 
-  def _run(self, fn, params, feats, items, scores):
+  def _placed(self, trie):
+    """``trie`` replicated on the mesh, placed once per trie object."""
+    if id(trie) not in self._tries:  # the trie is kept beside its copy, so its id is not reused
+      self._tries[id(trie)] = (trie, jax.device_put(trie, self.partitioner.replicated()))
+    return self._tries[id(trie)][1]
+
+  def _run(self, fn, params, feats, items, scores, trie=None):
+    trie = self.trie if trie is None else self._placed(trie)
     with jax.set_mesh(self.partitioner.mesh), self.partitioner.rules_context():
-      return fn(params, self.stage_params, feats, self.trie, self.sid_codes, jnp.asarray(items, jnp.int32),
+      return fn(params, self.stage_params, feats, trie, self.sid_codes, jnp.asarray(items, jnp.int32),
                 jnp.asarray(scores, jnp.float32))
 
-  def parts(self, params, feats, items, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  def parts(self, params, feats, items, scores, trie=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(candidates [b, C] (0: empty), policy log-probs (-inf: empty), SASRec log-probs)``."""
-    cand, policy, sasrec = (np.asarray(x) for x in self._run(self._candidates, params, feats, items, scores))
+    cand, policy, sasrec = (np.asarray(x) for x in self._run(self._candidates, params, feats, items, scores, trie))
     return np.maximum(cand, 0), policy, sasrec
 
-  def __call__(self, params, feats, items, scores) -> np.ndarray:
-    out, _ = self._run(self._apply, params, feats, items, scores)
+  def __call__(self, params, feats, items, scores, trie=None) -> np.ndarray:
+    out, _ = self._run(self._apply, params, feats, items, scores, trie)
     return np.maximum(np.asarray(out), 0)
 
 
@@ -332,11 +407,12 @@ def scorer_cache_dir(dataset: str, digest: str, cfg: RescoringConfig) -> str:
   return os.path.join(root, f"{dataset}_{digest}_{hashlib.sha256(blob).hexdigest()[:10]}")
 
 
-def get_scorer(dataset: str, cfg: RescoringConfig, log=print) -> SASRecScorer:
-  """The dataset's scorer: from its cache when one was trained on the same training sequences with
-  the same settings, else trained (training split only) and cached. A save is an Orbax checkpoint,
-  finalised only when complete, so a crash mid-save never leaves a scorer that loads."""
-  sequences, num_items = dataset_sequences(dataset)
+def get_scorer(dataset: str, cfg: RescoringConfig, log=print, domains: Sequence[str] | None = None) -> SASRecScorer:
+  """The dataset's scorer (a catalogue's, with ``domains``: `dataset_sequences`): from its cache
+  when one was trained on the same training sequences with the same settings, else trained
+  (training split only) and cached. A save is an Orbax checkpoint, finalised only when complete,
+  so a crash mid-save never leaves a scorer that loads."""
+  sequences, num_items = dataset_sequences(dataset, domains)
   path = scorer_cache_dir(dataset, sequences_digest(sequences), cfg)
   if checkpoints.has_checkpoint(path):
     log(f"[oxyjax] re-scoring: SASRec scorer from {path}")
@@ -347,16 +423,30 @@ def get_scorer(dataset: str, cfg: RescoringConfig, log=print) -> SASRecScorer:
   return scorer
 
 
-def dataset_sequences(dataset: str) -> tuple[list[list[int]], int]:
-  """``(training sequences, num_items)`` of a registered dataset (train split only)."""
-  ds = readers.load_dataset(dataset)
+def dataset_sequences(dataset: str, domains: Sequence[str] | None = None) -> tuple[list[list[int]], int]:
+  """``(training sequences, num_items)`` of a registered dataset (train split only); with
+  ``domains`` (a multi-scenario run's catalogue, `ModelArtifact.domains`), every domain's
+  training sequences in the joint catalogue's item indices: the logs the scenarios are built from."""
+  if domains:
+    from oxyjax.data.catalogue import Catalogue
+
+    ds = Catalogue.load(list(domains)).as_dataset()
+  else:
+    ds = readers.load_dataset(dataset)
   return build.training_sequences(ds.train), ds.num_items
+
+
+def artifact_sequences(artifact) -> tuple[list[list[int]], int]:
+  """`dataset_sequences` of the data a model artifact was built from (one dataset or a catalogue)."""
+  return dataset_sequences(artifact.dataset, artifact.domains or None)
 
 
 def _define_flags():
   """The CLI's flags, defined only when it runs (other entry points that import this module, such
   as `oxyjax.export`, have flags of the same names)."""
   flags.DEFINE_string("dataset", None, "a registered dataset (beauty, sports, office, industrial, ...)")
+  flags.DEFINE_list("domains", None, "instead of --dataset: a multi-scenario run's catalogue (its artifact's "
+                    "domains, e.g. office,industrial), trained on every domain's training sequences")
   flags.DEFINE_string("out", None, "the scorer's directory (default: the cache the training command reads, "
                       "<repo>/.cache/rescoring/<dataset>_<training digest>_<settings>)")
   flags.DEFINE_integer("seed", 0, "training seed")
@@ -366,17 +456,23 @@ def _define_flags():
 def main(argv):
   del argv
   fl = flags.FLAGS
-  if not fl.dataset:
-    raise app.UsageError("--dataset is required")
+  if bool(fl.dataset) == bool(fl.domains):
+    raise app.UsageError("give --dataset or --domains")
   config = dataclasses.replace(sasrec_lib.SASRecConfig(), num_epochs=fl.num_epochs)
-  if fl.out is None:
-    scorer = get_scorer(fl.dataset, RescoringConfig(sasrec=config, seed=fl.seed))
-    out = scorer_cache_dir(fl.dataset, scorer.digest, RescoringConfig(sasrec=config, seed=fl.seed))
+  if fl.domains:
+    from oxyjax.data.catalogue import Catalogue
+
+    name = Catalogue.load(fl.domains).name  # what a multi-scenario run's cache is keyed by
   else:
-    sequences, num_items = dataset_sequences(fl.dataset)
+    name = fl.dataset
+  if fl.out is None:
+    scorer = get_scorer(name, RescoringConfig(sasrec=config, seed=fl.seed), domains=fl.domains)
+    out = scorer_cache_dir(name, scorer.digest, RescoringConfig(sasrec=config, seed=fl.seed))
+  else:
+    sequences, num_items = dataset_sequences(name, fl.domains)
     scorer = train(sequences, num_items, config, seed=fl.seed)
     scorer.save(out := fl.out)
-  print(f"[rescoring] {fl.dataset}: {scorer.num_items} items, train loss by epoch "
+  print(f"[rescoring] {name}: {scorer.num_items} items, train loss by epoch "
         f"{scorer.info.get('train_loss_per_epoch')}, {scorer.info.get('wall_time_s')} s -> {out}")
 
 

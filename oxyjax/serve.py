@@ -187,8 +187,10 @@ class ServingModel:
       raise export_lib.ExportError(f"{stage_dir}: {e}") from None
     got = export_lib.param_spec(stage.params)
     codes = np.asarray(self.artifact.sid_table.codes, np.int32)
-    if (got != st["params"] or list(codes.shape) != st["sid_codes"] or stage.scorer.digest != st["digest"]
-        or (stage.weight, stage.union) != (st["weight"], st["union"])):
+    want = {k: st[k] for k in ("weight", "union", "digest")}
+    want["scenario_weights"] = st.get("scenario_weights", [])
+    got_settings = {"scenario_weights": [], **stage.settings()}
+    if got != st["params"] or list(codes.shape) != st["sid_codes"] or got_settings != want:
       raise export_lib.ExportError(f"{stage_dir} does not match the second stage of {manifest_path} "
                                    "(parameters, SID table, digest, weight or union)")
     return jax.device_put(stage.params), jax.device_put(codes)

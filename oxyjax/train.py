@@ -96,18 +96,20 @@ def evaluate_final(exp: experiment_lib.Experiment, evaluator: Evaluator, params,
   return results
 
 
-def check_rescoring(rescoring: RescoringConfig, scenarios: bool, score_normalization: str, level_weights) -> None:
-  """Before any training: with re-scoring on, `check_second_stage`."""
+def check_rescoring(rescoring: RescoringConfig, scenarios: Sequence[str], score_normalization: str,
+                    level_weights) -> None:
+  """Before any training: the per-scenario weights name this run's ``scenarios`` (their names, by
+  id; empty for one dataset), and with re-scoring on, `check_second_stage`."""
+  rescoring.stage_weights(scenarios)
   if rescoring.enabled:
-    check_second_stage(scenarios, score_normalization, level_weights, field="RescoringConfig.weight")
+    check_second_stage(score_normalization, level_weights, field="RescoringConfig.weight")
 
 
-def check_second_stage(scenarios: bool, score_normalization: str, level_weights, *, field: str) -> None:
-  """A second stage needs one dataset, one process and the beams' joint log-probabilities (the
-  scores it fuses); `field` names the setting that asked for it."""
-  if scenarios or jax.process_count() != 1:
-    raise ValueError(f"{field}: re-scoring runs on one dataset in one process "
-                     "(not with scenarios or several processes)")
+def check_second_stage(score_normalization: str, level_weights, *, field: str) -> None:
+  """A second stage needs one process and the beams' joint log-probabilities (the scores it
+  fuses); `field` names the setting that asked for it."""
+  if jax.process_count() != 1:
+    raise ValueError(f"{field}: re-scoring runs in one process (not with several processes)")
   if score_normalization != "vocab" or level_weights is not None:
     raise ValueError(f"{field}: re-scoring fuses the beams' joint log-probabilities; it needs "
                      "eval_score_normalization 'vocab' and no eval_level_weights")
@@ -120,9 +122,10 @@ def final_results(exp: experiment_lib.Experiment, evaluator: Evaluator, params, 
   or read from its content-keyed cache)."""
   if not rescoring.enabled:
     return evaluate_final(exp, evaluator, params, splits, log, max_examples)
-  check_rescoring(rescoring, bool(exp.scenarios), evaluator.score_normalization, evaluator.level_weights)
-  stage = rescoring_lib.SecondStage(rescoring_lib.get_scorer(exp.dataset, rescoring, log), rescoring.weight,
-                                    rescoring.union)
+  names = [s.name for s in exp.scenarios]  # by scenario id
+  check_rescoring(rescoring, names, evaluator.score_normalization, evaluator.level_weights)
+  scorer = rescoring_lib.get_scorer(exp.dataset, rescoring, log, domains=exp.artifact.domains)
+  stage = rescoring_lib.SecondStage(scorer, rescoring.weight, rescoring.union, rescoring.stage_weights(names))
   return stage_results(exp, evaluator, params, splits, stage, partitioner, log, max_examples, model_dir)
 
 
@@ -133,13 +136,14 @@ def stage_results(exp: experiment_lib.Experiment, evaluator: Evaluator, params, 
   """`evaluate_final` with `stage` re-ranking the beams: its metrics under `<split>` and the beams
   alone (from the same decoding pass) under `<split>_beams`; the stage is saved into
   `<model_dir>/second_stage` for `oxyjax.export`. `field`: the setting named in a refusal."""
-  check_second_stage(bool(exp.scenarios), evaluator.score_normalization, evaluator.level_weights, field=field)
+  check_second_stage(evaluator.score_normalization, evaluator.level_weights, field=field)
+  stage.check_scenarios(len(exp.scenarios), field)
   if model_dir is not None and jax.process_index() == 0:
     stage.save(os.path.join(model_dir, rescoring_lib.RUN_STAGE_DIR))  # what `oxyjax.export` serves with the model
   rescorer = rescoring_lib.Rescorer(exp.model, stage, exp.artifact.sid_table.codes, evaluator.trie, partitioner)
   rescored = Evaluator(exp.model, partitioner, evaluator.trie, beam_size=evaluator.beam_size,
                        batch_size=evaluator.batch_size, ks=evaluator.ks, second_stage=rescorer)
-  log(f"[oxyjax] re-scoring the beams (weight {stage.weight:g}, union {stage.union}); "
+  log(f"[oxyjax] re-scoring the beams ({stage.describe()}); "
       f"'{BEAMS_PREFIX}<metric>' is the beams alone")
   results = {}
   for name, r in evaluate_final(exp, rescored, params, splits, log, max_examples).items():
@@ -323,7 +327,7 @@ def train(
   # ---- set-up: data, SIDs, model, artifact
   if bool(scenarios) == bool(dataset):
     raise ValueError("train on a dataset or on scenarios: set exactly one of dataset= and scenarios=")
-  check_rescoring(rescoring, bool(scenarios), eval_score_normalization, eval_level_weights)
+  check_rescoring(rescoring, [s.name for s in scenarios or ()], eval_score_normalization, eval_level_weights)
   if scenarios:
     exp = experiment_lib.setup_scenarios(scenarios=scenarios, model_config=model_config, sid=sid, partitioner=part,
                                          label_smoothing=label_smoothing, q2i=q2i, instructions=instructions, log=log)

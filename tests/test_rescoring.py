@@ -156,17 +156,26 @@ def _tiny_eval_setup(b=10):
 
 def test_the_evaluator_scores_the_second_stage_order():
   """`Evaluator(second_stage=...)` ranks by the second stage's order: reversing the 8 beams moves a
-  target at rank r to rank 7 - r."""
+  target at rank r to rank 7 - r. The stage is given the trie the rows were decoded over (the
+  evaluator's, or the one a call names: a scenario's pool)."""
   from oxyjax.evaluation import Evaluator
 
   tiny, arrays, part = _tiny_eval_setup()
+  tries = []
+
+  def reverse(params, feats, items, scores, trie):
+    tries.append(trie)
+    return items[:, ::-1]
+
   plain = Evaluator(tiny.model, part, tiny.full, beam_size=8, batch_size=4, ks=(1, 5))
-  rev = Evaluator(tiny.model, part, tiny.full, beam_size=8, batch_size=4, ks=(1, 5),
-                  second_stage=lambda params, feats, items, scores: items[:, ::-1])
+  rev = Evaluator(tiny.model, part, tiny.full, beam_size=8, batch_size=4, ks=(1, 5), second_stage=reverse)
   items = np.concatenate([b[1][b[3]] for b in plain.beams(tiny.params, arrays)])  # real rows only
   arrays.target[:] = items[:, 2]  # every target is in the beams, at rank 2
   np.testing.assert_array_equal(plain.target_ranks(tiny.params, arrays), 2)
   np.testing.assert_array_equal(rev.target_ranks(tiny.params, arrays), 5)
+  assert tries and all(t is tiny.full for t in tries)
+  rev.target_ranks(tiny.params, arrays, trie=tiny.forest)
+  assert tries[-1] is tiny.forest
 
 
 def _scorer_for_tiny():
@@ -273,3 +282,47 @@ def test_the_second_stage_adds_only_items_of_the_rows_pool():
     with pytest.raises(ValueError, match="weight and union"):
       scorer.save(d + "/bare")
       rescoring.SecondStage.load(d + "/bare")
+
+
+def test_per_scenario_weights_fuse_each_row_with_its_scenarios_weight(tmp_path):
+  """A multi-scenario stage (`scenario_weights`, one weight per scenario id): each row's order and
+  fused scores are those of a one-weight stage at its scenario's weight, bit for bit (the same
+  float32 product and sum per element), including a weight-0 row, which gets the policy's order;
+  the weights round-trip through the stage's checkpoint, and a model of another scenario count or
+  a row without a scenario id is refused. `RescoringConfig.scenario_weights` names scenarios,
+  in gin as a dict; a name the run does not have is refused."""
+  import jax
+  from tests.rl.conftest import Tiny
+
+  tiny = Tiny()
+  scorer = _scorer_for_tiny()
+  batch, _ = tiny.batch(9, seed=4)
+  pred = jax.jit(lambda p, b, t: tiny.model.predict(p, b, t, beam_size=4))(tiny.params, batch, tiny.forest)
+  parts = jax.jit(lambda *a: rescoring.SecondStage(scorer, 0.0, 5).candidates(tiny.model, *a))(
+      tiny.params, scorer.params, batch, tiny.forest, tiny.sid_codes, pred.items, pred.scores)
+  weights = (0.0, 1.5, 1e6)
+  ids = np.arange(9) % 3
+  mixed = rescoring.SecondStage(scorer, 7.0, 5, scenario_weights=weights)
+  items, fused = (np.asarray(x) for x in jax.jit(lambda *a: mixed.fuse(*a))(*parts, ids))
+  for sid, w in enumerate(weights):
+    ref_items, ref_fused = (np.asarray(x) for x in jax.jit(rescoring.SecondStage(scorer, w, 5).fuse)(*parts))
+    rows = ids == sid
+    np.testing.assert_array_equal(items[rows], ref_items[rows])
+    np.testing.assert_array_equal(fused[rows], ref_fused[rows])
+  # the weights matter: the rows of weight 0 and 1e6 are ordered differently somewhere
+  w0, big = (np.asarray(jax.jit(rescoring.SecondStage(scorer, w, 5).fuse)(*parts)[0]) for w in (0.0, 1e6))
+  assert (w0 != big).any()
+  with pytest.raises(ValueError, match="scenario id"):
+    mixed.fuse(*parts)
+  mixed.save(str(tmp_path / "stage"))
+  back = rescoring.SecondStage.load(str(tmp_path / "stage"))
+  assert back.scenario_weights == weights and back.settings()["scenario_weights"] == list(weights)
+  back.check_scenarios(3, "here")
+  with pytest.raises(ValueError, match="weights for 3 scenarios, the model 4"):
+    back.check_scenarios(4, "here")
+  cfg = rescoring.RescoringConfig(weight=1.5, scenario_weights={"search": 0.0})
+  assert cfg.enabled and cfg.stage_weights(["home", "search", "i2i"]) == (1.5, 0.0, 1.5)
+  assert rescoring.RescoringConfig(weight=1.5).stage_weights(["home", "search"]) == ()
+  assert rescoring.RescoringConfig(weight=0.0, scenario_weights={"search": 2.0}).enabled
+  with pytest.raises(ValueError, match=r"RescoringConfig.scenario_weights: \['serach'\] not among"):
+    rescoring.RescoringConfig(weight=1.5, scenario_weights={"serach": 0.0}).stage_weights(["home", "search"])

@@ -438,8 +438,9 @@ def test_the_second_stage_runs_inside_the_exported_program(exported, tmp_path):
   """A run's SASRec second stage (`rescoring.SecondStage`) exported with the model: each row's
   answer, alone (bucket 1) and packed with others and padding (bucket 8), is the NumPy reference
   second stage (tests/test_rescoring.py) applied to the in-process model's beams: the beams and
-  SASRec's top items of the scenario's own pool, by log p + weight * log p_SASRec. The export
-  without a stage (the fixture's run has none) answers with the beams, saying so."""
+  SASRec's top items of the scenario's own pool, by log p + weight * log p_SASRec, each row at its
+  scenario's weight (one stage, weights 1.5 / 3 / 0 by scenario, rows of all three packed in one
+  call). The export without a stage (the fixture's run has none) answers with the beams, saying so."""
   from oxyjax import rescoring
   from tests.sid.test_sasrec import TINY as SASREC_TINY
   from tests.test_rescoring import assert_fused_order, numpy_second_stage
@@ -449,13 +450,16 @@ def test_the_second_stage_runs_inside_the_exported_program(exported, tmp_path):
   art = predictor.artifact
   seqs, n = rescoring.dataset_sequences("office")
   assert n == art.num_items
-  stage = rescoring.SecondStage(rescoring.train(seqs, n, SASREC_TINY, seed=0), 1.5, 6)
+  weights = {"office_homepage": 1.5, "office_i2i": 3.0, "office_search": 0.0}
+  assert [s["name"] for s in art.scenarios] == list(weights)  # scenario ids 0, 1, 2
+  stage = rescoring.SecondStage(rescoring.train(seqs, n, SASREC_TINY, seed=0), 1.5, 6,
+                                scenario_weights=tuple(weights.values()))
   stage.save(str(tmp_path / "stage"))
   sdir = export_lib.export_run(os.path.join(os.path.dirname(out), "run"), str(tmp_path / "serving"),
                                batch_sizes=(1, 8), beam_sizes=(BEAM,), second_stage=str(tmp_path / "stage"),
                                log=lambda *a: None)
   sm = serve.ServingModel(sdir, log=lambda *a: None)
-  assert sm.second_stage["union"] == 6
+  assert sm.second_stage["union"] == 6 and sm.second_stage["scenario_weights"] == [1.5, 3.0, 0.0]
   rec = serve.Recommender(sm, encoder=HashEncoder())
   bodies = _requests(predictor)
   rows = [rec.prepare(b)[0] for b in bodies]
@@ -466,12 +470,13 @@ def test_the_second_stage_runs_inside_the_exported_program(exported, tmp_path):
     want_items, want_scores = _in_process(predictor, body)
     beams = art.item_indices(want_items)[None]
     pool = set(art.pools[body["scenario"]].tolist())
+    w = weights[body["scenario"]]
     ref = numpy_second_stage(predictor.model, predictor.params, stage.scorer, art.sid_table.codes, row, beams,
-                             want_scores[None].astype(np.float32), 6, 1.5, pool=pool)
+                             want_scores[None].astype(np.float32), 6, w, pool=pool)
     alone_items, alone_scores = sm.infer([row], BEAM)
     for items, scores in ((alone_items[0], alone_scores[0]), (packed_items[3 - i], packed_scores[3 - i]),
                           (packed_items[4 + i], packed_scores[4 + i])):
-      assert_fused_order(items, ref["items"][0], ref["fused"][0], 1.5)
+      assert_fused_order(items, ref["items"][0], ref["fused"][0], w)
       live = items > 0
       assert set(items[live].tolist()) <= pool
       np.testing.assert_allclose(scores[live], np.sort(ref["fused"][0][np.isfinite(ref["fused"][0])])[::-1],

@@ -151,3 +151,82 @@ def test_a_store_gives_homepage_rows_their_instructions_and_covered_rows_are_sco
   home_plain = next(s for s in plain.scenarios if s.name == "office_homepage")
   assert ev(params, home_plain.splits["test"].take(covered), None, exp.trie("office_homepage")) == \
       rows["test/office_homepage_with_instruction_as_default"]
+
+
+def test_one_second_stage_reranks_every_scenario_over_its_own_pool(run, tmp_path):
+  """Re-scoring a multi-scenario run (`rescoring` on in `evaluate_run`, as in training): one SASRec
+  scorer, trained on both catalogues' training sequences in joint indices and cached under the
+  catalogue's name; every scenario's test rows re-ranked over its own pool (results
+  '<split>/<scenario>', the beams alone '<split>/<scenario>_beams'), each at its scenario's weight
+  (office_search 0 here). The stage is saved with the run, weights by scenario id; the predictor and
+  the exported program serve every scenario with it and agree; a weight-0 scenario keeps its beams'
+  order and every item stays in the scenario's pool. A weight for a scenario the run does not have
+  is refused before anything is evaluated."""
+  import shutil
+
+  from oxyjax import export as export_lib
+  from oxyjax import partitioning, rescoring, serve
+  from oxyjax.sid import sasrec
+  from tests.models.test_batch_independence import _assert_same_ranking
+
+  model_dir, _ = run
+  copy = tmp_path / "copy"  # the stage and results are written into the copy, not the fixture's run
+  shutil.copytree(model_dir, copy)
+  names = [s.name for s in SCENARIOS]
+  cfg = rescoring.RescoringConfig(weight=1.0, union=5, scenario_weights={"office_search": 0.0},
+                                  cache_dir=str(tmp_path / "rescoring"),
+                                  sasrec=sasrec.SASRecConfig(dim=16, num_blocks=1, max_len=10, num_epochs=2,
+                                                             length_buckets=(4, 10)))
+  part = partitioning.Partitioner({"data": 2, "fsdp": 2, "tensor": 2})
+  with pytest.raises(ValueError, match=r"scenario_weights: \['feed'\] not among"):
+    train_lib.evaluate_run(str(copy), partitioner=part, splits=("test",), max_examples=64,
+                           rescoring=rescoring.RescoringConfig(weight=1.0, scenario_weights={"feed": 0.0}),
+                           eval_batch_size=64, eval_beam_size=10, write_results=False, log=lambda *a: None)
+  result = train_lib.evaluate_run(str(copy), partitioner=part, splits=("test",), max_examples=64, rescoring=cfg,
+                                  eval_batch_size=64, eval_beam_size=10, log=lambda *a: None)
+  cat = Catalogue.load(["office", "industrial"])
+  cached = os.listdir(tmp_path / "rescoring")
+  assert len(cached) == 1 and cached[0].startswith(cat.name + "_")
+  scorer = rescoring.SASRecScorer.load(str(tmp_path / "rescoring" / cached[0]),
+                                       sequences=rescoring.dataset_sequences(cat.name, cat.domains)[0],
+                                       num_items=cat.num_items)
+  with open(copy / "run_summary.json") as f:
+    results = json.load(f)["results"]
+  rows = [f"test/{n}" for n in names] + ["test/mean"]
+  assert set(results) == set(rows) | {f"{r}_beams" for r in rows}
+  assert all(results[r]["num_examples"] == results[f"{r}_beams"]["num_examples"] == 64 for r in rows[:-1])
+  assert result.test is None  # a multi-scenario run's results are per scenario
+  stage = rescoring.SecondStage.load(str(copy / rescoring.RUN_STAGE_DIR))
+  assert stage.scenario_weights == (1.0, 1.0, 1.0, 0.0) and stage.scorer.digest == scorer.digest
+
+  from tests.instructions.conftest import HashEncoder
+
+  staged = predict_lib.Predictor(str(copy), beam_size=10)
+  beams_only = predict_lib.Predictor(str(copy), beam_size=10, second_stage="none")
+  staged._encoder = beams_only._encoder = HashEncoder()  # the query's embedding (the same on both sides)
+  sdir = export_lib.export_run(str(copy), str(tmp_path / "serving"), batch_sizes=(1,), beam_sizes=(10,),
+                               log=lambda *a: None)
+  model = serve.ServingModel(sdir, log=lambda *a: None)
+  assert model.second_stage["scenario_weights"] == [1.0, 1.0, 1.0, 0.0]
+  recommender = serve.Recommender(model, encoder=staged._encoder)
+  history = ["office/1", "office/2", "office/3"]
+  reordered = False
+  for sc, kwargs in [("office_homepage", {}), ("office_i2i", {"trigger": "office/4"}),
+                     ("industrial_i2i_poor", {"trigger": "industrial/5"}),
+                     ("office_search", {"query": "Ink cartridges, black"})]:
+    hist = [] if sc == "industrial_i2i_poor" else history
+    recs = staged.recommend(hist, top_k=10, scenario=sc, **kwargs)
+    beams = [r[0] for r in beams_only.recommend(hist, top_k=10, scenario=sc, **kwargs)]
+    domain = "industrial/" if sc.startswith("industrial") else "office/"
+    assert all(r[0].startswith(domain) for r in recs), sc  # SASRec scores both catalogues; the pool holds
+    kept = [r[0] for r in recs if r[0] in beams]
+    if sc == "office_search":  # weight 0: the beams keep beam search's order among the candidates
+      assert kept == [b for b in beams if b in kept]
+    else:
+      reordered |= kept != [b for b in beams if b in kept]
+    body = {"scenario": sc, "history": hist, "k": 10, **kwargs}
+    ans = recommender.recommend([body])[0]
+    assert ans.ranking == "second_stage"
+    _assert_same_ranking(np.asarray([x["item_id"] for x in ans.items]), np.asarray([x["score"] for x in ans.items]),
+                         np.asarray([r[0] for r in recs]), np.asarray([r[1] for r in recs]), sc)
+  assert reordered  # weight 1 did re-rank some scenario's beams

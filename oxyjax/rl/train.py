@@ -180,9 +180,10 @@ def train_rl(
   exp = experiment_lib.from_artifact(init_art, partitioner=part, data_source=data_source, log=log)
   exp.check_data()
   model = exp.model
-  stage = rescoring_lib.SecondStage.of_run(init_model_dir, second_stage, num_items=init_art.num_items, log=log)
+  stage = rescoring_lib.SecondStage.of_run(init_model_dir, second_stage, num_items=init_art.num_items,
+                                           num_scenarios=len(exp.scenarios), log=log)
   if stage is not None:  # refused before any training (the evaluator below fuses joint log-probs: 'vocab')
-    pretrain.check_second_stage(bool(exp.scenarios), "vocab", None, field="second_stage")
+    pretrain.check_second_stage("vocab", None, field="second_stage")
 
   # ---- prompts: the training examples (each scenario's, sampled by its rate), each row's pool
   forest, root_of_scenario = exp.scenario_forest()
@@ -328,7 +329,7 @@ def train_rl(
         "loss": dataclasses.asdict(loss),
         "ranker_refresh": dataclasses.asdict(ranker_refresh),
         "rollout": dataclasses.asdict(rollout), "steps": step, "train_seconds": train_seconds,
-        "second_stage": stage and {"weight": stage.weight, "union": stage.union, "digest": stage.scorer.digest},
+        "second_stage": stage and stage.settings(),
         "best_step": best_step, "results": results, "validation_history": eval_hook.history}, merge=False)
   ckpt.close(), best.close()
   return pretrain.TrainResult(state, step, results.get("validation", results.get("validation/mean")),
