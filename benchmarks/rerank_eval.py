@@ -42,7 +42,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import cpu_model  # noqa: E402
-from paired_eval import METRICS, load_model  # noqa: E402
+from paired_eval import METRICS, eval_sets, load_model  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -97,12 +97,6 @@ class Scorer:
     return None if self.scorer is None else self.scorer.top_k(feats["history_items"], feats["history_mask"], 20)[0]
 
 
-def eval_set(exp, split: str, name: str):
-  """``(examples, trie)`` of one evaluation set of `split` (`set_names`), decoded over its pool."""
-  arrays, pool = exp.eval_sets(split)[f"{split}/{name}" if exp.scenarios else split]
-  return arrays, exp.trie(pool)
-
-
 def set_names(exp) -> list[str]:
   """What is scored: each scenario of a multi-scenario run by name (each over its own pool, with
   its own weight curve and choice), else the dataset ('all')."""
@@ -113,7 +107,7 @@ def beams_and_logits(exp, params, ev, stage: Scorer, split: str, max_examples: i
                      name: str = "all"):
   """``{items [N, C], scores [N, C] (policy), logits [N, C] (second stage), targets [N], alone
   [N, 20] (SASRec alone, where there is one)}`` over a split (a scenario's rows: ``name``)."""
-  arrays, trie = eval_set(exp, split, name)
+  arrays, trie = eval_sets(exp, split)[name]
   arrays = fixed_subset(arrays, max_examples)
   out = {"items": [], "scores": [], "logits": [], "targets": [], "alone": []}
   for feats, items, scores, mask in ev.beams(params, arrays, trie):
@@ -187,7 +181,7 @@ def main():
   if args.test_variant not in (None, *variants(args.unions)):
     raise SystemExit(f"--test_variant must be one of {variants(args.unions)} with --union={args.union}")
   print(f"[rerank_eval] CPU: {cpu_model()}")
-  part = partitioning.Partitioner({"data": 1})
+  part = partitioning.Partitioner({"data": -1})  # every local device (one on a CPU host)
   result = {"cpu": cpu_model(), "beam": args.beam, "ranker": args.ranker, "sasrec": args.sasrec,
             "union": args.unions, "select": args.select, "weights": weights,
             "command": "python benchmarks/rerank_eval.py " + " ".join(sys.argv[1:]), "models": {}}

@@ -230,3 +230,28 @@ def test_one_second_stage_reranks_every_scenario_over_its_own_pool(run, tmp_path
     _assert_same_ranking(np.asarray([x["item_id"] for x in ans.items]), np.asarray([x["score"] for x in ans.items]),
                          np.asarray([r[0] for r in recs]), np.asarray([r[1] for r in recs]), sc)
   assert reordered  # weight 1 did re-rank some scenario's beams
+  # benchmarks/rerank_eval.py on the run: each scenario its own weight curve on validation (over its
+  # own pool), the weight chosen on it, and test read once at that weight. At weight 0 the beams are
+  # in beam-search order, so their curve's weight-0 point is the policy alone, scenario by scenario.
+  import importlib.util
+  import sys
+
+  bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+  spec = importlib.util.spec_from_file_location("rerank_eval", os.path.join(bench, "rerank_eval.py"))
+  rerank_eval = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(rerank_eval)
+  out = tmp_path / "rerank.json"
+  argv = ["rerank_eval.py", f"--sasrec={copy / rescoring.RUN_STAGE_DIR}", str(copy), "--union=5", "--weights=0,1,1e6",
+          "--max_examples=32", "--beam=10", f"--out={out}"]
+  old_argv, sys.argv = sys.argv, argv
+  try:
+    rerank_eval.main()
+  finally:
+    sys.argv = old_argv
+  with open(out) as f:
+    sets = json.load(f)["models"][str(copy)]["scenarios"]
+  assert sorted(sets) == sorted(names)
+  for name, rec in sets.items():
+    assert rec["beams"]["validation"]["0.0"] == rec["validation_policy"], name
+    assert rec["union5"]["best_weight_on_validation"] in (0.0, 1.0, 1e6)
+    assert rec["test_rows"] == 32 and rec["test_variant"] == "union5"
