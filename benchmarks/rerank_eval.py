@@ -63,7 +63,7 @@ class Scorer:
   ``parts(features, items, scores) -> (candidates, policy log-probs, second-stage scores)``: the
   items the fused order ranks, each with the policy's joint log-probability and the scorer's
   score: the beams alone, or with ``--union=k`` the beams and SASRec's k best items not among them
-  (`rescoring.Rescorer.parts`); ``alone(features)``: SASRec's own top 20 over the catalogue (None
+  (`rescoring.Rescorer.parts`); ``alone(features, pool)``: SASRec's own top 20 among the pool's items (None
   for the ranker, which scores only given candidates)."""
 
   def __init__(self, args, exp, params, ev):
@@ -93,8 +93,10 @@ class Scorer:
 
     self.parts = parts
 
-  def alone(self, feats):
-    return None if self.scorer is None else self.scorer.top_k(feats["history_items"], feats["history_mask"], 20)[0]
+  def alone(self, feats, pool):
+    if self.scorer is None:
+      return None
+    return self.scorer.top_k(feats["history_items"], feats["history_mask"], 20, pool)[0]
 
 
 def set_names(exp) -> list[str]:
@@ -108,11 +110,12 @@ def beams_and_logits(exp, params, ev, stage: Scorer, split: str, max_examples: i
   """``{items [N, C], scores [N, C] (policy), logits [N, C] (second stage), targets [N], alone
   [N, 20] (SASRec alone, where there is one)}`` over a split (a scenario's rows: ``name``)."""
   arrays, trie = eval_sets(exp, split)[name]
+  pool = exp.artifact.pools[name] if exp.scenarios else None
   arrays = fixed_subset(arrays, max_examples)
   out = {"items": [], "scores": [], "logits": [], "targets": [], "alone": []}
   for feats, items, scores, mask in ev.beams(params, arrays, trie):
     items, scores, logits = (np.asarray(x) for x in stage.parts(feats, items, scores, trie))
-    alone = stage.alone(feats)
+    alone = stage.alone(feats, pool)
     for key, val in (("items", items), ("scores", scores), ("logits", logits), ("targets", feats["target_items"]),
                      ("alone", alone)):
       if val is not None:

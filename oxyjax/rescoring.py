@@ -102,7 +102,8 @@ class SASRecScorer:
       return jax.nn.log_softmax(model.apply({"params": p}, seq, train=False, last_only=True))
 
     self._log_probs = jax.jit(lambda p, seq, items: jnp.take_along_axis(next_item(p, seq), items, axis=1))
-    self._top_k = jax.jit(lambda p, seq, k: jax.lax.top_k(next_item(p, seq), k), static_argnums=2)
+    self._top_k = jax.jit(lambda p, seq, k, allowed: jax.lax.top_k(jnp.where(allowed, next_item(p, seq), -jnp.inf), k),
+                          static_argnums=2)
 
   def log_probs(self, history_items: np.ndarray, history_mask: np.ndarray, items: np.ndarray) -> np.ndarray:
     """``log softmax_SASRec(item | history)`` over the whole catalogue, at ``items [B, K]``
@@ -114,10 +115,16 @@ class SASRecScorer:
       raise ValueError(f"item index {int(items.max())} out of range for a scorer of {self.num_items} items")
     return np.asarray(self._log_probs(self.params, seq, items))
 
-  def top_k(self, history_items: np.ndarray, history_mask: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """SASRec alone over the whole catalogue: its ``k`` best items ``[B, k]`` and their log-probs."""
+  def top_k(self, history_items: np.ndarray, history_mask: np.ndarray, k: int,
+            pool: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """SASRec alone: its ``k`` best items ``[B, k]`` and their log-probs (over the whole
+    catalogue), among the items of ``pool`` (item indices; default: every item and the padding)."""
     seq = right_aligned(history_items, history_mask, self.config.max_len)
-    lp, items = self._top_k(self.params, seq, k)
+    allowed = np.ones(self.num_items + 1, bool)
+    if pool is not None:
+      allowed[:] = False
+      allowed[np.asarray(pool, np.int64)] = True
+    lp, items = self._top_k(self.params, seq, k, allowed)
     return np.asarray(items), np.asarray(lp)
 
   def save(self, directory: str, stage: dict[str, Any] | None = None) -> None:

@@ -38,6 +38,14 @@ def test_scores_are_a_log_softmax_over_the_catalogue(trained):
   lp = scorer.log_probs(items, mask, every_item)
   # float32 log-softmax over 60 items: logsumexp is 0 up to a few float32 ulps of the largest logit.
   np.testing.assert_allclose(np.logaddexp.reduce(lp.astype(np.float64), axis=1), 0.0, atol=1e-4)
+  # SASRec alone among a pool's items (a scenario's, benchmarks/rerank_eval.py): the pool's k best
+  # by these same log-probs, best first (the same network, so the same values up to jit's rounding).
+  pool = np.arange(1, ds.num_items + 1, 3)
+  top, top_lp = scorer.top_k(items, mask, 5, pool)
+  for row in range(2):
+    want = pool[np.argsort(-lp[row, pool - 1], kind="stable")[:5]]
+    assert set(top[row].tolist()) <= set(pool.tolist())
+    np.testing.assert_allclose(top_lp[row], lp[row, want - 1], atol=1e-5)
 
 
 def test_rescoring_moves_up_the_items_of_the_users_group(trained):
