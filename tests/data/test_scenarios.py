@@ -373,8 +373,14 @@ def test_scenario_gin_file_parses_to_the_documented_mixture():
         ["MODEL_DIR = '/tmp/unused'"], skip_unknown=False)
     scen = gin.query_parameter("oxyjax.train.train.scenarios")
     configs = [r.scoped_configurable_fn() for r in scen]  # what train() receives when gin calls it
+    rescoring = gin.query_parameter("oxyjax.train.train.rescoring").scoped_configurable_fn()
   finally:
     gin.clear_config()
+  # the second stage: a weight per scenario id, 0 for the search scenarios (chosen on validation)
+  weights = dict(zip([c.name for c in configs], rescoring.stage_weights([c.name for c in configs])))
+  assert rescoring.enabled and rescoring.union == 10
+  assert weights == {"office_homepage": 1.0, "industrial_homepage": 2.0, "office_i2i": 1.0,
+                     "industrial_i2i_poor": 3.0, "office_search": 0.0, "industrial_search": 0.0}
   kinds = {c.name: (c.kind, c.domain, c.rate, c.train_fraction) for c in configs}
   assert kinds["industrial_i2i_poor"] == ("item_to_item", "industrial", 0.2, 0.1)
   assert {k for k, *_ in kinds.values()} == {"homepage", "item_to_item", "search"}
