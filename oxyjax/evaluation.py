@@ -80,6 +80,7 @@ class Evaluator:
     pass under ``BEAMS_PREFIX + <metric>``."""
     arrays = fixed_subset(arrays, max_examples)
     acc = metrics_lib.MetricsAccumulator(ks=self.ks)
+    trie = self.trie if trie is None else trie  # the second stage adds only items of this pool
     if self.second_stage is None:
       for items, targets, mask in self._decode(params, arrays, trie):
         acc.update(items, targets, mask=mask)
@@ -88,7 +89,7 @@ class Evaluator:
     for batch, items, scores, mask in self.beams(params, arrays, trie):
       targets = np.asarray(batch["target_items"])
       beams_acc.update(items, targets, mask=mask)
-      acc.update(np.asarray(self.second_stage(params, batch, items, scores, self.trie if trie is None else trie)), targets, mask=mask)
+      acc.update(np.asarray(self.second_stage(params, batch, items, scores, trie)), targets, mask=mask)
     return {**acc.result(), **{BEAMS_PREFIX + k: v for k, v in beams_acc.result().items()}}
 
   def target_ranks(self, params, arrays: pipeline.ExampleArrays, max_examples: int | None = None,
@@ -130,9 +131,9 @@ class Evaluator:
     # and masks of the whole global batch are gathered from the sharded arrays, so every host
     # computes the same global metrics.
     if self.second_stage is not None:
+      trie = self.trie if trie is None else trie
       for batch, items, scores, mask in self.beams(params, arrays, trie):
-        yield (np.asarray(self.second_stage(params, batch, items, scores, self.trie if trie is None else trie)),
-               np.asarray(batch["target_items"]), mask)
+        yield np.asarray(self.second_stage(params, batch, items, scores, trie)), np.asarray(batch["target_items"]), mask
       return
     for batch, sharded, out, mask in self._predict_batches(params, arrays, trie):
       if jax.process_count() == 1:

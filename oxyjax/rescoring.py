@@ -258,6 +258,12 @@ class SecondStage:
     out = {"weight": self.weight, "union": self.union, "digest": self.scorer.digest}
     return {**out, "scenario_weights": list(self.scenario_weights)} if self.scenario_weights else out
 
+  def describe(self) -> str:
+    """The weights and union, for logs."""
+    weights = (f"weights by scenario {', '.join(f'{w:g}' for w in self.scenario_weights)}" if self.scenario_weights
+               else f"weight {self.weight:g}")
+    return f"{weights}, union {self.union}"
+
   def check_scenarios(self, num_scenarios: int, where: str) -> None:
     """A stage with per-scenario weights fits only a model of as many scenarios."""
     if self.scenario_weights and len(self.scenario_weights) != num_scenarios:
@@ -350,11 +356,6 @@ class SecondStage:
     stage.check_scenarios(num_scenarios, path)
     log(f"[oxyjax] second stage from {path}: SASRec ({stage.describe()})")
     return stage
-
-  def describe(self) -> str:
-    weights = (f"weights by scenario {', '.join(f'{w:g}' for w in self.scenario_weights)}" if self.scenario_weights
-               else f"weight {self.weight:g}")
-    return f"{weights}, union {self.union}"
 
 
 class Rescorer:
