@@ -1,7 +1,8 @@
-r"""Where the serving program's time goes at beam 20: its parts timed in-process, one jit each.
+r"""Where the serving program's time goes: its parts timed in-process, one jit each (beam 20 unless --beam).
 
   python benchmarks/serving_parts.py                    # all cores
   taskset -c 0 python benchmarks/serving_parts.py       # one core: how much of a call XLA spreads over the cores
+  python benchmarks/serving_parts.py --beam=256 --batch_sizes=1
 
 Parts (small model over Beauty's SID trie, randomly initialised; a random-init SASRec of the
 default shape, as in serve_latency.py: the cost does not depend on the weights' values):
@@ -9,7 +10,8 @@ default shape, as in serve_latency.py: the cost does not depend on the weights' 
 - `stage_union0`: with the stage scoring the beams only (SASRec, no extra paths);
 - `stage_union<k>`: with the default stage (union k from gin_configs/defaults/small.gin);
 - `path_log_probs`: the policy's score of k given paths per row (what the union adds), encoder included;
-- `encode`: the encoder alone.
+- `encode`: the encoder alone;
+- `sasrec`: the scorer's next-item log-softmax over the catalogue alone.
 p50 over --reps calls of test-split histories, built as the server builds a request's row.
 """
 
@@ -33,6 +35,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--batch_sizes", default="1,8,64")
   ap.add_argument("--reps", type=int, default=40)
+  ap.add_argument("--beam", type=int, default=20)
   args = ap.parse_args()
 
   import jax
@@ -41,22 +44,28 @@ def main():
   import serve_latency as sl
   from oxyjax import export as export_lib
   from oxyjax import predict
+  from oxyjax import rescoring
 
   weight, union = sl.default_stage_settings()
   model, params, art, ds, _ = sl.build("small", "beauty", None)
   stage, stage0 = sl.second_stage(art, None, weight, union), sl.second_stage(art, None, weight, 0)
   trie, codes = art.trie(), jnp.asarray(art.sid_table.codes, jnp.int32)
+  beam = args.beam
   print(f"# serving_parts on {cpu_model()} ({len(os.sched_getaffinity(0))} of {os.cpu_count()} CPUs usable), "
-        f"jax {jax.__version__}; beam 20, union {union}", flush=True)
+        f"jax {jax.__version__}; beam {beam}, union {union}", flush=True)
   fns = {
-      "beams": jax.jit(lambda p, f: export_lib.serving_fn(model, 20)(p, f, trie)),
-      "stage_union0": jax.jit(lambda p, f: export_lib.serving_fn(model, 20, stage=stage0)(p, f, trie, stage0.params,
+      "beams": jax.jit(lambda p, f: export_lib.serving_fn(model, beam)(p, f, trie)),
+      "stage_union0": jax.jit(lambda p, f: export_lib.serving_fn(model, beam, stage=stage0)(p, f, trie, stage0.params,
                                                                                            codes)),
-      f"stage_union{union}": jax.jit(lambda p, f: export_lib.serving_fn(model, 20, stage=stage)(p, f, trie,
+      f"stage_union{union}": jax.jit(lambda p, f: export_lib.serving_fn(model, beam, stage=stage)(p, f, trie,
                                                                                                stage.params, codes)),
       "path_log_probs": jax.jit(lambda p, f: model.path_log_probs(
           p, f, jnp.broadcast_to(codes[1:union + 1][None], (f["scenario"].shape[0], union, codes.shape[1])))),
       "encode": jax.jit(model.encode),
+      "sasrec": jax.jit(lambda p, f: jax.nn.log_softmax(stage.scorer.model.apply(
+          {"params": stage.params}, rescoring.sasrec_window(f["history_items"], f["history_mask"],
+                                                            stage.scorer.config.max_len),
+          train=False, last_only=True), axis=-1)),
   }
   rng = np.random.default_rng(0)
   print("| batch | " + " | ".join(fns) + " |\n|---|" + "---|" * len(fns), flush=True)

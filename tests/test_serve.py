@@ -308,6 +308,24 @@ def test_concurrent_requests_share_calls_and_get_their_own_answers(exported, ser
   assert batcher.rows == len(bodies) and batcher.batches < len(bodies)  # requests were batched together
 
 
+def test_an_idle_server_runs_a_request_without_waiting_the_batch_window(exported, server):
+  """The window is waited only while another batch is in the model: with a window far longer than
+  the deadline, a lone request is still answered (before this, it waited the window out and got
+  DeadlineExceeded), and so is a second one after it; under load the window still batches (the
+  test above)."""
+  _, predictor = exported
+  rec = server.recommender
+  ids = _office_ids(predictor)
+  bodies = [{"scenario": "office_homepage", "history": ids[i:i + 3], "k": 5} for i in range(2)]
+  batcher = serve.Batcher(rec, max_wait_s=600.0, timeout_s=60)
+  try:
+    got = [[x["item_id"] for x in batcher.submit(b).items] for b in bodies]
+  finally:
+    batcher.close()
+  assert got == [[x["item_id"] for x in rec.recommend([b])[0].items] for b in bodies]
+  assert batcher.batches == 2 and batcher.rows == 2
+
+
 def _blocked_infer(monkeypatch, model, gate, timeout_s: float = 30):
   """`model.infer` waits on `gate` (an Event or a Barrier) before it runs."""
   real = model.infer
