@@ -34,6 +34,16 @@ level) the benchmark
    C clients never offers more than the server answers). This measures the ">= 300 requests/s
    with p99 < 100 ms" target directly. PNG at --open_loop_png.
 
+7. paired through HTTP (`--sections=paired_http`, small models): one server per model, all
+   started at once, and one client that sends each request to every server in turn (who goes
+   first alternates), `--http_requests` per beam; each model's p50 / p99 and the per-request
+   difference from the first model. The sections above measure one model after the other, so
+   a drift of the machine between them (a few ms at beam 256 on a shared 2-core host) lands in
+   their difference; here it falls on every model alike.
+
+     python benchmarks/serve_latency.py --models=small,small+rescoring10 --beam_sizes=256 --batch_sizes=1 \
+         --buckets=1 --sections=paired_http --http_requests=1000 --out=docs/bench/serve_b256_paired
+
 `--sections` runs a subset, e.g. `--sections=open_loop` (the server still compiles every bucket
 at start).
 
@@ -66,7 +76,7 @@ from machine import cpu_model  # noqa: E402
 
 
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
-SECTIONS = ("in_process", "brute_force", "http", "load", "open_loop")
+SECTIONS = ("in_process", "brute_force", "http", "load", "open_loop", "paired_http")
 
 
 def pct(xs, q):
@@ -319,6 +329,37 @@ def http_cases(srv: ServerProc, ds, args, max_history: int, beam_sizes, client_c
   return out
 
 
+def paired_http(servers: dict, ds, args, max_history: int, beam_sizes) -> list[dict]:
+  """One client; each request goes to every server in turn (see the module docstring, 7)."""
+  names = list(servers)
+  print(f"\n| paired HTTP, 1 client, {' / '.join(names)} | p50 ms | p99 ms | median difference from "
+        f"{names[0]} ms | errors |\n|---|---|---|---|---|", flush=True)
+  out = []
+  conns = {n: http.client.HTTPConnection(srv.host, srv.port, timeout=60) for n, srv in servers.items()}
+  for w in beam_sizes:
+    bodies = request_bodies(ds, 256, args.k, w, max_history, seed=w + 7)
+    lat, errors = {n: [] for n in names}, []
+    for i in range(-10, args.http_requests):  # 10 unrecorded rounds first
+      data = json.dumps(bodies[i % len(bodies)])
+      for n in names if i % 2 == 0 else names[::-1]:
+        t = time.perf_counter()
+        conns[n].request("POST", "/v1/recommend", data, {"Content-Type": "application/json"})
+        r = conns[n].getresponse()
+        body = r.read()
+        if r.status != 200:
+          errors.append((n, r.status, body[:200]))
+        if i >= 0:
+          lat[n].append(time.perf_counter() - t)
+    for n in names:
+      diff = np.asarray(lat[n]) - np.asarray(lat[names[0]])
+      out.append({"model": n, "beam": w, "requests": len(lat[n]), "p50_ms": 1e3 * pct(lat[n], 50),
+                  "p99_ms": 1e3 * pct(lat[n], 99), "median_diff_ms": 1e3 * float(np.median(diff)),
+                  "errors": sum(e[0] == n for e in errors)})
+      print(f"| {n}, beam {w} | {1e3 * pct(lat[n], 50):.2f} | {1e3 * pct(lat[n], 99):.2f} | "
+            f"{1e3 * float(np.median(diff)):+.2f} | {out[-1]['errors']} |", flush=True)
+  return out
+
+
 def closed_load(srv: ServerProc, bodies, clients: int, requests: int, name: str, workers: int, label: str) -> dict:
   """The bounded load test: `requests` from `clients` keep-alive clients at beam 20, then it stops."""
   h0 = srv.health()
@@ -397,7 +438,7 @@ def main():
   report = {"cpu": cpu, "cpus": os.cpu_count(), "backend": jax.default_backend(), "dataset": args.dataset,
             "models": {}, "command": " ".join(sys.argv)}
   tmp = tempfile.mkdtemp(prefix="serve_latency-")
-  loads, open_loops = {}, {}
+  loads, open_loops, paired_dirs = {}, {}, {}
   stage_settings = default_stage_settings() if "+" in args.models else None  # before `build` parses (and locks) gin
   for name in args.models.split(","):
     base, _, variant = name.partition("+")
@@ -460,6 +501,8 @@ def main():
                                   "p99_ms": 1e3 * p99, "reps": len(times)})
       print(f"| brute force {b} (all {art.num_items} items, top {args.k}) | {compile_s:.1f} | {1e3 * p50:.2f} | "
             f"{1e3 * p99:.2f} | {b / p50:.0f} | {len(times)} |", flush=True)
+    if base == "small":
+      paired_dirs[name] = sdir
     if base == "small" and sections & {"http", "load", "open_loop"}:
       for workers in worker_counts:
         label = name if len(worker_counts) == 1 else f"{name}, {workers} batch worker{'s' * (workers > 1)}"
@@ -476,6 +519,15 @@ def main():
         finally:
           srv.close()
     report["models"][name] = mrep
+  if "paired_http" in sections and paired_dirs:
+    servers = {}
+    try:
+      for name, sdir in paired_dirs.items():
+        servers[name] = ServerProc(sdir, args.max_batch_wait_ms, worker_counts[0])
+      report["paired_http"] = paired_http(servers, ds, args, model.config.max_history, beam_sizes)
+    finally:
+      for srv in servers.values():
+        srv.close()
   load = next(iter(loads.values()), None)
   if loads:
     report["load_test"] = {k: v for k, v in load.items() if k != "latencies_ms"}

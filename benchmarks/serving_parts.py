@@ -12,7 +12,10 @@ default shape, as in serve_latency.py: the cost does not depend on the weights' 
 - `path_log_probs`: the policy's score of k given paths per row (what the union adds), encoder included;
 - `encode`: the encoder alone;
 - `sasrec`: the scorer's next-item log-softmax over the catalogue alone.
-p50 over --reps calls of test-split histories, built as the server builds a request's row.
+p50 over --reps calls of test-split histories, built as the server builds a request's row; the
+parts are called in turn (one call of each per round), so that the machine's slow spells fall on
+all of them alike and their differences stand (timing one part after another, a drift of a few
+ms between them is common on this project's shared 2-core hosts).
 """
 
 from __future__ import annotations
@@ -49,23 +52,33 @@ def main():
   weight, union = sl.default_stage_settings()
   model, params, art, ds, _ = sl.build("small", "beauty", None)
   stage, stage0 = sl.second_stage(art, None, weight, union), sl.second_stage(art, None, weight, 0)
-  trie, codes = art.trie(), jnp.asarray(art.sid_table.codes, jnp.int32)
+  codes = jnp.asarray(art.sid_table.codes, jnp.int32)
+  # As the exported program takes them: the trie's arrays, the stage's parameters and the SID
+  # table are arguments, not constants XLA could fold into the program.
+  forest, _ = art.pool_forest(export_lib.serving_pools(art))
+  trie = tuple(jnp.asarray(getattr(forest, f)) for f in export_lib.TRIE_FIELDS)
+  trie_static = {"num_levels": forest.num_levels, "max_children": tuple(forest.max_children),
+                 "vocab_sizes": tuple(forest.vocab_sizes)}
   beam = args.beam
   print(f"# serving_parts on {cpu_model()} ({len(os.sched_getaffinity(0))} of {os.cpu_count()} CPUs usable), "
-        f"jax {jax.__version__}; beam {beam}, union {union}", flush=True)
+        f"jax {jax.__version__}; beam {beam}, union {union}; p50 ms, the parts' calls interleaved", flush=True)
+
+  def served(st):
+    fn = jax.jit(export_lib.make_serve_fn(model, trie_static, beam, stage=st))
+    return lambda p, f: fn(p, f, trie, *((st.params, codes) if st else ()))
+
+  scores_paths = jax.jit(lambda p, f, c: model.path_log_probs(
+      p, f, jnp.broadcast_to(c[1:union + 1][None], (f["scenario"].shape[0], union, c.shape[1]))))
+  next_item = jax.jit(lambda sp, f: jax.nn.log_softmax(stage.scorer.model.apply(
+      {"params": sp}, rescoring.sasrec_window(f["history_items"], f["history_mask"], stage.scorer.config.max_len),
+      train=False, last_only=True), axis=-1))
   fns = {
-      "beams": jax.jit(lambda p, f: export_lib.serving_fn(model, beam)(p, f, trie)),
-      "stage_union0": jax.jit(lambda p, f: export_lib.serving_fn(model, beam, stage=stage0)(p, f, trie, stage0.params,
-                                                                                           codes)),
-      f"stage_union{union}": jax.jit(lambda p, f: export_lib.serving_fn(model, beam, stage=stage)(p, f, trie,
-                                                                                               stage.params, codes)),
-      "path_log_probs": jax.jit(lambda p, f: model.path_log_probs(
-          p, f, jnp.broadcast_to(codes[1:union + 1][None], (f["scenario"].shape[0], union, codes.shape[1])))),
+      "beams": served(None),
+      "stage_union0": served(stage0),
+      f"stage_union{union}": served(stage),
+      "path_log_probs": lambda p, f: scores_paths(p, f, codes),
       "encode": jax.jit(model.encode),
-      "sasrec": jax.jit(lambda p, f: jax.nn.log_softmax(stage.scorer.model.apply(
-          {"params": stage.params}, rescoring.sasrec_window(f["history_items"], f["history_mask"],
-                                                            stage.scorer.config.max_len),
-          train=False, last_only=True), axis=-1)),
+      "sasrec": lambda p, f: next_item(stage.params, f),
   }
   rng = np.random.default_rng(0)
   print("| batch | " + " | ".join(fns) + " |\n|---|" + "---|" * len(fns), flush=True)
@@ -75,15 +88,15 @@ def main():
       bodies = sl.request_bodies(ds, b, 10, 20, model.config.max_history, seed=int(rng.integers(1 << 31)))
       rows = [predict.build_request(art, model, x["history"]).features for x in bodies]
       feats.append({k: jnp.asarray(np.concatenate([r[k] for r in rows])) for k in rows[0]})
-    row = []
     for fn in fns.values():
       jax.block_until_ready(fn(params, feats[0]))
-      ts = []
-      for i in range(args.reps):
+    ts = {name: [] for name in fns}
+    for i in range(args.reps):  # round robin, so that a slow spell of the machine hits every part alike
+      for name, fn in fns.items():
         t = time.perf_counter()
         jax.block_until_ready(fn(params, feats[i % len(feats)]))
-        ts.append(time.perf_counter() - t)
-      row.append(f"{1e3 * np.median(ts):.2f}")
+        ts[name].append(time.perf_counter() - t)
+    row = [f"{1e3 * np.median(ts[name]):.2f}" for name in fns]
     print(f"| {b} | " + " | ".join(row) + " |", flush=True)
 
 
