@@ -352,6 +352,18 @@ class Recommender:
       self._encoder = SentenceEncoder()
     return self._encoder.encode([text])[0]
 
+  def warmup(self, log=print) -> None:
+    """Where a scenario embeds its query at request time (search), loads the text encoder and
+    compiles it for every token-length bucket a query may fall in, so that no request pays the
+    load or a compile (the first search request otherwise took seconds)."""
+    if not any(kind_of(sc) == "search" for sc in self.model.scenarios):
+      return
+    t = time.perf_counter()
+    self._embed("warm up")  # loads it
+    if hasattr(self._encoder, "warmup"):
+      self._encoder.warmup()
+    log(f"[serve] text encoder ready for queries in {time.perf_counter() - t:.1f}s")
+
   def parse(self, body: Any):
     """A decoded JSON body -> (scenario dict or None, build_request kwargs, k, beam, user); BadRequest else."""
     from oxyjax import predict
@@ -691,6 +703,8 @@ class Server:
       self.model.warmup(log=log)
     self.instructions = InstructionSnapshot(store, max_age_s=instruction_max_age_s, reload_s=store_reload_s)
     self.recommender = Recommender(self.model, limits=limits, instructions=self.instructions, encoder=encoder)
+    if warmup:
+      self.recommender.warmup(log=log)
     self.batcher = Batcher(self.recommender, max_wait_s=max_batch_wait_ms / 1e3, queue_size=queue_size,
                            timeout_s=request_timeout_s, workers=batch_workers)
     health = {"scenarios": [s["name"] for s in self.model.scenarios] or None, "beam_sizes": self.model.beam_sizes,

@@ -176,6 +176,14 @@ class SentenceEncoder:
         return min(b, self.max_length)
     return self.max_length
 
+  def warmup(self, rows: int = 1) -> list[int]:
+    """Compiles the encoder for ``rows`` texts at every token-length bucket (a server embedding
+    one query per request calls it at start); returns the buckets."""
+    buckets = sorted({self._bucket(b) for b in LENGTH_BUCKETS})
+    for b in buckets:  # b - 2 one-token words, with [CLS] and [SEP]: b tokens
+      self.encode([" ".join(["a"] * (b - 2))] * rows)
+    return buckets
+
   def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
     """Embeds texts -> ``[N, 384]`` float32, unit-norm rows, in input order."""
     if isinstance(texts, str):

@@ -78,6 +78,19 @@ def test_padding_and_order_do_not_change_embeddings(encoder):
     encoder.encode("not a list")
 
 
+def test_warmup_compiles_every_length_a_text_may_have(encoder):
+  """A server calls `warmup` at start: afterwards no text, of any length up to the limit, compiles
+  the encoder again (the jitted function's cache does not grow), so no request pays a compile."""
+  buckets = encoder.warmup()
+  assert buckets[-1] == encoder.max_length and len(buckets) == len(set(buckets))
+  # each warm-up text is exactly its bucket's length, so each bucket was compiled
+  assert [len(encoder.tokenize([" ".join(["a"] * (b - 2))])[0]) for b in buckets] == buckets
+  compiled = embeddings.sentence_embed._cache_size()
+  for words in (1, 3, 14, 15, 40, 100, 250, 600):
+    encoder.encode([" ".join(["pen"] * words)])
+  assert embeddings.sentence_embed._cache_size() == compiled
+
+
 def test_semantic_similarity(encoder):
   e = encoder.encode([
       "The user likes science fiction movies about space.",
