@@ -37,8 +37,9 @@ embedding (`near_line`, `fresh`); otherwise the model's learned default instruct
 Batching: requests queue (bounded, `queue_size`); one worker takes the oldest and, while
 another batch is already running, waits up to `max_batch_wait_ms` for more (an idle server runs
 a request at once, with whatever is already queued: the window is only worth its wait while the
-model is busy anyway), and runs those with the same beam in one compiled call of the buckets of `ServingModel.plan` (padded with empty rows). A row's answer never depends on the
-rest of its batch (the programs are row-wise; tests/test_serve.py checks it).
+model is busy anyway), and runs those with the same beam in one compiled call of the buckets of
+`ServingModel.plan` (padded with empty rows). A row's answer never depends on the rest of its
+batch (the programs are row-wise; tests/test_serve.py checks it).
 """
 
 from __future__ import annotations
@@ -355,7 +356,8 @@ class Recommender:
   def warmup(self, log=print) -> None:
     """Where a scenario embeds its query at request time (search), loads the text encoder and
     compiles it for every token-length bucket a query may fall in, so that no request pays the
-    load or a compile (the first search request otherwise took seconds)."""
+    load or a compile (otherwise the first search request loads the model, and the first query of
+    each new length bucket compiles it)."""
     if not any(kind_of(sc) == "search" for sc in self.model.scenarios):
       return
     t = time.perf_counter()
