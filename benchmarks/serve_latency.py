@@ -193,12 +193,12 @@ def brute_force_fn(model, codes_all, items_all, k: int, chunk: int = 2048):
 
 
 class ServerProc:
-  def __init__(self, serving_dir: str, max_wait_ms: float, batch_workers: int):
+  def __init__(self, serving_dir: str, max_wait_ms: float, batch_workers: int, wait_when_idle: bool = False):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "oxyjax.serve", f"--serving_dir={serving_dir}", "--port=0",
          f"--max_batch_wait_ms={max_wait_ms}", "--request_timeout_s=30", "--queue_size=1024",
-         f"--batch_workers={batch_workers}"],
+         f"--batch_workers={batch_workers}", f"--{'' if wait_when_idle else 'no'}batch_wait_when_idle"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     self.url = None
     for line in self.proc.stdout:
@@ -416,6 +416,10 @@ def main():
   ap.add_argument("--max_batch_wait_ms", type=float, default=2.0)
   ap.add_argument("--batch_workers", default="", help="the server's --batch_workers (default: its default); "
                   "several (1,2) start one server each, measured in turn")
+  ap.add_argument("--wait_when_idle", default="0", help="the server's --batch_wait_when_idle: 0, 1, or 0,1 (one "
+                  "server each, measured in turn; with --rounds, alternated)")
+  ap.add_argument("--rounds", type=int, default=1, help="repeat the server settings' measurements this many times, "
+                  "alternating the settings, so that a drift of the machine falls on each alike")
   ap.add_argument("--sections", default=",".join(SECTIONS), help="which parts to run (comma-separated)")
   ap.add_argument("--out", default=os.path.join(REPO, "docs", "bench", "serve_latency"))
   ap.add_argument("--png", default=os.path.join(REPO, "docs", "serving_latency.png"))
@@ -504,9 +508,12 @@ def main():
     if base == "small":
       paired_dirs[name] = sdir
     if base == "small" and sections & {"http", "load", "open_loop"}:
-      for workers in worker_counts:
+      settings = [(r, w, bool(int(i))) for r in range(args.rounds) for w in worker_counts
+                  for i in args.wait_when_idle.split(",")]
+      for rnd, workers, idle_wait in settings:
         label = name if len(worker_counts) == 1 else f"{name}, {workers} batch worker{'s' * (workers > 1)}"
-        srv = ServerProc(sdir, args.max_batch_wait_ms, workers)
+        label += (", window when idle" if idle_wait else "") + (f", round {rnd + 1}" if args.rounds > 1 else "")
+        srv = ServerProc(sdir, args.max_batch_wait_ms, workers, idle_wait)
         try:
           if "http" in sections:
             mrep["http"] += http_cases(srv, ds, args, model.config.max_history, beam_sizes, batch_sizes, workers)

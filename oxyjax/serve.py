@@ -524,15 +524,18 @@ class Batcher:
   The batch window (`max_wait_s`) is waited only while another batch is in the model: a request
   that finds the server idle runs at once with what is already queued, so a lone client pays no
   window (2 ms of a beam-256 call's ~20 on this project's CPU), and under load, when a call is
-  always running, batches still fill for up to `max_wait_s`."""
+  always running, batches still fill for up to `max_wait_s`. `wait_when_idle` restores the
+  window for every batch (TF Serving's and Triton's behaviour): fuller calls under moderate load,
+  at the window's cost to a lone request."""
 
   def __init__(self, recommender: Recommender, *, max_batch: int | None = None, max_wait_s: float = 0.002,
-               queue_size: int = 512, timeout_s: float = 2.0, workers: int = DEFAULT_BATCH_WORKERS):
+               queue_size: int = 512, timeout_s: float = 2.0, workers: int = DEFAULT_BATCH_WORKERS,
+               wait_when_idle: bool = False):
     if workers < 1:
       raise ValueError(f"batch workers must be >= 1, got {workers}")
     self.rec = recommender
     self.max_batch = max_batch or recommender.model.batch_sizes[-1]
-    self.max_wait_s, self.timeout_s = max_wait_s, timeout_s
+    self.max_wait_s, self.timeout_s, self.wait_when_idle = max_wait_s, timeout_s, wait_when_idle
     self._q: queue.Queue[_Pending] = queue.Queue(maxsize=queue_size)
     self._held: list[_Pending] = []  # taken from the queue, other beam than the batch being run
     self._taking = threading.Lock()  # one worker gathers a batch at a time (`_held` is shared)
@@ -567,7 +570,7 @@ class Batcher:
     for p in self._held:
       (batch if p.meta[2] == beam and len(batch) < self.max_batch else rest).append(p)
     self._held = rest
-    until = time.monotonic() + (self.max_wait_s if self._running else 0.0)
+    until = time.monotonic() + (self.max_wait_s if self._running or self.wait_when_idle else 0.0)
     while len(batch) < self.max_batch:
       left = until - time.monotonic()
       try:
@@ -699,7 +702,8 @@ class Server:
   def __init__(self, serving_dir: str, *, host: str = "127.0.0.1", port: int = 0, store: str | None = None,
                instruction_max_age_s: float | None = None, store_reload_s: float = 60.0, limits: Limits = Limits(),
                max_batch_wait_ms: float = 2.0, queue_size: int = 512, request_timeout_s: float = 2.0,
-               batch_workers: int = DEFAULT_BATCH_WORKERS, warmup: bool = True, encoder=None, log=print):
+               batch_workers: int = DEFAULT_BATCH_WORKERS, batch_wait_when_idle: bool = False, warmup: bool = True,
+               encoder=None, log=print):
     self.model = ServingModel(serving_dir, log=log)
     if warmup:
       self.model.warmup(log=log)
@@ -708,7 +712,7 @@ class Server:
     if warmup:
       self.recommender.warmup(log=log)
     self.batcher = Batcher(self.recommender, max_wait_s=max_batch_wait_ms / 1e3, queue_size=queue_size,
-                           timeout_s=request_timeout_s, workers=batch_workers)
+                           timeout_s=request_timeout_s, workers=batch_workers, wait_when_idle=batch_wait_when_idle)
     health = {"scenarios": [s["name"] for s in self.model.scenarios] or None, "beam_sizes": self.model.beam_sizes,
               "batch_sizes": self.model.batch_sizes, "weights_step": self.model.weights_step,
               "dataset": self.model.artifact.dataset, "instruction_store": store,
@@ -748,6 +752,8 @@ def _define_flags():
   flags.DEFINE_integer("queue_size", 512, "Requests that may wait; more get 503.")
   flags.DEFINE_float("request_timeout_s", 2.0, "A request not answered by then gets 504.")
   flags.DEFINE_integer("batch_workers", DEFAULT_BATCH_WORKERS, "Batches that may run at once (each a compiled call).")
+  flags.DEFINE_bool("batch_wait_when_idle", False, "Wait the batch window also when no batch is running (every "
+                    "request then pays it).")
   flags.DEFINE_integer("max_body_bytes", Limits.max_body_bytes, "Larger bodies get 413.")
   flags.DEFINE_integer("max_history_items", Limits.max_history_items, "Longer histories get 400.")
 
@@ -768,7 +774,8 @@ def main(argv: Sequence[str]) -> None:
                     instruction_max_age_s=fl.instruction_max_age_s, store_reload_s=fl.store_reload_s,
                     limits=Limits(max_body_bytes=fl.max_body_bytes, max_history_items=fl.max_history_items),
                     max_batch_wait_ms=fl.max_batch_wait_ms, queue_size=fl.queue_size,
-                    request_timeout_s=fl.request_timeout_s, batch_workers=fl.batch_workers)
+                    request_timeout_s=fl.request_timeout_s, batch_workers=fl.batch_workers,
+                    batch_wait_when_idle=fl.batch_wait_when_idle)
   except (ArtifactError, export_lib.ExportError, FileNotFoundError) as e:
     raise SystemExit(f"{PROG}: {e}") from None
   print(f"[serve] {server.url}/v1/recommend  (health: {server.url}/healthz)", flush=True)

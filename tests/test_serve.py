@@ -324,6 +324,13 @@ def test_an_idle_server_runs_a_request_without_waiting_the_batch_window(exported
     batcher.close()
   assert got == [[x["item_id"] for x in rec.recommend([b])[0].items] for b in bodies]
   assert batcher.batches == 2 and batcher.rows == 2
+  # `wait_when_idle` waits the window for every batch: the lone request now outlives its deadline
+  batcher = serve.Batcher(rec, max_wait_s=600.0, timeout_s=1.0, wait_when_idle=True)
+  try:
+    with pytest.raises(serve.DeadlineExceeded):
+      batcher.submit(bodies[0])
+  finally:
+    batcher.close()
 
 
 def _blocked_infer(monkeypatch, model, gate, timeout_s: float = 30):
