@@ -329,6 +329,15 @@ def http_cases(srv: ServerProc, ds, args, max_history: int, beam_sizes, client_c
   return out
 
 
+def post(conn: http.client.HTTPConnection, data: str) -> tuple[float, int, bytes]:
+  """One recommendation request on a keep-alive connection: (seconds, status, body)."""
+  t = time.perf_counter()
+  conn.request("POST", "/v1/recommend", data, {"Content-Type": "application/json"})
+  r = conn.getresponse()
+  body = r.read()
+  return time.perf_counter() - t, r.status, body
+
+
 def paired_http(servers: dict, ds, args, max_history: int, beam_sizes) -> list[dict]:
   """One client; each request goes to every server in turn (see the module docstring, 7)."""
   names = list(servers)
@@ -342,14 +351,11 @@ def paired_http(servers: dict, ds, args, max_history: int, beam_sizes) -> list[d
     for i in range(-10, args.http_requests):  # 10 unrecorded rounds first
       data = json.dumps(bodies[i % len(bodies)])
       for n in names if i % 2 == 0 else names[::-1]:
-        t = time.perf_counter()
-        conns[n].request("POST", "/v1/recommend", data, {"Content-Type": "application/json"})
-        r = conns[n].getresponse()
-        body = r.read()
-        if r.status != 200:
-          errors.append((n, r.status, body[:200]))
+        dt, status, body = post(conns[n], data)
+        if status != 200:
+          errors.append((n, status, body[:200]))
         if i >= 0:
-          lat[n].append(time.perf_counter() - t)
+          lat[n].append(dt)
     for n in names:
       diff = np.asarray(lat[n]) - np.asarray(lat[names[0]])
       out.append({"model": n, "beam": w, "requests": len(lat[n]), "p50_ms": 1e3 * pct(lat[n], 50),

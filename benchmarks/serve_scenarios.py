@@ -111,15 +111,11 @@ def main():
         for s in scen:
           data = json.dumps(bodies[s][i % args.requests])
           for n in names if (i + scen.index(s)) % 2 == 0 else names[::-1]:
-            t = time.perf_counter()
-            conns[n].request("POST", "/v1/recommend", data, {"Content-Type": "application/json"})
-            r = conns[n].getresponse()
-            body = r.read()
-            dt = time.perf_counter() - t
-            if r.status != 200:
+            dt, status, body = sl.post(conns[n], data)
+            if status != 200:
               errors[s] += 1
               if errors[s] == 1:
-                print(f"  {s} via {n}: HTTP {r.status}: {body[:200]!r}", flush=True)
+                print(f"  {s} via {n}: HTTP {status}: {body[:200]!r}", flush=True)
             if i >= 0:
               lat[(s, n)].append(dt)
       for s in scen:
