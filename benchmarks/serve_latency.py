@@ -193,12 +193,14 @@ def brute_force_fn(model, codes_all, items_all, k: int, chunk: int = 2048):
 
 
 class ServerProc:
-  def __init__(self, serving_dir: str, max_wait_ms: float, batch_workers: int, wait_when_idle: bool = False):
+  def __init__(self, serving_dir: str, max_wait_ms: float, batch_workers: int, wait_when_idle: bool = False,
+               extra_flags: tuple[str, ...] = ()):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "oxyjax.serve", f"--serving_dir={serving_dir}", "--port=0",
          f"--max_batch_wait_ms={max_wait_ms}", "--request_timeout_s=30", "--queue_size=1024",
-         f"--batch_workers={batch_workers}", f"--{'' if wait_when_idle else 'no'}batch_wait_when_idle"],
+         f"--batch_workers={batch_workers}", f"--{'' if wait_when_idle else 'no'}batch_wait_when_idle",
+         *extra_flags],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     self.url = None
     for line in self.proc.stdout:

@@ -87,7 +87,9 @@ class Predictor:
     self._stage_args = () if self.second_stage is None else jax.device_put(
         (self.second_stage.params, np.asarray(self.artifact.sid_table.codes, np.int32)), self.partitioner.replicated())
     self._predict = jax.jit(export_lib.serving_fn(self.model, beam_size, stage=self.second_stage))
-    self._encoder = None
+    from oxyjax.sid.embeddings import QueryEmbedder
+
+    self.embed = QueryEmbedder()  # a typed instruction or a search query -> I_r (MiniLM, loaded on first use)
 
   def scenario(self, name: str | int) -> dict:
     return find_scenario(self.artifact, name)
@@ -100,7 +102,7 @@ class Predictor:
     if top_k > self.beam_size:
       raise ValueError(f"top_k {top_k} is larger than the beam size {self.beam_size}")
     req = build_request(self.artifact, self.model, raw_history, scenario=scenario, instruction=instruction,
-                        trigger=trigger, query=query, embed=self._embed)
+                        trigger=trigger, query=query, embed=self.embed)
     trie = self.experiment.trie(req.pool) if self.pool == "all" else self.trie
     batch = req.features
     part = self.partitioner
@@ -109,13 +111,6 @@ class Predictor:
     got_items, scores = np.asarray(items)[0], np.asarray(scores)[0]
     return [(self.artifact.raw_item_ids[i], float(s), self.artifact.title(int(i)))
             for i, s in zip(got_items[:top_k], scores[:top_k]) if i > 0]
-
-  def _embed(self, text: str) -> np.ndarray:
-    if self._encoder is None:
-      from oxyjax.sid.embeddings import SentenceEncoder
-
-      self._encoder = SentenceEncoder()
-    return self._encoder.encode([text])[0]
 
 
 @dataclasses.dataclass

@@ -12,7 +12,8 @@ Request (JSON object, POST /v1/recommend; unknown fields are an error):
              the near-line store; without a history, the user's latest behaviours are read from
              the export's users.jsonl (`oxyjax.export --user_histories`)
   trigger    item_to_item scenarios: the raw id of the item being looked at
-  query      search scenarios: the query text (embedded by the sentence encoder as I_r)
+  query      search scenarios: the query text (embedded by the sentence encoder as I_r; the
+             embeddings of the last --query_cache_size distinct queries are kept, LRU)
   k          how many items to return (1..beam; default 10)
   beam       beam width, one of the exported beam sizes (default: the smallest >= k)
 
@@ -340,18 +341,15 @@ class Recommender:
   """Requests -> answers: validation, the instruction lookup, features, and the batched model."""
 
   def __init__(self, model: ServingModel, *, limits: Limits = Limits(), instructions: InstructionSnapshot | None = None,
-               encoder=None):
+               encoder=None, query_cache_size: int = 4096):
+    from oxyjax.sid.embeddings import QueryEmbedder
+
     self.model, self.limits = model, limits
     self.instructions = instructions or InstructionSnapshot(None)
-    self._encoder = encoder
+    # a search request's query -> I_r: the sentence encoder (``encoder``, default MiniLM, loaded
+    # on first use) behind an LRU cache of the last `query_cache_size` distinct queries
+    self.embed = QueryEmbedder(encoder, cache_size=query_cache_size)
     self._item_index = {r: i for i, r in enumerate(model.artifact.raw_item_ids) if i}
-
-  def _embed(self, text: str) -> np.ndarray:
-    if self._encoder is None:
-      from oxyjax.sid.embeddings import SentenceEncoder
-
-      self._encoder = SentenceEncoder()
-    return self._encoder.encode([text])[0]
 
   def warmup(self, log=print) -> None:
     """Where a scenario embeds its query at request time (search), loads the text encoder and
@@ -361,9 +359,7 @@ class Recommender:
     if not any(kind_of(sc) == "search" for sc in self.model.scenarios):
       return
     t = time.perf_counter()
-    self._embed("warm up")  # loads it
-    if hasattr(self._encoder, "warmup"):
-      self._encoder.warmup()
+    self.embed.warmup()
     log(f"[serve] text encoder ready for queries in {time.perf_counter() - t:.1f}s")
 
   def parse(self, body: Any):
@@ -457,7 +453,7 @@ class Recommender:
       source = {"source": "near_line" if emb is not None else "default", "reason": reason}
     try:
       req = predict.build_request(art, self.model.model, scenario=sc["name"] if sc else 0,
-                                  instruction_embedding=emb, embed=self._embed, **kwargs)
+                                  instruction_embedding=emb, embed=self.embed, **kwargs)
     except (KeyError, ValueError) as e:
       raise BadRequest(str(e.args[0] if isinstance(e, KeyError) else e), None) from None
     row = dict(req.features)
@@ -644,7 +640,8 @@ def make_handler(batcher: Batcher, limits: Limits, health: dict):
 
     def do_GET(self):
       if self.path.rstrip("/") in ("/healthz", "/health"):
-        self._send(200, {"status": "ok", **health, "queued": batcher._q.qsize(), "batches": batcher.batches,
+        now = {k: v() if callable(v) else v for k, v in health.items()}  # counters read at the request
+        self._send(200, {"status": "ok", **now, "queued": batcher._q.qsize(), "batches": batcher.batches,
                          "rows": batcher.rows})
       else:
         self._error(404, f"no such path {self.path!r}; use POST /v1/recommend or GET /healthz", "path")
@@ -703,12 +700,13 @@ class Server:
                instruction_max_age_s: float | None = None, store_reload_s: float = 60.0, limits: Limits = Limits(),
                max_batch_wait_ms: float = 2.0, queue_size: int = 512, request_timeout_s: float = 2.0,
                batch_workers: int = DEFAULT_BATCH_WORKERS, batch_wait_when_idle: bool = False, warmup: bool = True,
-               encoder=None, log=print):
+               encoder=None, query_cache_size: int = 4096, log=print):
     self.model = ServingModel(serving_dir, log=log)
     if warmup:
       self.model.warmup(log=log)
     self.instructions = InstructionSnapshot(store, max_age_s=instruction_max_age_s, reload_s=store_reload_s)
-    self.recommender = Recommender(self.model, limits=limits, instructions=self.instructions, encoder=encoder)
+    self.recommender = Recommender(self.model, limits=limits, instructions=self.instructions, encoder=encoder,
+                                  query_cache_size=query_cache_size)
     if warmup:
       self.recommender.warmup(log=log)
     self.batcher = Batcher(self.recommender, max_wait_s=max_batch_wait_ms / 1e3, queue_size=queue_size,
@@ -717,7 +715,8 @@ class Server:
               "batch_sizes": self.model.batch_sizes, "weights_step": self.model.weights_step,
               "dataset": self.model.artifact.dataset, "instruction_store": store,
               "second_stage": ({k: self.model.second_stage[k] for k in ("weight", "union")}
-                               if self.model.second_stage else None)}
+                               if self.model.second_stage else None),
+              "query_cache": self.recommender.embed.stats}
     self.httpd = _HTTPServer((host, port), make_handler(self.batcher, limits, health))
     self.address = self.httpd.server_address
 
@@ -754,6 +753,8 @@ def _define_flags():
   flags.DEFINE_integer("batch_workers", DEFAULT_BATCH_WORKERS, "Batches that may run at once (each a compiled call).")
   flags.DEFINE_bool("batch_wait_when_idle", False, "Wait the batch window also when no batch is running (every "
                     "request then pays it).")
+  flags.DEFINE_integer("query_cache_size", 4096, "Search queries whose embedding is kept (LRU, exact text); 0: "
+                       "every search request embeds its query.")
   flags.DEFINE_integer("max_body_bytes", Limits.max_body_bytes, "Larger bodies get 413.")
   flags.DEFINE_integer("max_history_items", Limits.max_history_items, "Longer histories get 400.")
 
@@ -775,7 +776,7 @@ def main(argv: Sequence[str]) -> None:
                     limits=Limits(max_body_bytes=fl.max_body_bytes, max_history_items=fl.max_history_items),
                     max_batch_wait_ms=fl.max_batch_wait_ms, queue_size=fl.queue_size,
                     request_timeout_s=fl.request_timeout_s, batch_workers=fl.batch_workers,
-                    batch_wait_when_idle=fl.batch_wait_when_idle)
+                    batch_wait_when_idle=fl.batch_wait_when_idle, query_cache_size=fl.query_cache_size)
   except (ArtifactError, export_lib.ExportError, FileNotFoundError) as e:
     raise SystemExit(f"{PROG}: {e}") from None
   print(f"[serve] {server.url}/v1/recommend  (health: {server.url}/healthz)", flush=True)

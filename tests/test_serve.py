@@ -24,6 +24,7 @@ from oxyjax.instructions import prompt as prompt_lib
 from oxyjax.instructions.generate import run_job
 from oxyjax.instructions.store import InstructionRecord, InstructionStore
 from oxyjax.models.encoder_decoder import ModelConfig
+from oxyjax.sid.embeddings import QueryEmbedder
 from tests.instructions.conftest import HashEncoder
 from tests.models.test_batch_independence import _assert_same_ranking
 
@@ -50,7 +51,7 @@ def exported(tmp_path_factory):
   out = export_lib.export_run(str(model_dir), str(root / "serving"), batch_sizes=(1, 8), beam_sizes=(BEAM,),
                               user_histories=True, log=lambda *a: None)
   predictor = predict_lib.Predictor(str(model_dir), beam_size=BEAM)
-  predictor._encoder = HashEncoder()
+  predictor.embed = QueryEmbedder(HashEncoder())
   return out, predictor
 
 
@@ -132,6 +133,30 @@ def test_http_answers_and_health(exported, server):
   r = c.getresponse()
   health = json.loads(r.read())
   assert r.status == 200 and health["status"] == "ok" and health["scenarios"] == [s.name for s in SCENARIOS]
+
+
+def _health(srv):
+  c = http.client.HTTPConnection(*srv.address, timeout=30)
+  c.request("GET", "/healthz")
+  health = json.loads(c.getresponse().read())
+  c.close()
+  return health
+
+
+def test_a_repeated_search_query_is_embedded_once(exported, server):
+  """The server keeps recent queries' embeddings (`QueryEmbedder`): the same query again is a
+  cache hit (the health endpoint counts it) and gets the same answer as the first time; another
+  query is embedded (a miss). That a hit returns the text's own embedding is
+  tests/sid/test_embeddings.py's."""
+  _, predictor = exported
+  body = {**_requests(predictor)[3], "query": "a query asked twice"}
+  before = _health(server)["query_cache"]
+  first, second = _post(server, body), _post(server, body)
+  after = _health(server)["query_cache"]
+  assert first[0] == second[0] == 200 and first[1]["items"] == second[1]["items"]
+  assert (after["misses"] - before["misses"], after["hits"] - before["hits"]) == (1, 1)
+  assert _post(server, {**body, "query": "another query"})[0] == 200
+  assert _health(server)["query_cache"]["misses"] - after["misses"] == 1
 
 
 @pytest.mark.parametrize("case", [

@@ -199,16 +199,17 @@ def test_one_second_stage_reranks_every_scenario_over_its_own_pool(run, tmp_path
   stage = rescoring.SecondStage.load(str(copy / rescoring.RUN_STAGE_DIR))
   assert stage.scenario_weights == (1.0, 1.0, 1.0, 0.0) and stage.scorer.digest == scorer.digest
 
+  from oxyjax.sid.embeddings import QueryEmbedder
   from tests.instructions.conftest import HashEncoder
 
   staged = predict_lib.Predictor(str(copy), beam_size=10)
   beams_only = predict_lib.Predictor(str(copy), beam_size=10, second_stage="none")
-  staged._encoder = beams_only._encoder = HashEncoder()  # the query's embedding (the same on both sides)
+  staged.embed = beams_only.embed = QueryEmbedder(HashEncoder())  # the query's embedding (the same on both sides)
   sdir = export_lib.export_run(str(copy), str(tmp_path / "serving"), batch_sizes=(1,), beam_sizes=(10,),
                                log=lambda *a: None)
   model = serve.ServingModel(sdir, log=lambda *a: None)
   assert model.second_stage["scenario_weights"] == [1.0, 1.0, 1.0, 0.0]
-  recommender = serve.Recommender(model, encoder=staged._encoder)
+  recommender = serve.Recommender(model, encoder=staged.embed.encoder)
   history = ["office/1", "office/2", "office/3"]
   reordered = False
   for sc, kwargs in [("office_homepage", {}), ("office_i2i", {"trigger": "office/4"}),

@@ -39,8 +39,10 @@ only sees the *training* item sequences (the caller must not pass validation or 
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -207,6 +209,61 @@ class SentenceEncoder:
                            eps=float(self.config["layer_norm_eps"]))
       out[rows] = np.asarray(emb)[: len(rows)]
     return out
+
+
+class QueryEmbedder:
+  """One text -> its ``[dim]`` embedding at request time (a search query, a typed instruction):
+  the `SentenceEncoder` (loaded on first use unless one is given) behind an LRU cache of the
+  last ``cache_size`` distinct texts, so that a query asked again -- search queries repeat, a
+  few head queries making up much of the traffic -- is a dictionary lookup instead of a
+  MiniLM forward pass. The key is the exact text (the encoder is fixed for the cache's life, and
+  nothing else shapes the embedding); ``cache_size`` 0 turns the cache off. Thread-safe (the
+  server's handler threads share one); a cached array is returned read-only, so no caller can
+  change what the next one gets. ``hits`` / ``misses`` count lookups."""
+
+  def __init__(self, encoder=None, *, cache_size: int = 4096):
+    if cache_size < 0:
+      raise ValueError(f"cache_size must be >= 0, got {cache_size}")
+    self._encoder, self.cache_size = encoder, int(cache_size)
+    self._cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+    self._lock = threading.Lock()
+    self.hits = self.misses = 0
+
+  @property
+  def encoder(self):
+    if self._encoder is None:
+      self._encoder = SentenceEncoder()
+    return self._encoder
+
+  def __call__(self, text: str) -> np.ndarray:
+    with self._lock:
+      emb = self._cache.get(text)
+      if emb is not None:
+        self._cache.move_to_end(text)
+        self.hits += 1
+        return emb
+      self.misses += 1
+    # Encoded outside the lock: a miss does not hold up other requests' hits (two threads missing
+    # on the same text both encode it; the second store is the same array's equal).
+    emb = np.array(self.encoder.encode([text])[0], np.float32)
+    emb.setflags(write=False)
+    if self.cache_size:
+      with self._lock:
+        self._cache[text] = emb
+        self._cache.move_to_end(text)
+        while len(self._cache) > self.cache_size:
+          self._cache.popitem(last=False)
+    return emb
+
+  def warmup(self) -> None:
+    """Loads the encoder and compiles it for every token-length bucket a text may fall in (an
+    encoder without `warmup`, such as a test's, only loads); caches nothing."""
+    if hasattr(self.encoder, "warmup"):
+      self.encoder.warmup()
+
+  def stats(self) -> dict[str, int]:
+    with self._lock:
+      return {"size": len(self._cache), "capacity": self.cache_size, "hits": self.hits, "misses": self.misses}
 
 
 # --------------------------------------------------------------------------- collaborative

@@ -91,6 +91,61 @@ def test_warmup_compiles_every_length_a_text_may_have(encoder):
   assert embeddings.sentence_embed._cache_size() == compiled
 
 
+class _CountingEncoder:
+  """Embeds a text as a hash-seeded unit vector and records every text it was asked for."""
+
+  def __init__(self):
+    self.calls = []
+
+  def encode(self, texts):
+    self.calls += list(texts)
+    out = []
+    for t in texts:
+      v = np.random.default_rng(abs(hash(t)) % 2**32).standard_normal(8).astype(np.float32)
+      out.append(v / np.linalg.norm(v))
+    return np.stack(out)
+
+
+def test_query_embedder_keeps_the_last_texts_and_returns_each_its_own():
+  """LRU of capacity 2: a repeated text is encoded once and gets its own embedding back (not a
+  neighbour's); a text pushed out by two newer ones is encoded again; an embedding handed out
+  cannot be changed in place; capacity 0 encodes every call."""
+  enc = _CountingEncoder()
+  embed = embeddings.QueryEmbedder(enc, cache_size=2)
+  want = {t: enc.encode([t])[0] for t in "abc"}
+  enc.calls.clear()
+  for t in ["a", "b", "a", "c", "a", "b"]:  # 'c' pushes out 'b' (least recently used), not 'a'
+    np.testing.assert_array_equal(embed(t), want[t])
+  assert enc.calls == ["a", "b", "c", "b"]
+  assert embed.stats() == {"size": 2, "capacity": 2, "hits": 2, "misses": 4}
+  with pytest.raises(ValueError):
+    embed("a")[0] = 0.0
+  off = embeddings.QueryEmbedder(enc, cache_size=0)
+  enc.calls.clear()
+  off("a"), off("a")
+  assert enc.calls == ["a", "a"] and off.stats()["size"] == 0
+
+
+def test_query_embedder_is_safe_across_threads():
+  """Eight threads asking for 50 texts each, in different orders, through a cache smaller than
+  the texts (so that entries come and go while others read): every answer is its text's own."""
+  import concurrent.futures
+
+  enc = _CountingEncoder()
+  texts = [f"query {i}" for i in range(50)]
+  want = {t: enc.encode([t])[0] for t in texts}
+  embed = embeddings.QueryEmbedder(enc, cache_size=16)
+  rng = np.random.default_rng(0)
+  orders = [rng.permutation(texts).tolist() * 4 for _ in range(8)]
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    got = list(pool.map(lambda order: [(t, embed(t)) for t in order], orders))
+  for answers in got:
+    for t, v in answers:
+      np.testing.assert_array_equal(v, want[t])
+  stats = embed.stats()
+  assert stats["hits"] + stats["misses"] == 8 * 200 and stats["size"] == 16
+
+
 def test_semantic_similarity(encoder):
   e = encoder.encode([
       "The user likes science fiction movies about space.",
