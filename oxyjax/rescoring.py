@@ -274,14 +274,29 @@ class SecondStage:
   def params(self):
     return self.scorer.params
 
+  def log_softmax(self, stage_params, batch):
+    """Traceable: SASRec's next-item log-probabilities ``[B, num_items + 1]`` for ``batch``'s histories."""
+    seq = sasrec_window(batch["history_items"], batch["history_mask"], self.scorer.config.max_len)
+    logits = self.scorer.model.apply({"params": stage_params}, seq, train=False, last_only=True)
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+  def fused_scores(self, policy, sasrec, scenario=None):
+    """Traceable: ``policy + weight * sasrec`` per candidate, unsorted (`fuse` orders by it);
+    ``scenario [B]`` picks each row's weight where the stage has one per scenario. A weight-0 row
+    is ``policy`` itself (0 * a non-finite log-prob would be NaN)."""
+    if self.scenario_weights:
+      if scenario is None:
+        raise ValueError("a second stage with per-scenario weights needs each row's scenario id")
+      weight = jnp.asarray(self.scenario_weights, jnp.float32)[jnp.asarray(scenario, jnp.int32)][:, None]
+      return jnp.where(weight == 0, policy, policy + weight * sasrec)
+    return policy if self.weight == 0 else policy + self.weight * sasrec
+
   def candidates(self, model, params, stage_params, batch, trie, sid_codes, items, scores, context=None):
     """Traceable: ``(candidates [B, W + union], policy log-probs, SASRec log-probs)``, -1 / -inf
     for an empty candidate. ``stage_params``: the scorer's parameters; ``sid_codes [num_items +
     1, L]``: the SID table (to score and pool-check SASRec's items); ``context``: the policy's
     `RecModel.encode` of ``batch`` where the caller has it (the beam search's), else recomputed."""
-    seq = sasrec_window(batch["history_items"], batch["history_mask"], self.scorer.config.max_len)
-    logits = self.scorer.model.apply({"params": stage_params}, seq, train=False, last_only=True)
-    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, num_items + 1]
+    lp = self.log_softmax(stage_params, batch)  # [B, num_items + 1]
     cand, policy = items, scores
     if self.union:
       # SASRec's best `union` items that are valid items of the row's pool and not beams, looked
@@ -305,15 +320,7 @@ class SecondStage:
     candidate order (the beams' first); ``(items, fused scores)``, -1 / -inf for empty ones.
     ``scenario [B]``: each row's scenario id, which picks its weight from ``scenario_weights``."""
     live = cand > 0
-    if self.scenario_weights:
-      if scenario is None:
-        raise ValueError("a second stage with per-scenario weights needs each row's scenario id")
-      weight = jnp.asarray(self.scenario_weights, jnp.float32)[jnp.asarray(scenario, jnp.int32)][:, None]
-      # a weight-0 row must not mix in SASRec at all (0 * a non-finite log-prob is NaN)
-      fused = jnp.where(weight == 0, policy, policy + weight * sasrec)
-    else:
-      fused = policy if self.weight == 0 else policy + self.weight * sasrec
-    fused = jnp.where(live, fused, -jnp.inf)
+    fused = jnp.where(live, self.fused_scores(policy, sasrec, scenario), -jnp.inf)
     order = jnp.argsort(-fused, axis=1, stable=True)
     fused = jnp.take_along_axis(fused, order, axis=1)
     return jnp.where(jnp.isfinite(fused), jnp.take_along_axis(cand, order, axis=1), -1), fused

@@ -63,8 +63,8 @@ def with_target(codes: jax.Array, batch: Mapping[str, Any]) -> jax.Array:
 
 
 def make_rollout_step(model, cfg: RolloutConfig, reward_weights, item_embeddings, *, with_reference: bool = False,
-                      ranker=None):
-  """``(params, batch, trie, rng[, ref_params, ranker_params]) -> (rl arrays, stats)``, to be jitted.
+                      ranker=None, stage=None):
+  """``(params, batch, trie, rng[, ref_params, ranker_params, stage_params]) -> (rl arrays, stats)``, to be jitted.
 
   reward_weights: ``[num_scenarios, len(rewards_lib.COMPONENTS)]`` (`rewards.weight_table`); item_embeddings ``[N+1, D]``
   for the similarity and diversity rewards. The anchor of the similarity is the query
@@ -72,11 +72,16 @@ def make_rollout_step(model, cfg: RolloutConfig, reward_weights, item_embeddings
   (search), else the target item. ranker: a `ranking_model.RankingModel` (with its params passed
   as `ranker_params`): the ranking reward of a candidate (and of the real target, for ``R*``) is
   its probability ``sigmoid(logit)`` under the ranking model; None: no ranking reward.
+  stage: a `rescoring.SecondStage` (its scorer's params passed as `stage_params`): the group is
+  ranked for the ``rank_penalty`` reward as the stage ranks what it serves, by ``policy +
+  weight * SASRec`` (the policy's sequence log-prob here being the rollout distribution's,
+  renormalised over each prefix's valid children, where the served stage fuses beam search's
+  joint log-probability over the whole code vocabulary); None: by the policy's alone.
   """
   reward_weights = jnp.asarray(reward_weights, jnp.float32)
   item_embeddings = jnp.asarray(item_embeddings, jnp.float32)
 
-  def rollout_step(params, batch, trie, rng, ref_params=None, ranker_params=None):
+  def rollout_step(params, batch, trie, rng, ref_params=None, ranker_params=None, stage_params=None):
     feats = _features(batch)
     ro = rollout_lib.rollout(cfg.method, model, params, feats, trie, group_size=cfg.group_size, rng=rng,
                              temperature=cfg.temperature)
@@ -89,9 +94,13 @@ def make_rollout_step(model, cfg: RolloutConfig, reward_weights, item_embeddings
     ranking = target_ranking = None
     if ranker is not None:
       ranking, target_ranking = jax.lax.stop_gradient(ranker.reward(ranker_params, feats, ro.items, target))
+    order = policy_order = ro.logp.sum(-1)
+    if stage is not None:  # the group in the order the served list would have it
+      sasrec = jnp.take_along_axis(stage.log_softmax(stage_params, feats), jnp.maximum(ro.items, 0), axis=1)
+      order = jax.lax.stop_gradient(stage.fused_scores(policy_order, sasrec, batch["scenario"]))
     rw = rewards_lib.compute(ro.items, real, target, batch["scenario"], item_embeddings=item_embeddings,
                              weights=reward_weights, anchor=anchor, ranking=ranking, target_ranking=target_ranking,
-                             order_scores=ro.logp.sum(-1))
+                             order_scores=order)
     adv, flat = policy_losses.group_advantages(rw.total, real, ddof=cfg.advantage_ddof, eps=cfg.advantage_eps,
                                                scale=cfg.advantage_scale)
     codes = fill_empty(ro.codes, ro.valid)
@@ -121,6 +130,9 @@ def make_rollout_step(model, cfg: RolloutConfig, reward_weights, item_embeddings
         "advantage/positive_fraction": jnp.sum((adv > 0) * real) / n_cand,
         "rollout/logp_mean": jnp.sum(ro.logp.sum(-1) * real) / n_cand,
     })
+    if stage is not None:  # how often the stage puts another candidate first
+      first = lambda x: jnp.argmax(jnp.where(real, x, -jnp.inf), axis=-1)  # noqa: E731
+      stats["rollout/stage_changes_first"] = jnp.sum((first(order) != first(policy_order)) * rows) / n_rows
     if ranker is not None:  # does the reward service rank the real target above the group?
       stats["reward/ranking_target"] = jnp.sum(target_ranking * rows) / n_rows
       stats["reward/ranking_target_above_group"] = jnp.sum(

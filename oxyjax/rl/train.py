@@ -89,6 +89,7 @@ def local_rows(x: jax.Array) -> np.ndarray:
 
 
 PROMPTS = ("all", "recent")
+RANK_ORDERS = ("policy", "stage")
 
 
 def select_prompts(arrays: pipeline.ExampleArrays, prompts: str, per_user: int = 1) -> pipeline.ExampleArrays:
@@ -145,6 +146,7 @@ def train_rl(
     data_source: str = "seqio",
     similarity_space: str = "auto",
     second_stage: str | None = "auto",
+    rank_order: str = "policy",
     verbose: bool = True,
 ) -> pretrain.TrainResult:
   """Post-trains the model of `init_model_dir` into `model_dir` for `num_steps` rollout steps of
@@ -166,6 +168,8 @@ def train_rl(
   test results are the stage's ranking of the post-trained policy's beams, with the beams alone
   under ``<split>_beams``, as in a pre-training run's summary; it is saved into
   `<model_dir>/second_stage`. The validation that selects the best step reads the beams alone.
+  rank_order: how a group is ranked for the ``rank_penalty`` reward: ``policy`` by the policy's
+  sequence log-prob, ``stage`` as that second stage ranks what it serves (`step.make_rollout_step`).
   """
   t_start = time.time()
   log = print if verbose else (lambda *a, **k: None)
@@ -184,6 +188,13 @@ def train_rl(
                                            num_scenarios=len(exp.scenarios), log=log)
   if stage is not None:  # refused before any training (the evaluator below fuses joint log-probs: 'vocab')
     pretrain.check_second_stage("vocab", None, field="second_stage")
+  if rank_order not in RANK_ORDERS:
+    raise ValueError(f"rank_order must be one of {RANK_ORDERS}, got {rank_order!r}")
+  if rank_order == "stage" and stage is None:
+    raise ValueError("rank_order 'stage' ranks each group as the second stage would: it needs one "
+                     f"(second_stage {second_stage!r} gives none for {init_model_dir})")
+  order_stage = stage if rank_order == "stage" else None
+  stage_params = order_stage and jax.device_put(order_stage.params, part.replicated())
 
   # ---- prompts: the training examples (each scenario's, sampled by its rate), each row's pool
   forest, root_of_scenario = exp.scenario_forest()
@@ -236,11 +247,11 @@ def train_rl(
   per_user_note = f", {prompts_per_user} per user" if prompts == "recent" else ""
   log(f"[oxyjax] post-training {init_model_dir} -> {model_dir}: loss {loss.name}, {rollout.method} rollouts, "
       f"G={rollout.group_size}, {batch_size} prompts/step ({prompts} training examples{per_user_note}), {num_steps} steps x {mu} update(s); similarity on {emb_kind}; "
-      f"reward weights {dict(zip(names, table[scenario_ids].tolist()))}")
+      f"reward weights {dict(zip(names, table[scenario_ids].tolist()))}; groups ranked for rank_penalty by the {rank_order}")
 
   # ---- the jitted halves and the step function
   with jax.set_mesh(part.mesh), part.rules_context():
-    rollout_step = jax.jit(step_lib.make_rollout_step(model, rollout, table, emb, ranker=ranker))
+    rollout_step = jax.jit(step_lib.make_rollout_step(model, rollout, table, emb, ranker=ranker, stage=order_stage))
     update_step = jax.jit(step_lib.make_update_step(model, tx, loss, temperature=rollout.temperature,
                                                     grad_accum_steps=grad_accum_steps),
                           donate_argnums=(0,))
@@ -260,7 +271,7 @@ def train_rl(
       n = state["step"] // mu
       t0 = time.time()
       rl, stats = rollout_step(state["params"], sharded, forest, jax.random.fold_in(base_rng, n), ref_params,
-                               state["ranker"]["params"] if refresh else ranker_params)
+                               state["ranker"]["params"] if refresh else ranker_params, stage_params)
       jax.block_until_ready(rl)
       t1 = time.time()
       if refresh:  # the ranker learns this step's candidates as negatives (its rewards above came before)
@@ -329,7 +340,7 @@ def train_rl(
         "loss": dataclasses.asdict(loss),
         "ranker_refresh": dataclasses.asdict(ranker_refresh),
         "rollout": dataclasses.asdict(rollout), "steps": step, "train_seconds": train_seconds,
-        "second_stage": stage and stage.settings(),
+        "second_stage": stage and stage.settings(), "rank_order": rank_order,
         "best_step": best_step, "results": results, "validation_history": eval_hook.history}, merge=False)
   ckpt.close(), best.close()
   return pretrain.TrainResult(state, step, results.get("validation", results.get("validation/mean")),

@@ -142,3 +142,63 @@ def test_sdpo_step_starts_at_log_one_plus_g_and_raises_the_target(tiny):
     assert np.isfinite(float(m["loss"]))
   assert m["dpo/margin"] > 0.5 and m["dpo/preferred"] > 0.9, m
   assert found[-1] > found[0] + 0.2, found
+
+
+def _numpy_rank_penalty(order, valid, hit):
+  """rewards.rank_penalty from its definition: in a group holding the target, every other real
+  candidate gets -d(r) / sum_j d(j), d(r) = 1 / log2(r + 2), r the real candidates ranked strictly above."""
+  b, g = order.shape
+  norm = sum(1.0 / np.log2(j + 2.0) for j in range(g))
+  out = np.zeros((b, g))
+  for i in range(b):
+    if not hit[i].any():
+      continue
+    for j in range(g):
+      if valid[i, j] and not hit[i, j]:
+        r = int(np.sum(valid[i] & (order[i] > order[i, j])))
+        out[i, j] = -1.0 / np.log2(r + 2.0) / norm
+  return out
+
+
+def test_rank_penalty_ranks_each_group_as_the_second_stage_would_serve_it(tiny):
+  """With a second stage the rank_penalty reward ranks a group by policy + weight * SASRec (the
+  served order); the reference recomputes both scores outside the rollout program. Weight 0 is
+  the policy's own order; a large weight changes the order of some groups (and so their rewards).
+  Ranks compare float scores of two programs: a near-tie could flip, so the candidates' fused
+  scores are checked to be apart by more than the two programs can differ (scores under 30 in
+  magnitude, a few float32 operations each: ~1e-5; checked against 1e-4)."""
+  from oxyjax import rescoring
+  from oxyjax.rl import rollout as rollout_lib
+  from oxyjax.sid import sasrec
+
+  n_items = tiny.sid_codes.shape[0] - 1
+  rng = np.random.default_rng(3)
+  seqs = [rng.integers(1, n_items + 1, 6).tolist() for _ in range(60)]
+  scorer = rescoring.train(seqs, n_items, sasrec.SASRecConfig(dim=16, num_blocks=1, max_len=8, num_epochs=2,
+                                                                 length_buckets=(8,)))
+  cfg = step.RolloutConfig(method="beam", group_size=G)
+  table = rewards.weight_table({}, ["s0"], rewards.RewardWeights(format=0.0, hit=1.0, similarity=0.0,
+                                                                 diversity=0.0, rank_penalty=1.0))
+  emb = np.eye(tiny.sid_codes.shape[0], dtype=np.float32)
+  batch, _ = tiny.batch(32, seed=5)
+  plain, _ = jax.jit(step.make_rollout_step(tiny.model, cfg, table, emb))(tiny.params, batch, tiny.forest,
+                                                                           jax.random.key(0))
+  rewards_by_weight = {}
+  for w in (0.0, 4.0):
+    stage = rescoring.SecondStage(scorer, w, 0)
+    rl, stats = jax.jit(step.make_rollout_step(tiny.model, cfg, table, emb, stage=stage))(
+        tiny.params, batch, tiny.forest, jax.random.key(0), None, None, scorer.params)
+    rl = jax.tree.map(np.asarray, rl)
+    items, valid = rl["rl_items"], rl["rl_items"] > 0
+    logp = np.asarray(rollout_lib.policy_logprobs(tiny.model, tiny.params, batch, rl["rl_codes"], tiny.forest))
+    sas = np.take_along_axis(np.asarray(stage.log_softmax(scorer.params, batch)), np.maximum(items, 0), axis=1)
+    order = logp.sum(-1) + w * sas
+    gaps = np.abs(order[:, :, None] - order[:, None, :])[valid[:, :, None] & valid[:, None, :]]
+    assert gaps[gaps > 0].min() > 1e-4
+    hit = (items == np.asarray(batch["target_items"])[:, None]) & valid
+    assert hit.any(axis=1).sum() >= 4  # groups holding their target: the penalty is not all zeros
+    np.testing.assert_allclose(rl["rl_rewards"], hit + _numpy_rank_penalty(order, valid, hit), rtol=0, atol=1e-6)
+    rewards_by_weight[w] = (rl["rl_rewards"], float(stats["rollout/stage_changes_first"]))
+  np.testing.assert_array_equal(rewards_by_weight[0.0][0], np.asarray(plain["rl_rewards"]))
+  assert rewards_by_weight[0.0][1] == 0.0 and rewards_by_weight[4.0][1] > 0.0
+  assert not np.array_equal(rewards_by_weight[4.0][0], rewards_by_weight[0.0][0])
