@@ -89,7 +89,7 @@ def test_predict_serves_every_scenario_from_its_own_pool(predictor):
 def test_a_scenarios_history_cut_applies_to_its_requests(predictor, monkeypatch):
   """A scenario trained on its last `history` behaviours reads a request's history the same way."""
   history = ["office/1", "office/2", "office/3"]
-  args = dict(scenario="office_search", query="Ink cartridges, black", embed=predictor._embed)
+  args = dict(scenario="office_search", query="Ink cartridges, black", embed=predictor.embed)
   full = predict_lib.build_request(predictor.artifact, predictor.model, history, **args)
   cut = [dict(s, history=2) if s["name"] == "office_search" else s for s in predictor.artifact.scenarios]
   monkeypatch.setattr(predictor.artifact, "scenarios", cut)
