@@ -54,12 +54,16 @@ def lru_hits(stream, capacity: int) -> list[bool]:
   return out
 
 
-def search_stream(artifact, users_path: str, beam: int, k: int, seed: int) -> list[dict]:
-  """The search scenario's test examples as request bodies (see the module docstring, 1)."""
+def search_stream(artifact, users_path: str, beam: int, k: int, seed: int, scenario: str | None = None) -> list[dict]:
+  """A search scenario's test examples as request bodies (see the module docstring, 1);
+  `scenario`: its name (default: the artifact's first search scenario)."""
   from oxyjax.data.catalogue import Catalogue
   from oxyjax.data.scenarios import normalise_query, search_query
 
-  sc = next(s for s in artifact.scenarios if s["kind"] == "search")
+  searches = [s for s in artifact.scenarios if s["kind"] == "search"]
+  if not searches or (scenario and scenario not in [s["name"] for s in searches]):
+    raise SystemExit(f"no search scenario {scenario or ''} in {[s['name'] for s in artifact.scenarios]}")
+  sc = next(s for s in searches if scenario in (None, s["name"]))
   catalogue = Catalogue.load(artifact.domains)
   bodies = []
   with open(users_path) as f:
@@ -80,6 +84,7 @@ def search_stream(artifact, users_path: str, beam: int, k: int, seed: int) -> li
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("run", help="a multi-scenario run directory with a search scenario")
+  ap.add_argument("--scenario", default=None, help="a search scenario's name (default: the first)")
   ap.add_argument("--beam", type=int, default=20)
   ap.add_argument("--k", type=int, default=10)
   ap.add_argument("--cache_size", type=int, default=4096, help="the cached server's --query_cache_size")
@@ -99,7 +104,8 @@ def main():
   sdir = export_lib.export_run(args.run, os.path.join(tempfile.mkdtemp(prefix="query_cache-"), "serving"),
                                batch_sizes=[1], beam_sizes=[args.beam], user_histories=True, log=lambda *a: None)
   artifact = ModelArtifact.load(os.path.join(sdir, "artifact"))
-  bodies = search_stream(artifact, os.path.join(sdir, export_lib.USERS_FILE), args.beam, args.k, args.seed)
+  bodies = search_stream(artifact, os.path.join(sdir, export_lib.USERS_FILE), args.beam, args.k, args.seed,
+                         args.scenario)
   if args.requests:
     bodies = bodies[:args.requests]
   keys = [b.pop("_key") for b in bodies]
@@ -160,7 +166,8 @@ def main():
   if args.out:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
-      json.dump({"cpu": cpu, "cpus": os.cpu_count(), "run": args.run, "beam": args.beam, "requests": len(bodies),
+      json.dump({"cpu": cpu, "cpus": os.cpu_count(), "run": args.run, "scenario": bodies[0]["scenario"],
+                 "beam": args.beam, "requests": len(bodies),
                  "distinct_queries": len(set(keys)), "lru_hit_rate": hit_rates, "server_hits": server_hits,
                  "errors": errors, "rows": rows,
                  "median_saving_on_hits_ms": float(np.median(diff)) if len(diff) else None,
