@@ -11,8 +11,7 @@ embeddings of the last `--query_cache_size` distinct queries. This script:
    target's query by the training rule, `scenarios.search_query`), in a seeded random order;
 2. reports, from the stream alone, how many queries are distinct and the hit rate an LRU of each
    size in --capacities would have on it (the queries here are five words of a category path or a
-   title: a lower bound on how often users' typed queries repeat, head queries being most of a
-   real search log);
+   title, one per test row: how often real users' typed queries repeat is not measured here);
 3. exports the run once (its second stage included, batch bucket 1, --beam) and serves it twice,
    with `--query_cache_size=0` and with --cache_size; one client sends every request of the
    stream to both servers in turn (who goes first alternates), so a slow spell of the machine
