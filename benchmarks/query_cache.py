@@ -53,9 +53,10 @@ def lru_hits(stream, capacity: int) -> list[bool]:
   return out
 
 
-def search_stream(artifact, users_path: str, beam: int, k: int, seed: int, scenario: str | None = None) -> list[dict]:
-  """A search scenario's test examples as request bodies (see the module docstring, 1);
-  `scenario`: its name (default: the artifact's first search scenario)."""
+def search_stream(artifact, users_path: str, beam: int, k: int, seed: int,
+                  scenario: str | None = None) -> tuple[list[dict], list[str]]:
+  """A search scenario's test examples as request bodies (see the module docstring, 1), and each
+  one's cache key; `scenario`: its name (default: the artifact's first search scenario)."""
   from oxyjax.data.catalogue import Catalogue
   from oxyjax.data.scenarios import normalise_query, search_query
 
@@ -75,9 +76,7 @@ def search_stream(artifact, users_path: str, beam: int, k: int, seed: int, scena
         bodies.append({"scenario": sc["name"], "history": rec["history"][:-1], "query": query, "k": k, "beam": beam})
   order = np.random.default_rng(seed).permutation(len(bodies))
   bodies = [bodies[i] for i in order]
-  for b in bodies:  # what the server embeds (and keys its cache by)
-    b["_key"] = normalise_query(b["query"])
-  return bodies
+  return bodies, [normalise_query(b["query"]) for b in bodies]  # what the server embeds and keys its cache by
 
 
 def main():
@@ -103,11 +102,10 @@ def main():
   sdir = export_lib.export_run(args.run, os.path.join(tempfile.mkdtemp(prefix="query_cache-"), "serving"),
                                batch_sizes=[1], beam_sizes=[args.beam], user_histories=True, log=lambda *a: None)
   artifact = ModelArtifact.load(os.path.join(sdir, "artifact"))
-  bodies = search_stream(artifact, os.path.join(sdir, export_lib.USERS_FILE), args.beam, args.k, args.seed,
+  bodies, keys = search_stream(artifact, os.path.join(sdir, export_lib.USERS_FILE), args.beam, args.k, args.seed,
                          args.scenario)
   if args.requests:
-    bodies = bodies[:args.requests]
-  keys = [b.pop("_key") for b in bodies]
+    bodies, keys = bodies[:args.requests], keys[:args.requests]
   print(f"{bodies[0]['scenario']}: {len(keys)} test requests, {len(set(keys))} distinct queries "
         f"({len(set(keys)) / len(keys):.1%}); e.g. {keys[:3]}", flush=True)
   capacities = [int(x) for x in args.capacities.split(",")]

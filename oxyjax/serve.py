@@ -753,7 +753,7 @@ def _define_flags():
   flags.DEFINE_integer("batch_workers", DEFAULT_BATCH_WORKERS, "Batches that may run at once (each a compiled call).")
   flags.DEFINE_bool("batch_wait_when_idle", False, "Wait the batch window also when no batch is running (every "
                     "request then pays it).")
-  flags.DEFINE_integer("query_cache_size", 4096, "Search queries whose embedding is kept (LRU, exact text); 0: "
+  flags.DEFINE_integer("query_cache_size", 4096, "Search queries whose embedding is kept (LRU, keyed by the normalised query); 0: "
                        "every search request embeds its query.")
   flags.DEFINE_integer("max_body_bytes", Limits.max_body_bytes, "Larger bodies get 413.")
   flags.DEFINE_integer("max_history_items", Limits.max_history_items, "Longer histories get 400.")

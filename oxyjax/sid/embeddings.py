@@ -214,10 +214,10 @@ class SentenceEncoder:
 class QueryEmbedder:
   """One text -> its ``[dim]`` embedding at request time (a search query, a typed instruction):
   the `SentenceEncoder` (loaded on first use unless one is given) behind an LRU cache of the
-  last ``cache_size`` distinct texts, so that a query asked again -- search queries repeat, a
-  few head queries making up much of the traffic -- is a dictionary lookup instead of a
-  MiniLM forward pass. The key is the exact text (the encoder is fixed for the cache's life, and
-  nothing else shapes the embedding); ``cache_size`` 0 turns the cache off. Thread-safe (the
+  last ``cache_size`` distinct texts, so that a text asked again is a dictionary lookup instead
+  of a MiniLM forward pass. The key is the text as given (the caller's normalised query; the
+  encoder is fixed for the cache's life, and nothing else shapes the embedding); ``cache_size``
+  0 turns the cache off. Thread-safe (the
   server's handler threads share one); a cached array is returned read-only, so no caller can
   change what the next one gets. ``hits`` / ``misses`` count lookups."""
 
