@@ -102,8 +102,12 @@ def _quiet_dropped_reads() -> None:
   garbage-collection time with its TensorStore traceback (hundreds of lines), in two ways: as
   "Exception ignored in <coroutine _read_array_index_...>" (`sys.unraisablehook`) and, for the
   tasks Orbax wrapped them in, as asyncio's "Task exception was never retrieved" (an error
-  record on the `asyncio` logger). Both repeat the one-line message already logged: drop them,
-  and only them (any other unraisable exception or asyncio error still prints)."""
+  record on the `asyncio` logger). Both repeat the one-line message already logged. And the
+  reads TensorStore still completes after Orbax's event loop has closed on the failure each try
+  to hand their result to that loop from a TensorStore thread: asyncio's "Event loop is closed"
+  from `call_soon_threadsafe`, one unraisable exception per dropped read (dozens to hundreds,
+  by timing: `_is_closed_loop_callback`), noise about results nobody waits for. Drop these,
+  and only these (any other unraisable exception or asyncio error still prints)."""
   import logging
   import sys
 
@@ -113,13 +117,30 @@ def _quiet_dropped_reads() -> None:
 
   def hook(unraisable):
     where = repr(getattr(unraisable, "object", ""))
-    if unraisable.exc_value is not None and is_unreadable_error(unraisable.exc_value) and "_read_array" in where:
+    exc = unraisable.exc_value
+    if exc is not None and is_unreadable_error(exc) and "_read_array" in where:
+      return
+    if unraisable.object is None and _is_closed_loop_callback(exc, unraisable.exc_traceback):
       return
     previous(unraisable)
 
   hook._oxyjax_quiet_reads = True
   sys.unraisablehook = hook
   logging.getLogger("asyncio").addFilter(_keep_unless_dropped_orbax_read)
+
+
+def _is_closed_loop_callback(exc: BaseException | None, tb) -> bool:
+  """Whether `exc` is asyncio's RuntimeError("Event loop is closed") raised by
+  `loop.call_soon_threadsafe` called from outside Python (a TensorStore thread handing a read's
+  result to the loop): its traceback holds asyncio's frames only, and that call among them."""
+  if not (type(exc) is RuntimeError and str(exc) == "Event loop is closed"):  # pylint: disable=unidiomatic-typecheck
+    return False
+  frames = []
+  while tb is not None:
+    frames.append(tb.tb_frame.f_code)
+    tb = tb.tb_next
+  return (bool(frames) and any(f.co_name == "call_soon_threadsafe" for f in frames)
+          and all(f"{os.sep}asyncio{os.sep}" in f.co_filename for f in frames))
 
 
 def _raised_in_orbax(exc: BaseException) -> bool:

@@ -187,13 +187,10 @@ def test_truncated_newest_checkpoint_is_set_aside_and_the_previous_one_resumes(s
   # One line names the unreadable checkpoint; no TensorStore traceback.
   lines = [l for l in out.splitlines() if "is unreadable" in l]
   assert len(lines) == 1 and f"checkpoint {newest} is unreadable" in lines[0], out[-3000:]
-  # No TensorStore / Orbax traceback. What may remain: Orbax's concurrent reads that were dropped
-  # when one failed can each print asyncio's "Event loop is closed" from a callback thread at
-  # teardown (a few 5-line blocks, timing-dependent): noise outside the checkpoint's error,
-  # which is the one line above. So every traceback frame printed must be asyncio's.
-  frames = [l for l in out.splitlines() if l.lstrip().startswith('File "')]
-  assert all(f"{os.sep}asyncio{os.sep}" in l for l in frames), out[-3000:]
-  assert len(out.splitlines()) < 150, out[-3000:]
+  # No traceback at all: neither TensorStore's / Orbax's nor asyncio's "Event loop is closed"
+  # from the reads that complete after the failed restore (`_is_closed_loop_callback`; a CI run
+  # printed 100 of them, 528 lines, before they were dropped).
+  assert "Traceback" not in out and "Event loop is closed" not in out, out[-3000:]
   # Set aside, not deleted: the damaged files are all still there.
   aside = glob.glob(str(model_dir / "checkpoints_unreadable" / f"{STEPS}-*"))
   assert len(aside) == 1 and f"moved it to {aside[0]}" in lines[0]
@@ -340,6 +337,42 @@ def test_only_asyncios_reports_of_dropped_orbax_reads_are_quieted(caplog):
     assert not caplog.records
     report(gather, ValueError("OUT_OF_RANGE: raised outside Orbax"))  # not Orbax's frames: shown
     assert [r.exc_info[0] for r in caplog.records] == [ValueError]
+
+
+def test_only_closed_loop_callbacks_from_outside_python_are_quieted(monkeypatch):
+  """The reads TensorStore completes after Orbax's loop closed on a failed restore each raise
+  asyncio's "Event loop is closed" in `call_soon_threadsafe`, called from a TensorStore thread:
+  an unraisable exception with no object and only asyncio's frames (seen 48-166 times per
+  restore, by timing). Those are dropped; the same error raised from Python code, another
+  RuntimeError, or one reported against an object still reach the previous hook."""
+  import asyncio
+  import types
+
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  checkpoints._quiet_dropped_reads()
+  loop = asyncio.new_event_loop()
+  loop.close()
+  try:
+    loop.call_soon_threadsafe(print)
+  except RuntimeError as e:
+    closed = e
+  def report(exc, tb, obj=None):
+    sys.unraisablehook(types.SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=tb,
+                                             err_msg=None, object=obj))
+  from_c_thread = closed.__traceback__.tb_next  # as TensorStore's thread calls it: no Python caller frame
+  assert [f.name for f in __import__("traceback").extract_tb(from_c_thread)] == ["call_soon_threadsafe",
+                                                                              "_check_closed"]
+  report(closed, from_c_thread)
+  assert not seen
+  report(closed, closed.__traceback__)  # this test's frame is the caller: shown
+  report(RuntimeError("Event loop is closed"), None)  # no asyncio frame: shown
+  report(closed, from_c_thread, obj=loop)  # reported against an object: shown
+  try:
+    raise RuntimeError("something else")
+  except RuntimeError as e:
+    report(e, e.__traceback__.tb_next)
+  assert len(seen) == 4
 
 
 def test_reading_weights_from_a_missing_directory_creates_nothing(tmp_path):
