@@ -17,6 +17,13 @@ outputs), for the fused list and for SASRec alone:
 
   python benchmarks/scorer_seeds.py docs/bench/union_sizes/office_s{0,1,2}.json --variant=union5,union10,union20 \
       --against=union20
+
+``--baseline`` takes the same outputs of another scorer setting (the default's seeds, say), in
+the same seed order, and adds each ranking's validation difference from it, paired by position
+(a setting's difference with the scorer's seed noise in its sd):
+
+  python benchmarks/scorer_seeds.py docs/bench/sasrec_settings/office_epochs80_s{0,1}.json --variant=union10 \
+      --baseline docs/bench/union_sizes/office_s{0,1}.json
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ def main():
   ap.add_argument("--variant", default="union20", help="one candidate set, or several separated by commas")
   ap.add_argument("--against", default=None, help="also print each variant's validation difference from this one, "
                   "paired by scorer seed")
+  ap.add_argument("--baseline", nargs="+", default=None, help="another setting's outputs, one per scorer seed in "
+                  "the same order: also print each validation ranking's difference from them")
   args = ap.parse_args()
   variants = args.variant.split(",")
   rows = rows_of(args.reports, args.weight, variants)
@@ -63,14 +72,24 @@ def main():
     print(f"| {split} | {ranking} | {len(per_seed)} | " + " | ".join(summary(per_seed, m) for m in METRICS) + " |")
   if args.against:
     base = rows[("validation", f"{args.against} at weight {args.weight}")]
-    print(f"\nValidation, paired by scorer seed: variant - {args.against} (mean, sd and se over seeds; "
-          "min: the lowest seed's difference)")
-    print("| variant | seeds | " + " | ".join(METRICS) + " |\n|---|---|" + "---|" * len(METRICS))
-    for variant in variants:
-      if variant != args.against:
-        mine = rows[("validation", f"{variant} at weight {args.weight}")]
-        diffs = [{m: a[m] - b[m] for m in METRICS} for a, b in zip(mine, base)]
-        print(f"| {variant} | {len(diffs)} | " + " | ".join(summary(diffs, m, signed=True) for m in METRICS) + " |")
+    differences(f"variant - {args.against}", {v: rows[("validation", f"{v} at weight {args.weight}")]
+                                              for v in variants if v != args.against}, lambda v: base)
+  if args.baseline:
+    if len(args.baseline) != len(args.reports):
+      raise SystemExit(f"--baseline: {len(args.baseline)} outputs for {len(args.reports)} reports")
+    base_rows = rows_of(args.baseline, args.weight, variants)
+    differences("this setting - the baseline's", {ranking: per_seed for (split, ranking), per_seed in rows.items()
+                                                  if split == "validation" and ranking != "beams alone"},
+                lambda ranking: base_rows[("validation", ranking)])
+
+
+def differences(what: str, mine: dict[str, list[dict]], base_of) -> None:
+  """Prints, per ranking, the mean / sd / se / min over seeds of ``mine[ranking] - base_of(ranking)``."""
+  print(f"\nValidation, paired by scorer seed: {what} (mean, sd and se over seeds; min: the lowest seed's difference)")
+  print("| ranking | seeds | " + " | ".join(METRICS) + " |\n|---|---|" + "---|" * len(METRICS))
+  for ranking, per_seed in mine.items():
+    diffs = [{m: a[m] - b[m] for m in METRICS} for a, b in zip(per_seed, base_of(ranking), strict=True)]
+    print(f"| {ranking} | {len(diffs)} | " + " | ".join(summary(diffs, m, signed=True) for m in METRICS) + " |")
 
 
 def summary(per_seed, metric: str, signed: bool = False) -> str:

@@ -465,7 +465,16 @@ def _define_flags():
   flags.DEFINE_string("out", None, "the scorer's directory (default: the cache the training command reads, "
                       "<repo>/.cache/rescoring/<dataset>_<training digest>_<settings>)")
   flags.DEFINE_integer("seed", 0, "training seed")
-  flags.DEFINE_integer("num_epochs", sasrec_lib.SASRecConfig.num_epochs, "training epochs")
+  for field in dataclasses.fields(sasrec_lib.SASRecConfig):  # --num_epochs, --dim, --dropout_rate, ...
+    define = {int: flags.DEFINE_integer, float: flags.DEFINE_float}.get(type(field.default))
+    if define is not None:
+      define(field.name, field.default, f"SASRecConfig.{field.name}")
+
+
+def _sasrec_config(fl) -> sasrec_lib.SASRecConfig:
+  """The SASRec settings the CLI's flags give (each flag a `SASRecConfig` field of that name)."""
+  return dataclasses.replace(sasrec_lib.SASRecConfig(), **{
+      f.name: getattr(fl, f.name) for f in dataclasses.fields(sasrec_lib.SASRecConfig) if f.name in fl})
 
 
 def main(argv):
@@ -473,7 +482,7 @@ def main(argv):
   fl = flags.FLAGS
   if bool(fl.dataset) == bool(fl.domains):
     raise app.UsageError("give --dataset or --domains")
-  config = dataclasses.replace(sasrec_lib.SASRecConfig(), num_epochs=fl.num_epochs)
+  config = _sasrec_config(fl)
   if fl.domains:
     from oxyjax.data.catalogue import Catalogue
 
