@@ -456,19 +456,19 @@ def artifact_sequences(artifact) -> tuple[list[list[int]], int]:
   return dataset_sequences(artifact.dataset, artifact.domains or None)
 
 
-def _define_flags():
+def _define_flags(fv: flags.FlagValues = flags.FLAGS):
   """The CLI's flags, defined only when it runs (other entry points that import this module, such
   as `oxyjax.export`, have flags of the same names)."""
-  flags.DEFINE_string("dataset", None, "a registered dataset (beauty, sports, office, industrial, ...)")
+  flags.DEFINE_string("dataset", None, "a registered dataset (beauty, sports, office, industrial, ...)", flag_values=fv)
   flags.DEFINE_list("domains", None, "instead of --dataset: a multi-scenario run's catalogue (its artifact's "
-                    "domains, e.g. office,industrial), trained on every domain's training sequences")
+                    "domains, e.g. office,industrial), trained on every domain's training sequences", flag_values=fv)
   flags.DEFINE_string("out", None, "the scorer's directory (default: the cache the training command reads, "
-                      "<repo>/.cache/rescoring/<dataset>_<training digest>_<settings>)")
-  flags.DEFINE_integer("seed", 0, "training seed")
+                      "<repo>/.cache/rescoring/<dataset>_<training digest>_<settings>)", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "training seed", flag_values=fv)
   for field in dataclasses.fields(sasrec_lib.SASRecConfig):  # --num_epochs, --dim, --dropout_rate, ...
     define = {int: flags.DEFINE_integer, float: flags.DEFINE_float}.get(type(field.default))
     if define is not None:
-      define(field.name, field.default, f"SASRecConfig.{field.name}")
+      define(field.name, field.default, f"SASRecConfig.{field.name}", flag_values=fv)
 
 
 def _sasrec_config(fl) -> sasrec_lib.SASRecConfig:

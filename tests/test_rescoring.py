@@ -334,3 +334,22 @@ def test_per_scenario_weights_fuse_each_row_with_its_scenarios_weight(tmp_path):
   assert rescoring.RescoringConfig(weight=0.0, scenario_weights={"search": 2.0}).enabled
   with pytest.raises(ValueError, match=r"RescoringConfig.scenario_weights: \['serach'\] not among"):
     rescoring.RescoringConfig(weight=1.5, scenario_weights={"serach": 0.0}).stage_weights(["home", "search"])
+
+
+def test_the_cli_has_a_flag_for_every_sasrec_setting():
+  """`python -m oxyjax.rescoring --dim=... --dropout_rate=...` trains the scorer those settings
+  describe: each int / float field of SASRecConfig has a flag of its name, and flags left out
+  keep the field's default."""
+  import dataclasses
+
+  from absl import flags
+
+  from oxyjax.sid import sasrec
+
+  fv = flags.FlagValues()
+  rescoring._define_flags(fv)
+  fv(["rescoring", "--dataset=beauty", "--dim=16", "--dropout_rate=0.5", "--num_epochs=3", "--learning_rate=1e-3"])
+  assert rescoring._sasrec_config(fv) == dataclasses.replace(
+      sasrec.SASRecConfig(), dim=16, dropout_rate=0.5, num_epochs=3, learning_rate=1e-3)
+  numeric = {f.name for f in dataclasses.fields(sasrec.SASRecConfig) if isinstance(f.default, (int, float))}
+  assert numeric <= set(fv) and "length_buckets" not in fv
