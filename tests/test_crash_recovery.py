@@ -342,7 +342,7 @@ def test_only_asyncios_reports_of_dropped_orbax_reads_are_quieted(caplog):
 def test_only_closed_loop_callbacks_from_outside_python_are_quieted(monkeypatch):
   """The reads TensorStore completes after Orbax's loop closed on a failed restore each raise
   asyncio's "Event loop is closed" in `call_soon_threadsafe`, called from a TensorStore thread:
-  an unraisable exception with no object and only asyncio's frames (seen 48-166 times per
+  an unraisable exception with no object and only asyncio's frames (48 to about 100 times per
   restore, by timing). Those are dropped; the same error raised from Python code, another
   RuntimeError, or one reported against an object still reach the previous hook."""
   import asyncio
