@@ -22,7 +22,7 @@ outputs), for the fused list and for SASRec alone:
 the same seed order, and adds each ranking's validation difference from it, paired by position
 (a setting's difference with the scorer's seed noise in its sd):
 
-  python benchmarks/scorer_seeds.py docs/bench/sasrec_settings/office_epochs80_s{0,1}.json --variant=union10 \
+  python benchmarks/scorer_seeds.py docs/bench/sasrec_settings/office_e80_s{0,1}.json --variant=union10 \
       --baseline docs/bench/union_sizes/office_s{0,1}.json
 """
 
