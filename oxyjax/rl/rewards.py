@@ -20,6 +20,10 @@
               the wrong items the policy ranks highest are pushed down most. The target and every
               candidate of a group without the target get 0. It needs the candidates' scores
               (``order_scores``); without them it is 0.
+  scorer      the second stage's scorer (oxyjax/rescoring.py: a SASRec model trained on the same
+              training split) as a reward service: its next-item probability of the candidate given
+              the prompt's history, ``p_SASRec(item | history)`` (softmax over the whole catalogue), given
+              by the caller as ``[B, G]`` (and the target's own as ``[B]`` for ``R*``). None: its weight must be 0.
 
 ``R*``, the reward of the real target for the prompt, is computed with the same mapping (format 1,
 hit 1, the target's own similarity, ranking and diversity against the group), as SA-GCPO's group
@@ -36,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-COMPONENTS = ("format", "hit", "similarity", "ranking", "diversity", "rank_penalty")
+COMPONENTS = ("format", "hit", "similarity", "ranking", "diversity", "rank_penalty", "scorer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +53,7 @@ class RewardWeights:
   ranking: float = 0.0
   diversity: float = 0.1
   rank_penalty: float = 0.0
+  scorer: float = 0.0
 
   def as_array(self) -> np.ndarray:
     return np.asarray([getattr(self, c) for c in COMPONENTS], np.float32)
@@ -80,7 +85,8 @@ def _normalize(x: jax.Array) -> jax.Array:
 def compute(items: jax.Array, valid: jax.Array, target: jax.Array, scenario: jax.Array, *,
             item_embeddings: jax.Array, weights: jax.Array, anchor: jax.Array | None = None,
             ranking: jax.Array | None = None, target_ranking: jax.Array | None = None,
-            order_scores: jax.Array | None = None) -> Rewards:
+            order_scores: jax.Array | None = None, scorer: jax.Array | None = None,
+            target_scorer: jax.Array | None = None) -> Rewards:
   """Rewards of a group of candidates per prompt (inside jit).
 
   Args:
@@ -92,11 +98,15 @@ def compute(items: jax.Array, valid: jax.Array, target: jax.Array, scenario: jax
     ranking / target_ranking: ``[B, G]`` / ``[B]`` ranking-model scores, or None.
     order_scores: ``[B, G]`` the policy's score of each candidate (its sequence log-prob), which
       orders the group for ``rank_penalty``; None: that component is 0.
+    scorer / target_scorer: ``[B, G]`` / ``[B]`` the second stage's scorer probabilities, or None.
   """
-  w = jnp.asarray(weights, jnp.float32)[scenario]  # [B, 5]
+  w = jnp.asarray(weights, jnp.float32)[scenario]  # [B, len(COMPONENTS)]
   if ranking is None:
     ranking = jnp.zeros(items.shape, jnp.float32)
     target_ranking = jnp.zeros(target.shape, jnp.float32)
+  if scorer is None:
+    scorer = jnp.zeros(items.shape, jnp.float32)
+    target_scorer = jnp.zeros(target.shape, jnp.float32)
   emb = _normalize(jnp.asarray(item_embeddings))
   cand = emb[jnp.maximum(items, 0)] * valid[..., None]  # [B, G, D]
   tgt = emb[target]  # [B, D]
@@ -108,12 +118,14 @@ def compute(items: jax.Array, valid: jax.Array, target: jax.Array, scenario: jax
   diversity = (1.0 - (jnp.sum(pair * v[:, None, :], -1) - jnp.sum(cand * cand, -1)) / n_other) * v
   hit = ((items == target[:, None]) & valid).astype(jnp.float32)
   comps = {"format": v, "hit": hit, "similarity": sim * v, "ranking": ranking.astype(jnp.float32) * v,
-           "diversity": diversity, "rank_penalty": rank_penalty(order_scores, valid, hit)}
+           "diversity": diversity, "rank_penalty": rank_penalty(order_scores, valid, hit),
+           "scorer": scorer.astype(jnp.float32) * v}
   # The real target, scored as one more candidate of the group (against all its real members).
   t_div = 1.0 - jnp.sum(jnp.einsum("bgd,bd->bg", cand, tgt) * v, -1) / jnp.maximum(jnp.sum(v, -1), 1.0)
   t_comps = {"format": jnp.ones(target.shape, jnp.float32), "hit": jnp.ones(target.shape, jnp.float32),
              "similarity": jnp.sum(tgt * anchor, -1), "ranking": target_ranking.astype(jnp.float32),
-             "diversity": t_div, "rank_penalty": jnp.zeros(target.shape, jnp.float32)}
+             "diversity": t_div, "rank_penalty": jnp.zeros(target.shape, jnp.float32),
+             "scorer": target_scorer.astype(jnp.float32)}
   total = sum(w[:, i, None] * comps[c] for i, c in enumerate(COMPONENTS))
   r_star = sum(w[:, i] * t_comps[c] for i, c in enumerate(COMPONENTS))
   return Rewards(total=total * v, r_star=r_star, components=comps, target_components=t_comps)
@@ -134,7 +146,15 @@ def rank_penalty(scores: jax.Array | None, valid: jax.Array, hit: jax.Array) -> 
   return jnp.where(has_target & valid & (hit == 0), -disc / norm, 0.0)
 
 
-def check_weights(table: np.ndarray, has_ranking_model: bool) -> None:
-  if not has_ranking_model and np.any(table[:, COMPONENTS.index("ranking")] != 0):
+def uses(table: np.ndarray, component: str) -> bool:
+  """Whether any scenario of a `weight_table` gives ``component`` a non-zero weight."""
+  return bool(np.any(np.asarray(table)[:, COMPONENTS.index(component)] != 0))
+
+
+def check_weights(table: np.ndarray, has_ranking_model: bool, has_scorer: bool = False) -> None:
+  if not has_ranking_model and uses(table, "ranking"):
     raise ValueError("a ranking reward weight is set but no ranking model is given: set "
                      "RewardWeights.ranking = 0 or pass a ranking model")
+  if not has_scorer and uses(table, "scorer"):
+    raise ValueError("a scorer reward weight is set but the run has no second stage whose scorer could give it: "
+                     "set RewardWeights.scorer = 0 or start from a run with a second stage (second_stage)")

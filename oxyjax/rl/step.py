@@ -63,7 +63,7 @@ def with_target(codes: jax.Array, batch: Mapping[str, Any]) -> jax.Array:
 
 
 def make_rollout_step(model, cfg: RolloutConfig, reward_weights, item_embeddings, *, with_reference: bool = False,
-                      ranker=None, stage=None):
+                      ranker=None, stage=None, rank_order: str = "policy"):
   """``(params, batch, trie, rng[, ref_params, ranker_params, stage_params]) -> (rl arrays, stats)``, to be jitted.
 
   reward_weights: ``[num_scenarios, len(rewards_lib.COMPONENTS)]`` (`rewards.weight_table`); item_embeddings ``[N+1, D]``
@@ -72,12 +72,19 @@ def make_rollout_step(model, cfg: RolloutConfig, reward_weights, item_embeddings
   (search), else the target item. ranker: a `ranking_model.RankingModel` (with its params passed
   as `ranker_params`): the ranking reward of a candidate (and of the real target, for ``R*``) is
   its probability ``sigmoid(logit)`` under the ranking model; None: no ranking reward.
-  stage: a `rescoring.SecondStage` (its scorer's params passed as `stage_params`): the group is
-  ranked for the ``rank_penalty`` reward as the stage ranks what it serves, by ``policy +
-  weight * SASRec`` (the policy's sequence log-prob here being the rollout distribution's,
-  renormalised over each prefix's valid children, where the served stage fuses beam search's
-  joint log-probability over the whole code vocabulary); None: by the policy's alone.
+  stage: a `rescoring.SecondStage` (its scorer's params passed as `stage_params`), or None. Its
+  scorer gives the ``scorer`` reward (SASRec's probability of each candidate and of the real
+  target) where that weight is non-zero, and with ``rank_order='stage'`` the group is ranked for
+  the ``rank_penalty`` reward as the stage ranks what it serves, by ``policy + weight * SASRec``
+  (the policy's sequence log-prob here being the rollout distribution's, renormalised over each
+  prefix's valid children, where the served stage fuses beam search's joint log-probability over
+  the whole code vocabulary); ``rank_order='policy'``: by the policy's alone.
   """
+  if rank_order not in ("policy", "stage"):
+    raise ValueError(f"rank_order must be 'policy' or 'stage', got {rank_order!r}")
+  use_scorer = rewards_lib.uses(reward_weights, "scorer")
+  if stage is None and (rank_order == "stage" or use_scorer):
+    raise ValueError("rank_order 'stage' and the scorer reward need the second stage (stage=None was given)")
   reward_weights = jnp.asarray(reward_weights, jnp.float32)
   item_embeddings = jnp.asarray(item_embeddings, jnp.float32)
 
@@ -95,12 +102,18 @@ def make_rollout_step(model, cfg: RolloutConfig, reward_weights, item_embeddings
     if ranker is not None:
       ranking, target_ranking = jax.lax.stop_gradient(ranker.reward(ranker_params, feats, ro.items, target))
     order = policy_order = ro.logp.sum(-1)
-    if stage is not None:  # the group in the order the served list would have it
-      sasrec = jnp.take_along_axis(stage.log_softmax(stage_params, feats), jnp.maximum(ro.items, 0), axis=1)
-      order = jax.lax.stop_gradient(stage.fused_scores(policy_order, sasrec, batch["scenario"]))
+    scorer = target_scorer = None
+    if rank_order == "stage" or use_scorer:
+      sasrec_all = jax.lax.stop_gradient(stage.log_softmax(stage_params, feats))  # [B, N + 1]
+      sasrec = jnp.take_along_axis(sasrec_all, jnp.maximum(ro.items, 0), axis=1)
+      if use_scorer:
+        scorer = jnp.exp(sasrec)
+        target_scorer = jnp.exp(jnp.take_along_axis(sasrec_all, target[:, None], axis=1)[:, 0])
+      if rank_order == "stage":  # the group in the order the served list would have it
+        order = jax.lax.stop_gradient(stage.fused_scores(policy_order, sasrec, batch["scenario"]))
     rw = rewards_lib.compute(ro.items, real, target, batch["scenario"], item_embeddings=item_embeddings,
                              weights=reward_weights, anchor=anchor, ranking=ranking, target_ranking=target_ranking,
-                             order_scores=order)
+                             order_scores=order, scorer=scorer, target_scorer=target_scorer)
     adv, flat = policy_losses.group_advantages(rw.total, real, ddof=cfg.advantage_ddof, eps=cfg.advantage_eps,
                                                scale=cfg.advantage_scale)
     codes = fill_empty(ro.codes, ro.valid)
@@ -130,7 +143,10 @@ def make_rollout_step(model, cfg: RolloutConfig, reward_weights, item_embeddings
         "advantage/positive_fraction": jnp.sum((adv > 0) * real) / n_cand,
         "rollout/logp_mean": jnp.sum(ro.logp.sum(-1) * real) / n_cand,
     })
-    if stage is not None:  # how often the stage puts another candidate first
+    if use_scorer:  # does the scorer rank the real target above the group?
+      stats["reward/scorer_target"] = jnp.sum(target_scorer * rows) / n_rows
+      stats["reward/scorer_target_above_group"] = jnp.sum((target_scorer[:, None] > scorer) * real) / n_cand
+    if rank_order == "stage":  # how often the stage puts another candidate first
       first = lambda x: jnp.argmax(jnp.where(real, x, -jnp.inf), axis=-1)  # noqa: E731
       stats["rollout/stage_changes_first"] = jnp.sum((first(order) != first(policy_order)) * rows) / n_rows
     if ranker is not None:  # does the reward service rank the real target above the group?

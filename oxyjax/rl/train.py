@@ -170,6 +170,8 @@ def train_rl(
   `<model_dir>/second_stage`. The validation that selects the best step reads the beams alone.
   rank_order: how a group is ranked for the ``rank_penalty`` reward: ``policy`` by the policy's
   sequence log-prob, ``stage`` as that second stage ranks what it serves (`step.make_rollout_step`).
+  The same stage's scorer is the reward service of the ``scorer`` component (`rewards`): with
+  that weight non-zero the run needs a stage.
   """
   t_start = time.time()
   log = print if verbose else (lambda *a, **k: None)
@@ -193,8 +195,6 @@ def train_rl(
   if rank_order == "stage" and stage is None:
     raise ValueError("rank_order 'stage' ranks each group as the second stage would: it needs one "
                      f"(second_stage {second_stage!r} gives none for {init_model_dir})")
-  order_stage = stage if rank_order == "stage" else None
-  stage_params = order_stage and jax.device_put(order_stage.params, part.replicated())
 
   # ---- prompts: the training examples (each scenario's, sampled by its rate), each row's pool
   forest, root_of_scenario = exp.scenario_forest()
@@ -210,7 +210,10 @@ def train_rl(
   scenario_ids = [s.id for s in exp.scenarios] if exp.scenarios else [0]
   table = np.tile(default_reward.as_array(), (max(scenario_ids) + 1, 1))
   table[scenario_ids] = rewards_lib.weight_table(reward_weights, names, default_reward)
-  rewards_lib.check_weights(table, has_ranking_model=ranking_model_dir is not None)
+  rewards_lib.check_weights(table, has_ranking_model=ranking_model_dir is not None, has_scorer=stage is not None)
+  # The stage's scorer runs in the rollouts only where the group order or the scorer reward reads it.
+  rollout_stage = stage if rank_order == "stage" or rewards_lib.uses(table, "scorer") else None
+  stage_params = rollout_stage and jax.device_put(rollout_stage.params, part.replicated())
   ranker = ranker_params = None
   if ranking_model_dir:
     ranker, ranker_params, ranker_meta = ranking_model.load(ranking_model_dir, init_art, part)
@@ -251,7 +254,8 @@ def train_rl(
 
   # ---- the jitted halves and the step function
   with jax.set_mesh(part.mesh), part.rules_context():
-    rollout_step = jax.jit(step_lib.make_rollout_step(model, rollout, table, emb, ranker=ranker, stage=order_stage))
+    rollout_step = jax.jit(step_lib.make_rollout_step(model, rollout, table, emb, ranker=ranker, stage=rollout_stage,
+                                                      rank_order=rank_order))
     update_step = jax.jit(step_lib.make_update_step(model, tx, loss, temperature=rollout.temperature,
                                                     grad_accum_steps=grad_accum_steps),
                           donate_argnums=(0,))
@@ -341,6 +345,7 @@ def train_rl(
         "ranker_refresh": dataclasses.asdict(ranker_refresh),
         "rollout": dataclasses.asdict(rollout), "steps": step, "train_seconds": train_seconds,
         "second_stage": stage and stage.settings(), "rank_order": rank_order,
+        "reward_weights": {n: dict(zip(rewards_lib.COMPONENTS, table[i].tolist())) for n, i in zip(names, scenario_ids)},
         "best_step": best_step, "results": results, "validation_history": eval_hook.history}, merge=False)
   ckpt.close(), best.close()
   return pretrain.TrainResult(state, step, results.get("validation", results.get("validation/mean")),

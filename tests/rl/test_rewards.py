@@ -45,6 +45,24 @@ def test_weight_table_errors():
   with pytest.raises(ValueError, match="no ranking model"):
     rewards.check_weights(table, has_ranking_model=False)
   rewards.check_weights(table, has_ranking_model=True)
+  table = rewards.weight_table({"a": rewards.RewardWeights(scorer=1.0)}, ["a"])
+  with pytest.raises(ValueError, match="no second stage"):
+    rewards.check_weights(table, has_ranking_model=False, has_scorer=False)
+  rewards.check_weights(table, has_ranking_model=False, has_scorer=True)
+
+
+def test_the_scorer_component_and_its_part_of_r_star():
+  emb = np.eye(5, dtype=np.float32)
+  items = jnp.asarray([[1, 2, -1], [3, 4, 1]])
+  valid = items >= 0
+  target = jnp.asarray([2, 4])
+  p = jnp.asarray([[0.2, 0.1, 0.7], [0.05, 0.3, 0.01]])
+  w = rewards.weight_table({}, ["a"], rewards.RewardWeights(format=0, hit=1, similarity=0, diversity=0, scorer=3))
+  out = rewards.compute(items, valid, target, jnp.zeros(2, jnp.int32), item_embeddings=emb, weights=w,
+                        scorer=p, target_scorer=jnp.asarray([0.1, 0.3]))
+  np.testing.assert_allclose(np.asarray(out.components["scorer"]), [[0.2, 0.1, 0], [0.05, 0.3, 0.01]], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(out.total), [[0.6, 1.3, 0], [0.15, 1.9, 0.03]], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(out.r_star), [1.3, 1.9], rtol=1e-6)
 
 
 def test_rank_penalty_follows_the_policy_order_only_in_groups_with_the_target():

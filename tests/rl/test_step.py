@@ -186,7 +186,7 @@ def test_rank_penalty_ranks_each_group_as_the_second_stage_would_serve_it(tiny):
   rewards_by_weight = {}
   for w in (0.0, 4.0):
     stage = rescoring.SecondStage(scorer, w, 0)
-    rl, stats = jax.jit(step.make_rollout_step(tiny.model, cfg, table, emb, stage=stage))(
+    rl, stats = jax.jit(step.make_rollout_step(tiny.model, cfg, table, emb, stage=stage, rank_order="stage"))(
         tiny.params, batch, tiny.forest, jax.random.key(0), None, None, scorer.params)
     rl = jax.tree.map(np.asarray, rl)
     items, valid = rl["rl_items"], rl["rl_items"] > 0
@@ -202,3 +202,48 @@ def test_rank_penalty_ranks_each_group_as_the_second_stage_would_serve_it(tiny):
   np.testing.assert_array_equal(rewards_by_weight[0.0][0], np.asarray(plain["rl_rewards"]))
   assert rewards_by_weight[0.0][1] == 0.0 and rewards_by_weight[4.0][1] > 0.0
   assert not np.array_equal(rewards_by_weight[4.0][0], rewards_by_weight[0.0][0])
+
+
+def test_the_scorer_reward_is_the_second_stages_probability_of_each_candidate(tiny):
+  """RewardWeights.scorer: the stage's SASRec probability of each candidate (and of the real target,
+  for R*), against a NumPy recomputation from the scorer itself; and where it binds, the group clip.
+  In a group without its target every reward is w * p < hit + w * p(target) = R*, so every
+  candidate with a positive advantage is one SA-GCPO's group clip zeroes."""
+  from oxyjax import rescoring
+  from oxyjax.sid import sasrec
+
+  n_items = tiny.sid_codes.shape[0] - 1
+  rng = np.random.default_rng(4)
+  seqs = [rng.integers(1, n_items + 1, 6).tolist() for _ in range(60)]
+  scorer = rescoring.train(seqs, n_items, sasrec.SASRecConfig(dim=16, num_blocks=1, max_len=8, num_epochs=2,
+                                                                 length_buckets=(8,)))
+  stage = rescoring.SecondStage(scorer, 1.5, 0)
+  cfg = step.RolloutConfig(method="beam", group_size=G)
+  w = 2.0
+  table = rewards.weight_table({}, ["s0"], rewards.RewardWeights(format=0.0, hit=1.0, similarity=0.0,
+                                                                 diversity=0.0, scorer=w))
+  emb = np.eye(tiny.sid_codes.shape[0], dtype=np.float32)
+  batch, _ = tiny.batch(32, seed=5)
+  with pytest.raises(ValueError, match="need the second stage"):
+    step.make_rollout_step(tiny.model, cfg, table, emb)
+  rl, stats = jax.jit(step.make_rollout_step(tiny.model, cfg, table, emb, stage=stage))(
+      tiny.params, batch, tiny.forest, jax.random.key(0), None, None, scorer.params)
+  rl = jax.tree.map(np.asarray, rl)
+  items, valid = rl["rl_items"], rl["rl_items"] > 0
+  target = np.asarray(batch["target_items"])
+  p_all = np.exp(np.asarray(stage.log_softmax(scorer.params, batch), np.float64))
+  np.testing.assert_allclose(p_all.sum(-1), 1.0, rtol=1e-5)  # a distribution over the catalogue
+  p = np.take_along_axis(p_all, np.maximum(items, 0), axis=1)
+  hit = (items == target[:, None]) & valid
+  # float32 exp of a float32 log-softmax, compared with the float64 exp of the same: ~1e-7 relative.
+  np.testing.assert_allclose(rl["rl_rewards"], (hit + w * p) * valid, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(rl["rl_r_star"], 1.0 + w * p_all[np.arange(len(target)), target], rtol=1e-5)
+  assert 0.0 <= float(stats["reward/scorer_target_above_group"]) <= 1.0
+  no_target = ~hit.any(axis=1) & (valid.sum(1) > 1)
+  assert no_target.sum() >= 4
+  positive = (rl["rl_advantages"] > 0) & valid & no_target[:, None]
+  assert positive.sum() > 0  # the scorer spreads the rewards of groups without their target
+  gated, clipped = losses.group_clip(jnp.asarray(rl["rl_advantages"]), jnp.asarray(rl["rl_rewards"]),
+                                     jnp.asarray(rl["rl_r_star"]))
+  np.testing.assert_array_equal(np.asarray(gated)[positive], 0.0)
+  assert np.all(np.asarray(clipped)[positive])

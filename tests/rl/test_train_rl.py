@@ -144,13 +144,19 @@ def test_a_starting_run_with_a_second_stage_is_evaluated_and_served_with_it(pret
   loaded = rescoring.SecondStage.load(str(root / "rl_staged" / rescoring.RUN_STAGE_DIR))
   assert (loaded.weight, loaded.union, loaded.scorer.digest) == (1.0, 3, scorer.digest)
   assert not os.path.exists(root / "rl_plain" / rescoring.RUN_STAGE_DIR)
-  # rank_order 'stage': the rank_penalty reward ranks each group as that stage serves it
-  # (tests/rl/test_step.py checks the order); without a stage there is no such order.
-  _rl(staged, root / "rl_stage_order", num_steps=2, rank_order="stage", default_reward=RewardWeights(rank_penalty=1.0))
+  # rank_order 'stage': the rank_penalty reward ranks each group as that stage serves it, and the
+  # stage's scorer gives the scorer reward (tests/rl/test_step.py checks both); without a stage
+  # there is neither.
+  _rl(staged, root / "rl_stage_order", num_steps=2, rank_order="stage",
+      default_reward=RewardWeights(rank_penalty=1.0, scorer=1.0))
   with open(root / "rl_stage_order" / "run_summary.json") as f:
-    assert json.load(f)["rank_order"] == "stage"
+    summary = json.load(f)
+  assert summary["rank_order"] == "stage"
+  assert summary["reward_weights"]["office"]["scorer"] == 1.0
   with pytest.raises(ValueError, match="needs one"):
     _rl(staged, root / "rl_no_stage_order", num_steps=2, second_stage="none", rank_order="stage")
+  with pytest.raises(ValueError, match="no second stage"):
+    _rl(staged, root / "rl_no_stage_scorer", num_steps=2, second_stage="none", default_reward=RewardWeights(scorer=1.0))
 
 
 def _ranker(init, model_dir, **kw):
