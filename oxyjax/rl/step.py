@@ -46,6 +46,11 @@ class RolloutConfig:
   advantage_scale: str = "std"
 
 
+# How a group is ordered for the rank_penalty reward: by the policy's sequence log-prob, or as the
+# second stage ranks what it serves (`make_rollout_step`).
+RANK_ORDERS = ("policy", "stage")
+
+
 def _features(batch: Mapping[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in batch.items() if not k.startswith("rl_")}
 
@@ -80,8 +85,8 @@ def make_rollout_step(model, cfg: RolloutConfig, reward_weights, item_embeddings
   prefix's valid children, where the served stage fuses beam search's joint log-probability over
   the whole code vocabulary); ``rank_order='policy'``: by the policy's alone.
   """
-  if rank_order not in ("policy", "stage"):
-    raise ValueError(f"rank_order must be 'policy' or 'stage', got {rank_order!r}")
+  if rank_order not in RANK_ORDERS:
+    raise ValueError(f"rank_order must be one of {RANK_ORDERS}, got {rank_order!r}")
   use_scorer = rewards_lib.uses(reward_weights, "scorer")
   if stage is None and (rank_order == "stage" or use_scorer):
     raise ValueError("rank_order 'stage' and the scorer reward need the second stage (stage=None was given)")

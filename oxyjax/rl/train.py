@@ -89,7 +89,6 @@ def local_rows(x: jax.Array) -> np.ndarray:
 
 
 PROMPTS = ("all", "recent")
-RANK_ORDERS = ("policy", "stage")
 
 
 def select_prompts(arrays: pipeline.ExampleArrays, prompts: str, per_user: int = 1) -> pipeline.ExampleArrays:
@@ -190,8 +189,8 @@ def train_rl(
                                            num_scenarios=len(exp.scenarios), log=log)
   if stage is not None:  # refused before any training (the evaluator below fuses joint log-probs: 'vocab')
     pretrain.check_second_stage("vocab", None, field="second_stage")
-  if rank_order not in RANK_ORDERS:
-    raise ValueError(f"rank_order must be one of {RANK_ORDERS}, got {rank_order!r}")
+  if rank_order not in step_lib.RANK_ORDERS:
+    raise ValueError(f"rank_order must be one of {step_lib.RANK_ORDERS}, got {rank_order!r}")
   if rank_order == "stage" and stage is None:
     raise ValueError("rank_order 'stage' ranks each group as the second stage would: it needs one "
                      f"(second_stage {second_stage!r} gives none for {init_model_dir})")
