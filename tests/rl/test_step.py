@@ -160,6 +160,18 @@ def _numpy_rank_penalty(order, valid, hit):
   return out
 
 
+def _tiny_scorer(tiny, seed):
+  """A small SASRec scorer over the tiny model's items, trained on random sequences."""
+  from oxyjax import rescoring
+  from oxyjax.sid import sasrec
+
+  n_items = tiny.sid_codes.shape[0] - 1
+  rng = np.random.default_rng(seed)
+  seqs = [rng.integers(1, n_items + 1, 6).tolist() for _ in range(60)]
+  return rescoring.train(seqs, n_items, sasrec.SASRecConfig(dim=16, num_blocks=1, max_len=8, num_epochs=2,
+                                                            length_buckets=(8,)))
+
+
 def test_rank_penalty_ranks_each_group_as_the_second_stage_would_serve_it(tiny):
   """With a second stage the rank_penalty reward ranks a group by policy + weight * SASRec (the
   served order); the reference recomputes both scores outside the rollout program. Weight 0 is
@@ -169,13 +181,8 @@ def test_rank_penalty_ranks_each_group_as_the_second_stage_would_serve_it(tiny):
   magnitude, a few float32 operations each: ~1e-5; checked against 1e-4)."""
   from oxyjax import rescoring
   from oxyjax.rl import rollout as rollout_lib
-  from oxyjax.sid import sasrec
 
-  n_items = tiny.sid_codes.shape[0] - 1
-  rng = np.random.default_rng(3)
-  seqs = [rng.integers(1, n_items + 1, 6).tolist() for _ in range(60)]
-  scorer = rescoring.train(seqs, n_items, sasrec.SASRecConfig(dim=16, num_blocks=1, max_len=8, num_epochs=2,
-                                                                 length_buckets=(8,)))
+  scorer = _tiny_scorer(tiny, seed=3)
   cfg = step.RolloutConfig(method="beam", group_size=G)
   table = rewards.weight_table({}, ["s0"], rewards.RewardWeights(format=0.0, hit=1.0, similarity=0.0,
                                                                  diversity=0.0, rank_penalty=1.0))
@@ -210,13 +217,8 @@ def test_the_scorer_reward_is_the_second_stages_probability_of_each_candidate(ti
   In a group without its target every reward is w * p < hit + w * p(target) = R*, so every
   candidate with a positive advantage is one SA-GCPO's group clip zeroes."""
   from oxyjax import rescoring
-  from oxyjax.sid import sasrec
 
-  n_items = tiny.sid_codes.shape[0] - 1
-  rng = np.random.default_rng(4)
-  seqs = [rng.integers(1, n_items + 1, 6).tolist() for _ in range(60)]
-  scorer = rescoring.train(seqs, n_items, sasrec.SASRecConfig(dim=16, num_blocks=1, max_len=8, num_epochs=2,
-                                                                 length_buckets=(8,)))
+  scorer = _tiny_scorer(tiny, seed=4)
   stage = rescoring.SecondStage(scorer, 1.5, 0)
   cfg = step.RolloutConfig(method="beam", group_size=G)
   w = 2.0
