@@ -10,6 +10,14 @@ and reported separately.
   python benchmarks/decode_latency.py --checkpoint=runs/beauty/best   # trained weights
   python benchmarks/decode_latency.py --cases=1x256 --floor   # + the dense-matmul floor of the same search
 
+--matmul_dtypes=float32,bfloat16 times the search with its weight products in each dtype
+(`ModelConfig.matmul_dtype`; the bfloat16 weight kernels cast once, as a serving export takes
+them), the calls of the dtypes interleaved so that a slow spell of the machine falls on both, and
+prints each one's row and the speed-up over the first. bfloat16 products are fast only on CPUs
+with AVX-512 BF16 (the CPU flags are printed):
+
+  python benchmarks/decode_latency.py --cases=1x256,32x256 --matmul_dtypes=float32,bfloat16
+
 --floor also times, in the same process, only the dense matrix products that any exact float32
 implementation of the same search has to do (per decoder level: the W beams' self-attention Q/K/V/O,
 cross-attention Q/O, gated MLP and output projections, plus the encoder once), each as one jitted
@@ -35,6 +43,7 @@ import flax.linen as nn
 
 from oxyjax import train as train_lib
 from oxyjax.data import pipeline
+from oxyjax.models import layers
 from oxyjax.models.rec_model import RecModel
 from oxyjax.sid.trie import PrefixTrie
 
@@ -86,6 +95,8 @@ def main():
   ap.add_argument("--reps", type=int, default=20)
   ap.add_argument("--checkpoint", default=None, help="a params checkpoint dir (e.g. <model_dir>/best)")
   ap.add_argument("--floor", action="store_true", help="also time the dense-matmul floor of each case")
+  ap.add_argument("--matmul_dtypes", default="float32",
+                  help="comma-separated weight-product dtypes (float32, bfloat16), timed interleaved")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
 
@@ -105,35 +116,49 @@ def main():
         f"{args.dataset}: {n} items, SID levels {model.config.sid_vocab_sizes})\n")
   print("| batch x beam | p50 (s) | p99 (s) | compile (s) | items/s | peer p50 (s) | speed-up vs peer | target |")
   print("|---|---|---|---|---|---|---|---|")
+  dtypes = args.matmul_dtypes.split(",")
+  variants = {}  # dtype -> (model, params as that program takes them)
+  for dt in dtypes:
+    m = model.with_matmul_dtype(dt)
+    variants[dt] = (m, params if dt == "float32" else jax.device_put(layers.cast_weight_kernels(params, dt)))
   for case in args.cases.split(","):
     b, w = (int(x) for x in case.split("x"))
-    predict = jax.jit(functools.partial(model.predict, beam_size=w))
     rng = np.random.default_rng(0)
     idx = rng.choice(len(test), size=(args.reps + 1, b), replace=True)
     batches = [model.convert_features(test.take(i)) for i in idx]
-    t = time.perf_counter()
-    out = predict(params, batches[0], trie)
-    jax.block_until_ready(out.items)
-    compile_s = time.perf_counter() - t
-    times = []
-    for bt in batches[1:]:
+    predicts, compile_s, times, outs = {}, {}, {dt: [] for dt in dtypes}, {}
+    for dt, (m, p) in variants.items():
+      predicts[dt] = jax.jit(functools.partial(m.predict, beam_size=w))
       t = time.perf_counter()
-      out = predict(params, bt, trie)
-      jax.block_until_ready(out.items)
-      times.append(time.perf_counter() - t)
-    items = np.asarray(out.items)
-    assert all(len(set(r[r > 0])) == (r > 0).sum() for r in items), "duplicate items in a beam"
-    p50, p99 = float(np.median(times)), float(np.percentile(times, 99))
-    peer = PEER.get((b, w), (None, None))[0]
-    speed = peer / p50 if peer else None
-    tgt = TARGET.get((b, w))
-    print(f"| {b} x {w} | {p50:.4f} | {p99:.4f} | {compile_s:.1f} | {b / p50:.1f} | {peer if peer else '-'} | "
-          f"{f'{speed:.1f}x' if speed else '-'} | {f'>= {tgt:.0f}x' if tgt else '-'} |")
-    results.append({"batch": b, "beam": w, "p50_s": p50, "p99_s": p99, "compile_s": compile_s,
-                    "peer_p50_s": peer, "speedup": speed, "reps": args.reps, "cpu": cpu_model()})
+      jax.block_until_ready(predicts[dt](p, batches[0], trie).items)
+      compile_s[dt] = time.perf_counter() - t
+    for i, bt in enumerate(batches[1:]):
+      for dt in (dtypes if i % 2 == 0 else dtypes[::-1]):  # interleaved, in turn first
+        t = time.perf_counter()
+        outs[dt] = predicts[dt](variants[dt][1], bt, trie)
+        jax.block_until_ready(outs[dt].items)
+        times[dt].append(time.perf_counter() - t)
+    for dt in dtypes:
+      items = np.asarray(outs[dt].items)
+      assert all(len(set(r[r > 0])) == (r > 0).sum() for r in items), "duplicate items in a beam"
+      p50, p99 = float(np.median(times[dt])), float(np.percentile(times[dt], 99))
+      peer = PEER.get((b, w), (None, None))[0]
+      speed = peer / p50 if peer else None
+      tgt = TARGET.get((b, w))
+      label = f"{b} x {w}" + ("" if len(dtypes) == 1 else f", {dt}")
+      print(f"| {label} | {p50:.4f} | {p99:.4f} | {compile_s[dt]:.1f} | {b / p50:.1f} | {peer if peer else '-'} | "
+            f"{f'{speed:.1f}x' if speed else '-'} | {f'>= {tgt:.0f}x' if tgt else '-'} |")
+      results.append({"batch": b, "beam": w, "matmul_dtype": dt, "p50_s": p50, "p99_s": p99,
+                      "compile_s": compile_s[dt], "peer_p50_s": peer, "speedup": speed, "reps": args.reps,
+                      "cpu": cpu_model()})
+    for dt in dtypes[1:]:
+      ratio = float(np.median(times[dtypes[0]]) / np.median(times[dt]))
+      results[-1 - dtypes[::-1].index(dt)]["speedup_over_" + dtypes[0]] = ratio
+      print(f"|   {dt} / {dtypes[0]}, same run: p50 speed-up {ratio:.2f}x | | | | | | | |")
     if args.floor:
       floor = matmul_floor(model.config, b, w, args.reps)
-      results[-1]["matmul_floor_s"] = floor
+      p50 = float(np.median(times[dtypes[0]]))
+      results[-len(dtypes)]["matmul_floor_s"] = floor
       print(f"|   dense-matmul floor of {b} x {w} | {floor:.4f} | | | | | p50 / floor {p50 / floor:.2f} | |")
   if args.out:
     with open(args.out, "w") as f:

@@ -26,6 +26,13 @@ test results do: a post-trained run against its start, both through the same sta
 
   python benchmarks/paired_eval.py --split=test --second_stage=<stage dir> runs/beauty_default_s0 runs/rl/<run>
 
+`--matmul_dtypes=float32,bfloat16` decodes each model with its weight products in each dtype
+(`ModelConfig.matmul_dtype`; the first is the model's label, the others '<model>[bfloat16]'): what
+a bfloat16 serving export (`python -m oxyjax.export --matmul_dtype=bfloat16`) does to the metrics.
+
+  python benchmarks/paired_eval.py --split=validation --second_stage=auto --matmul_dtypes=float32,bfloat16 \
+      runs/beauty_default_s0
+
 `--default_instruction` also scores each model on the rows that carry an instruction (search
 queries, generated reasoning instructions) with the learned default `I_r` in its place, paired with
 the model itself: how much the model reads its instruction.
@@ -83,16 +90,20 @@ def eval_sets(exp, split: str):
           for key, (arrays, pool) in exp.eval_sets(split).items()}
 
 
-def load_model(spec: str, part, *, beam: int, batch_size: int, second_stage: str | None = None):
+def load_model(spec: str, part, *, beam: int, batch_size: int, second_stage: str | None = None,
+               matmul_dtype: str | None = None):
   """``(experiment, evaluation weights, their step, Evaluator)`` of one model spec: a run directory,
   or ``<run dir>@<params dir>``; with `second_stage` (``auto`` or a stage's directory) the
-  evaluator ranks by that stage (`rescoring.SecondStage.of_run`)."""
+  evaluator ranks by that stage (`rescoring.SecondStage.of_run`); `matmul_dtype`: the weight
+  products' dtype (`RecModel.with_matmul_dtype`; None: the model's own)."""
   from oxyjax import rescoring
 
   run_dir, _, weights = spec.partition("@")
   exp = experiment_lib.from_artifact(ModelArtifact.load(artifact_dir(run_dir)), partitioner=part, log=_quiet)
   params, step = train_lib.load_eval_weights(run_dir, trainer.TrainStateFactory(exp.model, part).params_abstract,
                                              weights or None, log=_quiet)
+  if matmul_dtype is not None:
+    exp.model = exp.model.with_matmul_dtype(matmul_dtype)
   rescorer = None
   if second_stage:
     stage = rescoring.SecondStage.of_run(run_dir, second_stage, num_items=exp.artifact.num_items,
@@ -118,6 +129,9 @@ def main():
                        "(a query, a generated instruction), as '<model>#default_instruction': does the model use it?")
   ap.add_argument("--second_stage", default=None, help="rank by a second stage: 'auto' (each run's own) or a "
                   "saved stage's directory (every model)")
+  ap.add_argument("--matmul_dtypes", default=None, help="comma-separated weight-product dtypes (float32, "
+                  "bfloat16; ModelConfig.matmul_dtype): each model decoded in each, the others labelled "
+                  "'<model>[<dtype>]' (default: the model's own)")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
   wanted = None if args.sets is None else set(args.sets.split(","))
@@ -125,9 +139,11 @@ def main():
   part = partitioning.Partitioner({"data": 1})
   ranks: dict[str, dict[str, np.ndarray]] = {}  # set -> model -> [rows]
   fingerprints: dict[str, tuple[str, str]] = {}  # set -> (fingerprint, the model that set it)
-  for spec in args.models:
+  dtypes = args.matmul_dtypes.split(",") if args.matmul_dtypes else [None]
+  for spec, dtype in [(m, d) for m in args.models for d in dtypes]:
     exp, params, step, ev = load_model(spec, part, beam=args.beam, batch_size=args.batch_size,
-                                       second_stage=args.second_stage)
+                                       second_stage=args.second_stage, matmul_dtype=dtype)
+    spec = spec if dtype in (None, dtypes[0]) else f"{spec}[{dtype}]"
     ids = qualified_item_ids(exp)
     for name, (arrays, trie) in eval_sets(exp, args.split).items():
       if wanted is not None and name not in wanted:

@@ -23,7 +23,8 @@ log p + weight * log p_SASRec (the function evaluation runs, `rescoring.Rescorer
 layout (format `oxyjax.serving_export`, version `SERVING_VERSION`):
 
   serving.json            format, version, buckets, beam sizes, score normalisation, the
-                          feature and parameter specs the programs were traced with, each
+                          feature and parameter specs the programs were traced with (the
+                          weight products' dtype, `--matmul_dtype`, among them), each
                           pool's root, the artifact's content digest, the platforms
   serve_b{B}_w{W}.jaxexport   serialised `jax.export.Exported`, one per bucket and beam
   forest.npz              the pools' trie (child_start, child_code, child_node, leaf_item)
@@ -129,13 +130,20 @@ def make_serve_fn(model, trie_static: dict[str, Any], beam_size: int, normalize:
 
 def export_model(model, params, artifact, out_dir: str, *, batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
                  beam_sizes: Sequence[int] = (20,), normalize: str = "vocab", step: int = 0,
-                 platforms: Sequence[str] | None = None, second_stage=None, log=print) -> str:
+                 platforms: Sequence[str] | None = None, second_stage=None, matmul_dtype: str | None = None,
+                 log=print) -> str:
   """Writes the serving directory for `model` with `params` (see the module docstring), with
-  `second_stage` (a `rescoring.SecondStage`) inside the programs where given; returns it."""
+  `second_stage` (a `rescoring.SecondStage`) inside the programs where given; returns it.
+
+  `matmul_dtype` (default: the model's, float32): the programs' weight products
+  (`ModelConfig.matmul_dtype`). With bfloat16 the programs take the `layers.WEIGHT_KERNELS` in
+  bfloat16 (the manifest's parameter dtypes, which the server casts the saved float32 weights to
+  at load), so a request never rounds a weight."""
   import jax
   from jax import export as jax_export
 
   from oxyjax import checkpoints
+  from oxyjax.models import layers
 
   batch_sizes = sorted({int(b) for b in batch_sizes})
   beam_sizes = sorted({int(w) for w in beam_sizes})
@@ -153,14 +161,18 @@ def export_model(model, params, artifact, out_dir: str, *, batch_sizes: Sequence
   trie_arrays = tuple(np.asarray(getattr(forest, f)) for f in TRIE_FIELDS)
   trie_static = {"num_levels": forest.num_levels, "max_children": tuple(forest.max_children),
                  "vocab_sizes": tuple(forest.vocab_sizes)}
+  if matmul_dtype is not None and matmul_dtype != model.config.matmul_dtype:
+    model = model.with_matmul_dtype(matmul_dtype)
+  matmul_dtype = model.config.matmul_dtype
   spec = feature_spec(model)
   params = jax.tree_util.tree_map(np.asarray, params)
+  program_params = params if matmul_dtype == "float32" else layers.cast_weight_kernels(params, matmul_dtype)
   out_dir = os.path.abspath(out_dir)
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
   try:
-    abstract_params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    abstract_params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), program_params)
     abstract_trie = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in trie_arrays)
     stage_args, stage_info = (), None
     if second_stage is not None:
@@ -189,7 +201,8 @@ def export_model(model, params, artifact, out_dir: str, *, batch_sizes: Sequence
     manifest = {
         "format": SERVING_FORMAT, "version": SERVING_VERSION, "batch_sizes": batch_sizes,
         "beam_sizes": beam_sizes, "normalize": normalize, "programs": programs,
-        "features": {k: [list(s), d] for k, (s, d) in spec.items()}, "params": param_spec(params),
+        "features": {k: [list(s), d] for k, (s, d) in spec.items()}, "params": param_spec(program_params),
+        "matmul_dtype": matmul_dtype,
         "pools": pools, "roots": roots, "trie": {k: list(v) if isinstance(v, tuple) else v
                                                  for k, v in trie_static.items()},
         "artifact_digest": saved.content_digest(), "weights_step": int(step), "second_stage": stage_info,
@@ -267,6 +280,9 @@ def _define_flags():
   flags.DEFINE_enum("normalize", "vocab", ["vocab", "valid"], "Beam score normalisation (decoding.beam_search).")
   flags.DEFINE_bool("user_histories", False, "Also write users.jsonl: each user's latest behaviours from the data.")
   flags.DEFINE_list("platforms", [], "Platforms to lower for (e.g. cpu,cuda); default: this machine's backend.")
+  flags.DEFINE_enum("matmul_dtype", None, ["float32", "bfloat16"], "The programs' weight products "
+                    "(ModelConfig.matmul_dtype; default: the model's, float32). bfloat16: bf16 operands accumulated "
+                    "in float32, faster on CPUs with AVX-512 BF16 and slower on CPUs without (docs/serving.md).")
   flags.DEFINE_string("second_stage", "auto", "'auto': the run's SASRec re-scoring stage (<model_dir>/second_stage, "
                       "written by a run with re-scoring on) where it has one; 'none': the beams alone; or the "
                       "directory of a saved stage.")
@@ -288,7 +304,7 @@ def main(argv: Sequence[str]) -> None:
     out = export_run(fl.model_dir, fl.out, batch_sizes=[int(b) for b in fl.batch_sizes],
                      beam_sizes=[int(w) for w in fl.beam_sizes], normalize=fl.normalize,
                      platforms=fl.platforms or None, user_histories=fl.user_histories,
-                     second_stage=fl.second_stage)
+                     second_stage=fl.second_stage, matmul_dtype=fl.matmul_dtype)
   except (ArtifactError, FileNotFoundError, ValueError) as e:
     raise SystemExit(f"{PROG}: {e}") from None
   print(f"[export] wrote {out}")

@@ -47,7 +47,7 @@ class Predictor:
   same as inside any evaluation batch)."""
 
   def __init__(self, path: str, *, beam_size: int = 20, pool: str = "all", second_stage: str | None = "auto",
-               log=lambda *a, **k: None):
+               matmul_dtype: str | None = None, log=lambda *a, **k: None):
     import jax
 
     from oxyjax import experiment as experiment_lib
@@ -66,6 +66,8 @@ class Predictor:
     self.experiment = experiment_lib.from_artifact(self.artifact, partitioner=self.partitioner, read_data=False,
                                                    log=log)
     self.model = self.experiment.model
+    if matmul_dtype is not None:  # the weight products' dtype (an inference option, see `oxyjax.export`)
+      self.model = self.model.with_matmul_dtype(matmul_dtype)
     abstract = trainer_lib.TrainStateFactory(self.model, self.partitioner).params_abstract
     if run_dir is not None:
       self.params, self.step = train_lib.load_eval_weights(run_dir, abstract, log=log)

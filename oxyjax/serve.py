@@ -127,6 +127,7 @@ class ServingModel:
       self.beam_sizes = [int(w) for w in m["beam_sizes"]]
       self.roots = {k: int(v) for k, v in m["roots"].items()}
       self.second_stage = m.get("second_stage")  # None: the beams alone
+      self.matmul_dtype = str(m.get("matmul_dtype", "float32"))  # the programs' weight products
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise export_lib.ExportError(f"{path}: {e}") from None
     self.artifact = ModelArtifact.load(os.path.join(self.directory, "artifact"))
@@ -713,7 +714,7 @@ class Server:
                            timeout_s=request_timeout_s, workers=batch_workers, wait_when_idle=batch_wait_when_idle)
     health = {"scenarios": [s["name"] for s in self.model.scenarios] or None, "beam_sizes": self.model.beam_sizes,
               "batch_sizes": self.model.batch_sizes, "weights_step": self.model.weights_step,
-              "dataset": self.model.artifact.dataset, "instruction_store": store,
+              "matmul_dtype": self.model.matmul_dtype, "dataset": self.model.artifact.dataset, "instruction_store": store,
               "second_stage": ({k: self.model.second_stage[k] for k in ("weight", "union")}
                                if self.model.second_stage else None),
               "query_cache": self.recommender.embed.stats}

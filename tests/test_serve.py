@@ -11,6 +11,7 @@ import os
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -536,3 +537,44 @@ def test_the_second_stage_runs_inside_the_exported_program(exported, tmp_path):
     assert ans.ranking == "second_stage"
     np.testing.assert_array_equal(art.item_indices([x["item_id"] for x in ans.items]), alone_items[0][:BEAM])
   assert added > 0  # SASRec brought items beam search did not return
+
+
+def test_a_bfloat16_export_takes_its_weight_kernels_in_bfloat16_and_answers_like_the_model(exported, tmp_path):
+  """`--matmul_dtype=bfloat16` (`ModelConfig.matmul_dtype`): the manifest gives exactly the
+  weight kernels (`layers.WEIGHT_KERNELS`) in bfloat16 and every other parameter in float32, the
+  server casts the saved float32 weights to those dtypes at load, and each request (bucket 1)
+  answers like the in-process `Predictor` with the same option, whose program rounds the float32
+  weights itself: a kernel used unrounded on either path would move the scores by about 2^-9
+  relative, far outside the float32 tolerance of tests/models/test_batch_independence.py used
+  here. Its scores differ from the float32 export's by more than that tolerance (the option takes
+  effect). Packed rows (bucket 8) are not compared here: a float32 summation-order difference can
+  move an activation across a bfloat16 rounding boundary, a change this tolerance does not bound."""
+  from oxyjax.models import layers
+  from tests.models.test_batch_independence import REL_TOL
+
+  out, predictor = exported
+  run_dir = os.path.join(os.path.dirname(out), "run")
+  bdir = export_lib.export_run(run_dir, str(tmp_path / "serving_bf16"), batch_sizes=(1,), beam_sizes=(BEAM,),
+                               matmul_dtype="bfloat16", log=lambda *a: None)
+  sm = serve.ServingModel(bdir, log=lambda *a: None)
+  assert sm.matmul_dtype == "bfloat16" and serve.ServingModel(out, log=lambda *a: None).matmul_dtype == "float32"
+  spec = {path: dtype for path, _, dtype in sm.manifest["params"]}
+  kernels = {p for p in spec if p.rpartition("['")[2].rstrip("']") in layers.WEIGHT_KERNELS}
+  assert kernels and len(kernels) < len(spec)
+  assert all(spec[p] == "bfloat16" for p in kernels) and all(spec[p] == "float32" for p in set(spec) - kernels)
+  leaves = dict(zip(spec, [x.dtype for x in jax.tree_util.tree_leaves(sm.params)]))
+  assert all(str(leaves[p]) == spec[p] for p in spec)  # the server holds them as the programs take them
+
+  bf16 = predict_lib.Predictor(run_dir, beam_size=BEAM, matmul_dtype="bfloat16")
+  bf16.embed = predictor.embed
+  rec = serve.Recommender(sm, encoder=HashEncoder())
+  moved = 0.0
+  for body in _requests(predictor):
+    got = rec.recommend([body])[0]
+    items = np.asarray(predictor.artifact.item_indices([x["item_id"] for x in got.items]))
+    scores = np.asarray([x["score"] for x in got.items])
+    want_items, want_scores = _in_process(bf16, body)
+    _assert_same_ranking(items, scores, predictor.artifact.item_indices(want_items), want_scores, body["scenario"])
+    f32_items, f32_scores = _in_process(predictor, body)
+    moved = max(moved, float(np.max(np.abs(np.sort(want_scores) - np.sort(f32_scores)) / (1 + np.abs(f32_scores)))))
+  assert moved > 2 * REL_TOL, moved

@@ -26,6 +26,7 @@ from oxyjax.models import layers
 from oxyjax.models import moe
 
 NEG_INF = layers.NEG_INF
+MATMUL_DTYPES = ("float32", "bfloat16")  # ModelConfig.matmul_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,10 @@ class ModelConfig:
   num_decoder_layers: int = 2
   dropout_rate: float = 0.1
   dtype: str = "float32"  # computation dtype: float32 | bfloat16
+  # Operand dtype of the weight products (attention projections, MLPs, output layer): float32, or
+  # bfloat16 = bf16 operands accumulated in float32 (layers.weight_product), an inference choice
+  # for CPUs with AVX-512 BF16 (`python -m oxyjax.export --matmul_dtype=bfloat16`; docs/serving.md)
+  matmul_dtype: str = "float32"
   max_history: int = 20
   num_scenarios: int = 1
   use_item_id_embedding: bool = True
@@ -102,6 +107,12 @@ class ModelConfig:
   def jnp_dtype(self):
     return jnp.dtype(self.dtype)
 
+  @property
+  def jnp_matmul_dtype(self):
+    if self.matmul_dtype not in MATMUL_DTYPES:
+      raise ValueError(f"ModelConfig.matmul_dtype must be one of {MATMUL_DTYPES}, got {self.matmul_dtype!r}")
+    return jnp.dtype(self.matmul_dtype)
+
 
 REMAT_POLICIES = {
     "none": None,
@@ -136,7 +147,8 @@ class EncoderLayer(nn.Module):
     cfg = self.cfg
     dt = cfg.jnp_dtype
     h = layers.RMSNorm(dtype=dt, name="pre_attention_norm")(x)
-    h = layers.Attention(cfg.num_heads, cfg.head_dim, cfg.emb_dim, cfg.dropout_rate, dt, name="attention")(
+    h = layers.Attention(cfg.num_heads, cfg.head_dim, cfg.emb_dim, cfg.dropout_rate, dt, cfg.jnp_matmul_dtype,
+                         name="attention")(
         h, h, bias, deterministic)
     x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
     h = layers.RMSNorm(dtype=dt, name="pre_mlp_norm")(x)
@@ -154,9 +166,11 @@ class DecoderLayer(nn.Module):
     cfg = self.cfg
     dt = cfg.jnp_dtype
     self.pre_self_attention_norm = layers.RMSNorm(dtype=dt)
-    self.self_attention = layers.Attention(cfg.num_heads, cfg.head_dim, cfg.emb_dim, cfg.dropout_rate, dt)
+    self.self_attention = layers.Attention(cfg.num_heads, cfg.head_dim, cfg.emb_dim, cfg.dropout_rate, dt,
+                                           cfg.jnp_matmul_dtype)
     self.pre_cross_attention_norm = layers.RMSNorm(dtype=dt)
-    self.cross_attention = layers.Attention(cfg.num_heads, cfg.head_dim, cfg.emb_dim, cfg.dropout_rate, dt)
+    self.cross_attention = layers.Attention(cfg.num_heads, cfg.head_dim, cfg.emb_dim, cfg.dropout_rate, dt,
+                                            cfg.jnp_matmul_dtype)
     self.pre_mlp_norm = layers.RMSNorm(dtype=dt)
     self.mlp = moe.make_mlp(cfg, self.name, dt)
     self.dropout = nn.Dropout(cfg.dropout_rate)
@@ -171,12 +185,12 @@ class DecoderLayer(nn.Module):
     Returns (y, (k, v)) where (k, v) covers all T_old + T_new positions.
     """
     h = self.pre_self_attention_norm(x)
-    k, v = self.self_attention.project_kv(h)
+    q, k, v = self.self_attention.project_qkv(h)
     if self_cache is not None:
       k = jnp.concatenate([self_cache[0], k], axis=-3)
       v = jnp.concatenate([self_cache[1], v], axis=-3)
     bias = _causal_bias(x.shape[-2], k.shape[-3])
-    h = self.self_attention.attend(self.self_attention.project_q(h), k, v, bias, deterministic)
+    h = self.self_attention.attend(q, k, v, bias, deterministic)
     x = x + self.dropout(h, deterministic=deterministic)
     h = self.pre_cross_attention_norm(x)
     h = self.cross_attention.attend(self.cross_attention.project_q(h), cross_k, cross_v, enc_bias, deterministic)
@@ -344,10 +358,16 @@ class EncoderDecoder(nn.Module):
   def _logits(self, h: jax.Array, first_level: int) -> jax.Array:
     """h [..., T, D] at the positions predicting levels first_level.. -> [..., T, V] float32."""
     t = h.shape[-2]
-    kernel = self.output_kernel[first_level : first_level + t]
-    logits = jnp.einsum("...td,tdv->...tv", h.astype(jnp.float32), kernel)  # logits in float32
-    sizes = jnp.asarray(self.cfg.sid_vocab_sizes[first_level : first_level + t], jnp.int32)
-    valid = jnp.arange(self.cfg.max_vocab)[None, :] < sizes[:, None]
+    md, h = self.cfg.jnp_matmul_dtype, h.astype(jnp.float32)  # logits in float32
+    if t == 1:  # a decoder step: one level's kernel, a plain [rows, D] x [D, V] product
+      logits = layers.weight_product("...td,dv->...tv", h, self.output_kernel[first_level], jnp.float32, md)
+    else:
+      kernel = self.output_kernel[first_level : first_level + t]
+      logits = layers.weight_product("...td,tdv->...tv", h, kernel, jnp.float32, md)
+    sizes = self.cfg.sid_vocab_sizes[first_level : first_level + t]
+    if all(size == self.cfg.max_vocab for size in sizes):
+      return logits  # every code of these levels exists: nothing to mask
+    valid = jnp.arange(self.cfg.max_vocab)[None, :] < jnp.asarray(sizes, jnp.int32)[:, None]
     return jnp.where(valid, logits, NEG_INF)
 
   def _decoder_stack(self, x, caches, cross_kvs, enc_bias, deterministic):
@@ -427,3 +447,16 @@ class EncoderDecoder(nn.Module):
     h, new_caches = self._decoder_stack(x, caches, context["cross_kvs"], context["enc_bias"], True)
     logits = self._logits(h[..., -1:, :], first_level=level)[..., 0, :]
     return logits, tuple(new_caches)
+
+  def decode_paths(self, codes: jax.Array, cache, context):
+    """Levels 1..T of given paths in one teacher-forced pass after the prefix: what T
+    `decode_step` calls compute, with one decoder pass instead of T.
+
+    codes [B, G, T]: each path's codes of levels 0..T-1 (the inputs); cache: `decode_step`'s
+    level-0 cache broadcast to the G paths, per layer (k, v) [B, G, 2, H, Dh].
+    Returns logits [B, G, T, V] of levels 1..T.
+    """
+    t = codes.shape[-1]
+    x = self.sid_embed(self._sid_token_ids(codes)) + self.decoder_position(jnp.arange(2, 2 + t))[None, None]
+    h, _ = self._decoder_stack(x, cache, context["cross_kvs"], context["enc_bias"], True)
+    return self._logits(h, first_level=1)

@@ -151,6 +151,7 @@ class MoeBlock(nn.Module):
   group_size: int = 512  # training only; inference routes each row alone
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  matmul_dtype: Dtype = jnp.float32  # the experts' kernels: layers.weight_product
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -186,13 +187,13 @@ class MoeBlock(nn.Module):
     xe = layers.constrain(xe, ("expert", "expert_group", None, None))
     wi = self.param("wi", nn.with_logical_partitioning(expert_kernel_init, ("expert", "embed", None, "mlp")),
                     (e, d, 2, self.mlp_dim), jnp.float32)
-    h = jnp.einsum("egcd,edfm->egcfm", xe, wi.astype(self.dtype))
+    h = layers.weight_product("egcd,edfm->egcfm", xe, wi, self.dtype, self.matmul_dtype)
     h = nn.gelu(h[..., 0, :], approximate=True) * h[..., 1, :]
     h = layers.constrain(h, ("expert", "expert_group", None, "mlp"))
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     wo = self.param("wo", nn.with_logical_partitioning(expert_kernel_init, ("expert", "mlp", "embed")),
                     (e, self.mlp_dim, d), jnp.float32)
-    ye = jnp.einsum("egcm,emd->egcd", h, wo.astype(self.dtype))
+    ye = layers.weight_product("egcm,emd->egcd", h, wo, self.dtype, self.matmul_dtype)
     ye = layers.constrain(ye, ("expert", "expert_group", None, None))
     y = jnp.einsum("gsec,egcd->gsd", combine.astype(self.dtype), ye)
     y = layers.constrain(y, ("batch", "length", "embed"))
@@ -219,8 +220,8 @@ def make_mlp(cfg, layer_name: str | None, dtype, name: str | None = None):
   if layer_uses_moe(cfg, layer_name):
     return MoeBlock(cfg.mlp_dim, cfg.num_experts, num_experts_per_token=cfg.num_experts_per_token,
                     capacity_factor=cfg.expert_capacity_factor, group_size=cfg.moe_group_size,
-                    dropout_rate=cfg.dropout_rate, dtype=dtype, name=name)
-  return layers.MlpBlock(cfg.mlp_dim, cfg.dropout_rate, dtype, name=name)
+                    dropout_rate=cfg.dropout_rate, dtype=dtype, matmul_dtype=cfg.jnp_matmul_dtype, name=name)
+  return layers.MlpBlock(cfg.mlp_dim, cfg.dropout_rate, dtype, cfg.jnp_matmul_dtype, name=name)
 
 
 def collect_aux_losses(intermediates: Mapping[str, Any] | None) -> dict[str, jax.Array]:

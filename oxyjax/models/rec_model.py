@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Mapping
 
@@ -60,6 +61,15 @@ class RecModel:
     self.action_weights = dict(action_weights) if action_weights else None
     self.label_smoothing = label_smoothing
     self.network = EncoderDecoder(config)
+
+  def with_matmul_dtype(self, matmul_dtype: str) -> "RecModel":
+    """This model with its weight products in ``matmul_dtype`` (`ModelConfig.matmul_dtype`): an
+    inference option over the same parameters, e.g. bfloat16 for a serving export."""
+    config = dataclasses.replace(self.config, matmul_dtype=str(matmul_dtype))
+    config.jnp_matmul_dtype  # noqa: B018  (validates the name)
+    model = copy.copy(self)
+    model.config, model.network = config, EncoderDecoder(config)
+    return model
 
   # ---------------------------------------------------------------- features
   def convert_features(self, examples: Mapping[str, np.ndarray], weights=None) -> dict[str, np.ndarray]:
@@ -182,23 +192,23 @@ class RecModel:
   def path_log_probs(self, params, batch: Mapping[str, jax.Array], codes: jax.Array, context=None) -> jax.Array:
     """The joint log-probability ``[B, G]`` of given SID paths ``codes [B, G, L]``: the score
     `predict` gives a beam with ``normalize="vocab"`` and no level weights, for items beam search
-    did not return (`oxyjax.rescoring`'s union). Computed as beam search computes it: the encoder
-    and the [BOS, INSTR] prefix once per row, then one cached decoder step per level for all G
-    paths (a teacher-forced pass of the whole group would run the prefix G times). `context`:
-    `encode`'s output for `batch`, computed here if None."""
+    did not return (`oxyjax.rescoring`'s union). The encoder and the [BOS, INSTR] prefix run once
+    per row (beam search's level-0 step), then the G paths' levels 1..L-1 in one teacher-forced
+    pass over that cached prefix (`EncoderDecoder.decode_paths`: the same attention as L-1 cached
+    steps, one decoder pass; a pass of the whole group from scratch would run the prefix G
+    times). `context`: `encode`'s output for `batch`, computed here if None."""
     safe = jnp.maximum(codes, 0)  # padding candidates (-1): any path; the caller masks them
     b, g, levels = safe.shape
     context = self.encode(params, batch) if context is None else context
-
-    def step(level, prev_codes, cache):
-      return self.network.apply({"params": params}, level, prev_codes, cache, context,
-                                method=EncoderDecoder.decode_step)
-
-    logits, cache = step(0, jnp.zeros((b, 1), jnp.int32), None)  # [B, 1, V]
+    logits, cache = self.network.apply({"params": params}, 0, jnp.zeros((b, 1), jnp.int32), None, context,
+                                       method=EncoderDecoder.decode_step)  # [B, 1, V]
     total = jnp.take_along_axis(jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)), safe[..., 0], axis=1)
-    cache = decoding.reorder_cache(cache, jnp.zeros((b, g), jnp.int32))  # the prefix's cache for every path
-    for level in range(1, levels):
-      logits, cache = step(level, safe[..., level - 1], cache)  # [B, G, V]
+    if levels > 1:
+      cache = decoding.reorder_cache(cache, jnp.zeros((b, g), jnp.int32))  # the prefix's cache for every path
+      logits = self.network.apply({"params": params}, safe[..., :-1], cache, context,
+                                  method=EncoderDecoder.decode_paths)  # [B, G, L-1, V]
       lp = jax.nn.log_softmax(logits.astype(jnp.float32))
-      total = total + jnp.take_along_axis(lp, safe[..., level:level + 1], axis=-1)[..., 0]
+      picked = jnp.take_along_axis(lp, safe[..., 1:, None], axis=-1)[..., 0]  # [B, G, L-1]
+      for level in range(1, levels):  # summed level by level, as beam search sums a beam's score
+        total = total + picked[..., level - 1]
     return total

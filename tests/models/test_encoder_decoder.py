@@ -128,3 +128,46 @@ def test_unknown_remat_policy_is_rejected():
   net = EncoderDecoder(dataclasses.replace(CFG, remat_policy="everything"))
   with pytest.raises(ValueError, match="remat_policy"):
     net.init(jax.random.key(0), _batch())
+
+
+def test_weight_product_in_bfloat16_rounds_the_operands_and_accumulates_in_float32():
+  """`layers.weight_product` with matmul_dtype bfloat16 is the exact product of the operands rounded
+  to bfloat16, up to float32 accumulation: the product of two bfloat16 numbers (8-bit significands)
+  is exact in float32, so the only error left is summing K float32 terms, at most
+  gamma_K * sum_i |x_i w_i| per element, gamma_K = K u / (1 - K u), u = eps32 / 2 (Higham,
+  Accuracy and Stability of Numerical Algorithms, eq. 3.5). The unrounded operands' product falls
+  outside that bound (the rounding took place); float32 (the default) is the plain einsum."""
+  from oxyjax.models import layers
+
+  rng = np.random.default_rng(0)
+  k = 64
+  x = rng.standard_normal((16, k)).astype(np.float32)
+  w = rng.standard_normal((k, 48)).astype(np.float32)
+  got = np.asarray(layers.weight_product("td,dv->tv", jnp.asarray(x), jnp.asarray(w), jnp.float32, jnp.bfloat16))
+  assert got.dtype == np.float32
+  xb, wb = (np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64) for a in (x, w))
+  u = np.finfo(np.float32).eps / 2
+  bound = k * u / (1 - k * u) * (np.abs(xb) @ np.abs(wb))
+  assert np.all(np.abs(got - xb @ wb) <= bound)
+  unrounded = x.astype(np.float64) @ w.astype(np.float64)
+  assert np.any(np.abs(unrounded - xb @ wb) > bound)
+  np.testing.assert_array_equal(np.asarray(layers.weight_product("td,dv->tv", x, w, jnp.float32)),
+                                np.asarray(jnp.einsum("td,dv->tv", x, w)))
+
+
+def test_matmul_dtype_is_checked_and_casts_only_the_weight_kernels(net_params):
+  """An unknown `ModelConfig.matmul_dtype` is refused, naming the field; `cast_weight_kernels`
+  turns exactly the `WEIGHT_KERNELS` leaves (attention projections, MLP and output kernels) into
+  bfloat16, and every one of those names is a parameter of the network."""
+  from oxyjax.models import layers
+
+  with pytest.raises(ValueError, match="matmul_dtype"):
+    dataclasses.replace(CFG, matmul_dtype="float8").jnp_matmul_dtype
+  params = nn.unbox(net_params[1])
+  cast = layers.cast_weight_kernels(params, jnp.bfloat16)
+  names = set()
+  for (path, before), after in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_leaves(cast)):
+    name = path[-1].key
+    names.add(name)
+    assert after.dtype == (jnp.bfloat16 if name in layers.WEIGHT_KERNELS else before.dtype), jax.tree_util.keystr(path)
+  assert layers.WEIGHT_KERNELS <= names
