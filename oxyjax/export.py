@@ -282,7 +282,7 @@ def _define_flags():
   flags.DEFINE_list("platforms", [], "Platforms to lower for (e.g. cpu,cuda); default: this machine's backend.")
   flags.DEFINE_enum("matmul_dtype", None, ["float32", "bfloat16"], "The programs' weight products "
                     "(ModelConfig.matmul_dtype; default: the model's, float32). bfloat16: bf16 operands accumulated "
-                    "in float32, faster on CPUs with AVX-512 BF16 and slower on CPUs without (docs/serving.md).")
+                    "in float32, faster on CPUs with AVX-512 BF16; not measured on CPUs without (docs/serving.md).")
   flags.DEFINE_string("second_stage", "auto", "'auto': the run's SASRec re-scoring stage (<model_dir>/second_stage, "
                       "written by a run with re-scoring on) where it has one; 'none': the beams alone; or the "
                       "directory of a saved stage.")

@@ -34,8 +34,8 @@ def weight_product(eq: str, x: jax.Array, kernel: jax.Array, dtype: Dtype, matmu
   With ``matmul_dtype`` float32 (the default) the product runs in ``dtype``, as it always has.
   With bfloat16 both operands are rounded to bfloat16 and the products are accumulated in float32
   (``preferred_element_type``), then the result is cast to ``dtype``: the inference precision of
-  TPUs' default matmuls, about 1.8x the float32 rate on CPUs with AVX-512 BF16 (slower on CPUs
-  without; docs/serving.md "Session 39").
+  TPUs' default matmuls, about 1.8x the float32 rate on a CPU with AVX-512 BF16 (not measured on
+  CPUs without it; docs/serving.md "Session 39").
   """
   md = jnp.dtype(matmul_dtype)
   if md == jnp.float32:
