@@ -9,7 +9,8 @@ programs (`rescoring.SecondStage` with the weight and union of gin_configs/defau
 default SASRec shape; randomly initialised unless --sasrec names a saved scorer or stage: its cost
 does not depend on the weights' values, every row always has its `union` extra paths scored), and
 `<model>+rescoring<k>` the same with union k; each is measured in the same run as the model
-without it.
+without it. A suffix `@bfloat16` exports the programs with bfloat16 weight products
+(`python -m oxyjax.export --matmul_dtype=bfloat16`), e.g. `small+rescoring10@bfloat16`.
 
 For each model (gin_configs/models/<name>.gin over Amazon Beauty's SID trie, 12,101 items;
 randomly initialised unless --small_weights names a trained params checkpoint: the latency of a
@@ -453,10 +454,12 @@ def main():
   loads, open_loops, paired_dirs = {}, {}, {}
   stage_settings = default_stage_settings() if "+" in args.models else None  # before `build` parses (and locks) gin
   for name in args.models.split(","):
-    base, _, variant = name.partition("+")
+    core, _, matmul_dtype = name.partition("@")
+    base, _, variant = core.partition("+")
     rescored = re.fullmatch(r"rescoring(\d*)", variant)
-    if variant and not rescored:
-      raise SystemExit(f"unknown model variant {name!r} (<model>, <model>+rescoring or <model>+rescoring<k>)")
+    if (variant and not rescored) or matmul_dtype not in ("", "float32", "bfloat16"):
+      raise SystemExit(f"unknown model variant {name!r} (<model>, <model>+rescoring or <model>+rescoring<k>, "
+                       "each optionally with @float32 or @bfloat16)")
     model, params, art, ds, n_params = build(base, args.dataset, args.small_weights if base == "small" else None)
     stage = None
     if rescored:
@@ -470,7 +473,8 @@ def main():
     served = set(int(x) for x in args.buckets.split(",")) if base == "small" else set()
     buckets = sorted({b for b, _ in cases} | served)
     export_lib.export_model(model, params, art, sdir, batch_sizes=buckets,
-                            beam_sizes=sorted({w for _, w in cases}), second_stage=stage, log=lambda *a: None)
+                            beam_sizes=sorted({w for _, w in cases}), second_stage=stage,
+                            matmul_dtype=matmul_dtype or None, log=lambda *a: None)
     export_s = time.perf_counter() - t
     sm = serve.ServingModel(sdir, log=lambda *a: None)
     rec = serve.Recommender(sm)
