@@ -40,7 +40,21 @@ def weight_product(eq: str, x: jax.Array, kernel: jax.Array, dtype: Dtype, matmu
   md = jnp.dtype(matmul_dtype)
   if md == jnp.float32:
     return jnp.einsum(eq, x, kernel.astype(dtype))
-  return jnp.einsum(eq, x.astype(md), kernel.astype(md), preferred_element_type=jnp.float32).astype(dtype)
+  x, kernel = x.astype(md), kernel.astype(md)
+  if _batch_labels(eq):
+    # XLA:CPU has no bf16 x bf16 -> f32 kernel for a product with batch dimensions (e.g. the
+    # per-level output kernels of a teacher-forced pass, the experts' kernels): the same rounded
+    # operands multiplied in float32, where each product of two bfloat16 numbers is exact, so the
+    # same result up to summation order, without the speed.
+    x, kernel = x.astype(jnp.float32), kernel.astype(jnp.float32)
+  return jnp.einsum(eq, x, kernel, preferred_element_type=jnp.float32).astype(dtype)
+
+
+def _batch_labels(eq: str) -> set[str]:
+  """The batch dimensions of a two-operand einsum ``eq``: labels of both operands and the output."""
+  ins, out = eq.replace("...", "").split("->")
+  lhs, rhs = ins.split(",")
+  return set(lhs) & set(rhs) & set(out)
 
 
 def cast_weight_kernels(params: Any, matmul_dtype: Dtype) -> Any:

@@ -153,6 +153,12 @@ def test_weight_product_in_bfloat16_rounds_the_operands_and_accumulates_in_float
   assert np.any(np.abs(unrounded - xb @ wb) > bound)
   np.testing.assert_array_equal(np.asarray(layers.weight_product("td,dv->tv", x, w, jnp.float32)),
                                 np.asarray(jnp.einsum("td,dv->tv", x, w)))
+  # A product with a batch dimension (a teacher-forced pass's per-level output kernels), which
+  # XLA:CPU has no bfloat16 -> float32 kernel for: the same rounded operands, within the same bound.
+  xs, ws = x.reshape(2, 8, k), rng.standard_normal((2, k, 48)).astype(np.float32)
+  got = np.asarray(layers.weight_product("tbd,tdv->tbv", jnp.asarray(xs), jnp.asarray(ws), jnp.float32, jnp.bfloat16))
+  xb, wb = (np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64) for a in (xs, ws))
+  assert np.all(np.abs(got - xb @ wb) <= k * u / (1 - k * u) * (np.abs(xb) @ np.abs(wb)))
 
 
 def test_matmul_dtype_is_checked_and_casts_only_the_weight_kernels(net_params):
