@@ -34,8 +34,8 @@ def weight_product(eq: str, x: jax.Array, kernel: jax.Array, dtype: Dtype, matmu
   With ``matmul_dtype`` float32 (the default) the product runs in ``dtype``, as it always has.
   With bfloat16 both operands are rounded to bfloat16 and the products are accumulated in float32
   (``preferred_element_type``), then the result is cast to ``dtype``: the inference precision of
-  TPUs' default matmuls, about 1.8x the float32 rate on a CPU with AVX-512 BF16 (not measured on
-  CPUs without it; docs/serving.md "Session 39").
+  TPUs' default matmuls, about twice the float32 rate on a CPU with AVX-512 BF16 (not measured on
+  CPUs without it; benchmarks/matmul_rates.py, docs/serving.md "Session 39").
   """
   md = jnp.dtype(matmul_dtype)
   if md == jnp.float32:
@@ -197,7 +197,7 @@ class Attention(nn.Module):
   def _project(self, x, kernels):
     """``x`` times each ``[D, H, Dh]`` kernel, as ONE product with the kernels stacked on a new
     axis (``[D, n, H, Dh]``, heads stay the sharded axis): on CPU a [256, 128] x [128, 384] product
-    runs about 1.5x faster than three [128, 128] ones (docs/serving.md "Session 39"). Each output
+    runs 1.5-2x faster than three [128, 128] ones (benchmarks/matmul_rates.py). Each output
     element is the same dot product over D as with separate kernels. Returns n [..., T, H, Dh]."""
     if len(kernels) == 1:
       y = weight_product("...d,dhk->...hk", x, kernels[0], self.dtype, self.matmul_dtype)
