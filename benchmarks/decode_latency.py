@@ -14,7 +14,7 @@ and reported separately.
 (`ModelConfig.matmul_dtype`; the bfloat16 weight kernels cast once, as a serving export takes
 them), the calls of the dtypes interleaved so that a slow spell of the machine falls on both, and
 prints each one's row and the speed-up over the first. bfloat16 products were measured faster on a CPU
-with AVX-512 BF16 and not on one without (the CPU flags are printed):
+with AVX-512 BF16; no CPU without it has been measured (the CPU flags are printed):
 
   python benchmarks/decode_latency.py --cases=1x256,32x256 --matmul_dtypes=float32,bfloat16
 
