@@ -18,6 +18,14 @@ with AVX-512 BF16; no CPU without it has been measured (the CPU flags are printe
 
   python benchmarks/decode_latency.py --cases=1x256,32x256 --matmul_dtypes=float32,bfloat16
 
+--normalizations=vocab,last_valid times the search under each beam-score normalisation as well
+(`decoding.beam_search`: 'last_valid' scores the last level, the collision index, over the prefix's
+items only and runs that step only on the beams whose prefix has siblings), interleaved the same way;
+with both options every (dtype, normalisation) pair is a variant, and the speed-ups are over the
+first (float32, vocab):
+
+  python benchmarks/decode_latency.py --cases=1x256,32x256 --matmul_dtypes=float32,bfloat16 --normalizations=vocab,last_valid
+
 --floor also times, in the same process, only the dense matrix products that any exact float32
 implementation of the same search has to do (per decoder level: the W beams' self-attention Q/K/V/O,
 cross-attention Q/O, gated MLP and output projections, plus the encoder once), each as one jitted
@@ -99,6 +107,8 @@ def main():
   ap.add_argument("--floor", action="store_true", help="also time the dense-matmul floor of each case")
   ap.add_argument("--matmul_dtypes", default="float32",
                   help="comma-separated weight-product dtypes (float32, bfloat16), timed interleaved")
+  ap.add_argument("--normalizations", default="vocab",
+                  help="comma-separated beam-score normalisations (vocab, valid, last_valid), timed interleaved")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
 
@@ -119,19 +129,22 @@ def main():
   print("| batch x beam | p50 (s) | p99 (s) | compile (s) | items/s | peer p50 (s), quoted: AMD Zen 3 host | "
         "target: x the peer on the same machine |")
   print("|---|---|---|---|---|---|---|")
-  dtypes = args.matmul_dtypes.split(",")
-  variants = {}  # dtype -> (model, params as that program takes them)
-  for dt in dtypes:
+  norms = args.normalizations.split(",")
+  variants = {}  # label -> (model, params as that program takes them, normalisation)
+  for dt in args.matmul_dtypes.split(","):
     m = model.with_matmul_dtype(dt)
-    variants[dt] = (m, params if dt == "float32" else jax.device_put(layers.cast_weight_kernels(params, dt)))
+    p = params if dt == "float32" else jax.device_put(layers.cast_weight_kernels(params, dt))
+    for norm in norms:
+      variants[dt if len(norms) == 1 else f"{dt}, {norm}"] = (m, p, norm)
+  dtypes = list(variants)  # the variants' labels, timed interleaved
   for case in args.cases.split(","):
     b, w = (int(x) for x in case.split("x"))
     rng = np.random.default_rng(0)
     idx = rng.choice(len(test), size=(args.reps + 1, b), replace=True)
     batches = [model.convert_features(test.take(i)) for i in idx]
     predicts, compile_s, times, outs = {}, {}, {dt: [] for dt in dtypes}, {}
-    for dt, (m, p) in variants.items():
-      predicts[dt] = jax.jit(functools.partial(m.predict, beam_size=w))
+    for dt, (m, p, norm) in variants.items():
+      predicts[dt] = jax.jit(functools.partial(m.predict, beam_size=w, normalize=norm))
       t = time.perf_counter()
       jax.block_until_ready(predicts[dt](p, batches[0], trie).items)
       compile_s[dt] = time.perf_counter() - t
@@ -150,7 +163,8 @@ def main():
       label = f"{b} x {w}" + ("" if len(dtypes) == 1 else f", {dt}")
       print(f"| {label} | {p50:.4f} | {p99:.4f} | {compile_s[dt]:.1f} | {b / p50:.1f} | {peer if peer else '-'} | "
             f"{f'>= {tgt:.0f}x' if tgt else '-'} |")
-      results.append({"batch": b, "beam": w, "matmul_dtype": dt, "p50_s": p50, "p99_s": p99,
+      results.append({"batch": b, "beam": w, "matmul_dtype": str(variants[dt][0].config.matmul_dtype),
+                      "normalize": variants[dt][2], "p50_s": p50, "p99_s": p99,
                       "compile_s": compile_s[dt], "peer_p50_s_quoted_amd_zen3": peer, "reps": args.reps,
                       "cpu": cpu_model()})
     for dt in dtypes[1:]:

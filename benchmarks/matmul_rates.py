@@ -28,14 +28,16 @@ from machine import cpu_model  # noqa: E402
 
 SHAPES = [(256, 128, 128), (256, 128, 384), (256, 128, 1024), (256, 512, 128),
           (256, 384, 384), (256, 384, 1152), (256, 384, 2048), (256, 1024, 384)]
-# (operand dtype, result dtype): float32; bf16 with a bf16 result; bf16 accumulated in float32
+# (operand dtype, result dtype): float32; bf16 with a bf16 result; bf16 accumulated in float32;
+# int8 accumulated in int32 (what int8 weights and activations would run; GOP/s)
 VARIANTS = {"float32": (jnp.float32, None), "bf16 -> bf16": (jnp.bfloat16, None),
-            "bf16 -> f32": (jnp.bfloat16, jnp.float32)}
+            "bf16 -> f32": (jnp.bfloat16, jnp.float32), "int8 -> i32": (jnp.int8, jnp.int32)}
 
 
 def rate(m: int, k: int, n: int, dtype, result, reps: int) -> float:
-  x = jnp.asarray(np.random.default_rng(0).standard_normal((m, k)), dtype)
-  w = jnp.asarray(np.random.default_rng(1).standard_normal((k, n)), dtype)
+  scale, bound = (32.0, 127) if jnp.issubdtype(dtype, jnp.integer) else (1.0, np.inf)  # int8: [-127, 127]
+  x = jnp.asarray(np.clip(np.random.default_rng(0).standard_normal((m, k)) * scale, -bound, bound), dtype)
+  w = jnp.asarray(np.clip(np.random.default_rng(1).standard_normal((k, n)) * scale, -bound, bound), dtype)
   f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=result))
   jax.block_until_ready(f(x, w))
   ts = []

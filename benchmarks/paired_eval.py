@@ -33,6 +33,13 @@ a bfloat16 serving export (`python -m oxyjax.export --matmul_dtype=bfloat16`) do
   python benchmarks/paired_eval.py --split=validation --second_stage=auto --matmul_dtypes=float32,bfloat16 \
       runs/beauty_default_s0
 
+`--normalizations=vocab,last_valid` decodes each model with each beam-score normalisation
+(`decoding.beam_search`'s `normalize`; the first is the model's label, the others '<model>[last_valid]'),
+through the second stage too where one is given: what `python -m oxyjax.export --normalize=last_valid`
+does to the metrics.
+
+  python benchmarks/paired_eval.py --split=validation --normalizations=vocab,last_valid runs/beauty_default_s0
+
 `--default_instruction` also scores each model on the rows that carry an instruction (search
 queries, generated reasoning instructions) with the learned default `I_r` in its place, paired with
 the model itself: how much the model reads its instruction.
@@ -91,11 +98,12 @@ def eval_sets(exp, split: str):
 
 
 def load_model(spec: str, part, *, beam: int, batch_size: int, second_stage: str | None = None,
-               matmul_dtype: str | None = None):
+               matmul_dtype: str | None = None, normalize: str = "vocab"):
   """``(experiment, evaluation weights, their step, Evaluator)`` of one model spec: a run directory,
   or ``<run dir>@<params dir>``; with `second_stage` (``auto`` or a stage's directory) the
   evaluator ranks by that stage (`rescoring.SecondStage.of_run`); `matmul_dtype`: the weight
-  products' dtype (`RecModel.with_matmul_dtype`; None: the model's own)."""
+  products' dtype (`RecModel.with_matmul_dtype`; None: the model's own); `normalize`: the beam
+  search's score normalisation."""
   from oxyjax import rescoring
 
   run_dir, _, weights = spec.partition("@")
@@ -110,10 +118,10 @@ def load_model(spec: str, part, *, beam: int, batch_size: int, second_stage: str
                                          num_scenarios=len(exp.scenarios))
     if stage is None:
       raise SystemExit(f"{run_dir}: --second_stage=auto, and the run has no second stage")
-    train_lib.check_second_stage("vocab", None, field="--second_stage")
-    rescorer = rescoring.Rescorer(exp.model, stage, exp.artifact.sid_table.codes, exp.trie(), part)
+    train_lib.check_second_stage(normalize, None, field="--second_stage")
+    rescorer = rescoring.Rescorer(exp.model, stage, exp.artifact.sid_table.codes, exp.trie(), part, normalize)
   return exp, params, step, Evaluator(exp.model, part, exp.trie(), beam_size=beam, batch_size=batch_size,
-                                      second_stage=rescorer)
+                                      second_stage=rescorer, score_normalization=normalize)
 
 
 def main():
@@ -132,6 +140,9 @@ def main():
   ap.add_argument("--matmul_dtypes", default=None, help="comma-separated weight-product dtypes (float32, "
                   "bfloat16; ModelConfig.matmul_dtype): each model decoded in each, the others labelled "
                   "'<model>[<dtype>]' (default: the model's own)")
+  ap.add_argument("--normalizations", default="vocab", help="comma-separated beam-score normalisations "
+                  "(vocab, valid, last_valid; decoding.beam_search): each model decoded with each, the others "
+                  "labelled '<model>[<normalize>]'")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
   wanted = None if args.sets is None else set(args.sets.split(","))
@@ -140,10 +151,11 @@ def main():
   ranks: dict[str, dict[str, np.ndarray]] = {}  # set -> model -> [rows]
   fingerprints: dict[str, tuple[str, str]] = {}  # set -> (fingerprint, the model that set it)
   dtypes = args.matmul_dtypes.split(",") if args.matmul_dtypes else [None]
-  for spec, dtype in [(m, d) for m in args.models for d in dtypes]:
+  norms = args.normalizations.split(",")
+  for spec, dtype, norm in [(m, d, n) for m in args.models for d in dtypes for n in norms]:
     exp, params, step, ev = load_model(spec, part, beam=args.beam, batch_size=args.batch_size,
-                                       second_stage=args.second_stage, matmul_dtype=dtype)
-    spec = spec if dtype in (None, dtypes[0]) else f"{spec}[{dtype}]"
+                                       second_stage=args.second_stage, matmul_dtype=dtype, normalize=norm)
+    spec += "".join(f"[{v}]" for v, first in ((dtype, dtypes[0]), (norm, norms[0])) if v not in (None, first))
     ids = qualified_item_ids(exp)
     for name, (arrays, trie) in eval_sets(exp, args.split).items():
       if wanted is not None and name not in wanted:
@@ -164,6 +176,7 @@ def main():
             params, train_lib.with_default_instruction(arrays), None, trie)
   base = args.models[0]
   out = {"cpu": cpu_model(), "split": args.split, "beam": args.beam, "second_stage": args.second_stage,
+         "normalizations": norms,
          "baseline": base, "sets": {},
          "command": "python benchmarks/paired_eval.py " + " ".join(sys.argv[1:])}
   for name, by_model in ranks.items():

@@ -23,7 +23,17 @@ at the codes the trie allows (``normalize="vocab"``, the default: the path's joi
 log-probability under the model, so the ranking equals that of the model's distribution
 conditioned on a valid item). ``normalize="valid"`` instead takes each level's
 ``log_softmax`` over the trie's children of the beam's prefix only (a locally normalised
-distribution over valid items: an only child scores 0). ``level_weights`` (optional, one
+distribution over valid items: an only child scores 0). ``normalize="last_valid"`` takes the
+vocabulary's ``log_softmax`` at every level but the last, and the prefix's children's at the last
+(for SID tables whose last level is the collision index that tells apart the items sharing their
+first ``L - 1`` codes: an item alone under its prefix scores the joint log-probability of those
+codes). Under ``"valid"`` and ``"last_valid"`` the last level needs logits only for beams whose
+prefix has two or more children, so the search runs the last step on those beams alone,
+gathered into ``ceil(w / 4)`` or ``ceil(w / 2)`` rows when every row of the batch has that few
+(else on all of them; `_last_level_logits`): each beam's score is the same either way, and much
+of the last step, a third of a 4-level search's decoder work at a wide beam, goes. (So at that level a
+step function cannot forbid an only child by its logit; forbid it in the trie, e.g.
+`PrefixTrie.subset`. Without ``return_cache`` only: a returned cache needs every beam's step.) ``level_weights`` (optional, one
 non-negative float per level) calibrates the levels: a path scores ``sum_l w_l log p_l``, so a
 level whose probabilities are over- or under-confident for ranking counts less or more; the
 beams are pruned on the weighted partial sums. ``None`` (all 1) is the joint log-probability.
@@ -75,6 +85,36 @@ def reorder_cache(cache: Any, parent: jax.Array) -> Any:
   return jax.tree_util.tree_map(gather, cache)
 
 
+NORMALIZATIONS = ("vocab", "valid", "last_valid")
+
+
+def _last_level_logits(step_fn: StepFn, level: int, prev_codes: jax.Array, cache: Any, need: jax.Array) -> jax.Array:
+  """The last level's logits ``[B, w, V]`` float32, correct at the beams where ``need [B, w]``.
+
+  The step runs on the needed beams only, gathered with their caches (in beam order, padded with
+  other beams) into the smallest of ``ceil(w / 4)`` and ``ceil(w / 2)`` rows that holds every
+  batch row's, with zeros at the other beams; when a row needs more, on every beam. One
+  `jax.lax.switch`, so only the branch taken runs.
+  """
+  b, w = need.shape
+  caps = sorted({c for c in (-(-w // 4), -(-w // 2)) if c < w})
+
+  def gathered(cap):
+    def run(_):
+      pick = jnp.argsort(~need, axis=1, stable=True)[:, :cap]  # [B, cap]: the needed beams first
+      sub, _ = step_fn(level, jnp.take_along_axis(prev_codes, pick, axis=1), reorder_cache(cache, pick))
+      out = jnp.zeros((b, w) + sub.shape[2:], jnp.float32)
+      return out.at[jnp.arange(b)[:, None], pick].set(sub.astype(jnp.float32))
+    return run
+
+  def every(_):
+    return step_fn(level, prev_codes, cache)[0].astype(jnp.float32)
+
+  most = jnp.max(need.sum(axis=1))
+  branch = sum((most > c).astype(jnp.int32) for c in caps) if caps else jnp.int32(0)
+  return jax.lax.switch(branch, [gathered(c) for c in caps] + [every], None)
+
+
 def beam_search(
     step_fn: StepFn,
     init_cache: Any,
@@ -98,8 +138,9 @@ def beam_search(
     beam_size: ``W`` (any positive size; may exceed the number of items).
     return_cache: also return the cache after the last step, reordered to the returned
       beams (costs one more gather per leaf).
-    normalize: ``"vocab"`` (log-softmax over the level's full vocabulary) or ``"valid"``
-      (over the prefix's valid children only); see the module docstring.
+    normalize: ``"vocab"`` (log-softmax over the level's full vocabulary), ``"valid"``
+      (over the prefix's valid children only) or ``"last_valid"`` (``"vocab"``, but ``"valid"``
+      at the last level); see the module docstring.
     root: optional ``[B] int32`` start node of each row (default node 0): with a forest of
       candidate pools (`PrefixTrie.forest`), row ``b`` starting at its pool's root returns
       only that pool's items, so one batch can mix pools.
@@ -112,8 +153,8 @@ def beam_search(
   B, W, L = int(batch_size), int(beam_size), trie.num_levels
   if W < 1 or B < 1:
     raise ValueError(f"batch_size and beam_size must be positive, got {B}, {W}")
-  if normalize not in ("vocab", "valid"):
-    raise ValueError(f"normalize must be 'vocab' or 'valid', got {normalize!r}")
+  if normalize not in NORMALIZATIONS:
+    raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
   num_edges = trie.child_code.shape[0]
   if level_weights is not None:
     level_weights = tuple(float(x) for x in level_weights)
@@ -130,7 +171,16 @@ def beam_search(
 
   for level in range(L):
     w = node.shape[1]
-    logits, cache = step_fn(level, prev_codes, cache)
+    k = trie.max_children[level]
+    start = trie.child_start[node]  # [B, w]
+    count = trie.child_start[node + 1] - start
+    over_valid = normalize == "valid" or (normalize == "last_valid" and level == L - 1)
+    skip_only_children = over_valid and level == L - 1 and w > 1 and not return_cache
+    if skip_only_children:
+      # An only child scores 0 whatever its logit: only beams with siblings need the step.
+      logits = _last_level_logits(step_fn, level, prev_codes, cache, (count > 1) & (score > neg_inf))
+    else:
+      logits, cache = step_fn(level, prev_codes, cache)
     vocab = trie.vocab_sizes[level]
     # The model may have a wider vocabulary than the trie's codes use (e.g. one size for
     # every level, or a trie built from a pool): any V >= vocab_sizes[level] is fine.
@@ -139,9 +189,6 @@ def beam_search(
                        f"expected {(B, w)} + (V >= {vocab},)")
     logits = logits.astype(jnp.float32)
 
-    k = trie.max_children[level]
-    start = trie.child_start[node]  # [B, w]
-    count = trie.child_start[node + 1] - start
     offs = jnp.arange(k, dtype=jnp.int32)
     edge = jnp.minimum(start[..., None] + offs, num_edges - 1)  # [B, w, k]
     is_child = offs < count[..., None]
@@ -150,11 +197,14 @@ def beam_search(
     child_logits = jnp.take_along_axis(logits, code, axis=-1, mode="clip")  # [B, w, k]
     # log_softmax taken only where needed: logits[child] - logsumexp(logits) over the
     # vocabulary, or over the valid children (a dead beam's -inf gives NaN, dropped below).
-    if normalize == "vocab":
+    if not over_valid:
       lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [B, w, 1]
+      lp = child_logits - lse
     else:
       lse = jax.nn.logsumexp(jnp.where(is_child, child_logits, neg_inf), axis=-1, keepdims=True)
-    lp = child_logits - lse
+      lp = child_logits - lse  # an only child: 0
+      if skip_only_children:  # 0 also where the step did not run for its beam (logits of 0)
+        lp = jnp.where(count[..., None] == 1, 0.0, lp)
     if level_weights is not None and level_weights[level] != 1.0:
       lp = lp * level_weights[level]
     # NaN (a broken step function) must not take a beam: treat it as -inf.
@@ -213,7 +263,8 @@ def exhaustive_topk(
     logprob_fn: ``(level, prefixes [P, level] int) -> [P, V_level]`` scores of the next
       code after each prefix. With ``normalize=True`` these are logits and are
       log-softmaxed over the full vocabulary (what `beam_search` does with step logits);
-      with ``normalize="valid"`` over each prefix's valid next codes only.
+      with ``normalize="valid"`` over each prefix's valid next codes only, and with
+      ``normalize="last_valid"`` so at the last level and over the vocabulary before it.
     trie: the valid paths.
     k: how many to return.
     level_weights: per-level weights of the scores, as in `beam_search`.
@@ -227,7 +278,8 @@ def exhaustive_topk(
   for level in range(trie.num_levels):
     prefixes = codes[:, :level]
     scores = np.asarray(logprob_fn(level, prefixes), dtype=np.float64)
-    if normalize == "valid":  # mask each path's row to the codes that follow its prefix
+    if normalize == "valid" or (normalize == "last_valid" and level == trie.num_levels - 1):
+      # mask each path's row to the codes that follow its prefix
       allowed = np.zeros(scores.shape, bool)
       for prefix in {tuple(p) for p in prefixes.tolist()}:
         rows = np.all(prefixes == np.asarray(prefix, dtype=prefixes.dtype), axis=1)

@@ -110,7 +110,8 @@ def serving_fn(model, beam_size: int, normalize: str = "vocab", stage=None):
     if stage is None:
       return out.items, out.scores
     stage_params, sid_codes = stage_args
-    return stage.apply(model, params, stage_params, features, trie, sid_codes, out.items, out.scores, context)
+    return stage.apply(model, params, stage_params, features, trie, sid_codes, out.items, out.scores, context,
+                       normalize)
 
   return serve
 
@@ -150,8 +151,9 @@ def export_model(model, params, artifact, out_dir: str, *, batch_sizes: Sequence
   if not batch_sizes or batch_sizes[0] < 1 or not beam_sizes or beam_sizes[0] < 1:
     raise ValueError(f"batch and beam sizes must be positive, got {batch_sizes}, {beam_sizes}")
   if second_stage is not None:
-    if normalize != "vocab":
-      raise ValueError("the second stage fuses the beams' joint log-probabilities: export it with normalize 'vocab'")
+    if normalize not in ("vocab", "last_valid"):
+      raise ValueError("the second stage fuses the beams' joint log-probabilities: export it with normalize "
+                       "'vocab' or 'last_valid'")
     if second_stage.scorer.num_items != artifact.num_items:
       raise ValueError(f"the second stage's scorer has {second_stage.scorer.num_items} items, the artifact "
                        f"{artifact.num_items}: it was trained for another catalogue")
@@ -277,7 +279,8 @@ def _define_flags():
   flags.DEFINE_list("batch_sizes", ["1", "2", "4", "8", "16", "32", "64"], "Batch buckets, one compiled program "
                     "each (the server runs a batch in the buckets that waste least).")
   flags.DEFINE_list("beam_sizes", ["20", "256"], "Beam widths a request may ask for, one program each.")
-  flags.DEFINE_enum("normalize", "vocab", ["vocab", "valid"], "Beam score normalisation (decoding.beam_search).")
+  flags.DEFINE_enum("normalize", "vocab", ["vocab", "valid", "last_valid"],
+                    "Beam score normalisation (decoding.beam_search).")
   flags.DEFINE_bool("user_histories", False, "Also write users.jsonl: each user's latest behaviours from the data.")
   flags.DEFINE_list("platforms", [], "Platforms to lower for (e.g. cpu,cuda); default: this machine's backend.")
   flags.DEFINE_enum("matmul_dtype", None, ["float32", "bfloat16"], "The programs' weight products "

@@ -47,7 +47,7 @@ class Predictor:
   same as inside any evaluation batch)."""
 
   def __init__(self, path: str, *, beam_size: int = 20, pool: str = "all", second_stage: str | None = "auto",
-               matmul_dtype: str | None = None, log=lambda *a, **k: None):
+               matmul_dtype: str | None = None, normalize: str = "vocab", log=lambda *a, **k: None):
     import jax
 
     from oxyjax import experiment as experiment_lib
@@ -88,7 +88,8 @@ class Predictor:
         log=log) if run_dir is not None else None
     self._stage_args = () if self.second_stage is None else jax.device_put(
         (self.second_stage.params, np.asarray(self.artifact.sid_table.codes, np.int32)), self.partitioner.replicated())
-    self._predict = jax.jit(export_lib.serving_fn(self.model, beam_size, stage=self.second_stage))
+    # `normalize`: the beam search's score normalisation (an inference option, see `oxyjax.export`)
+    self._predict = jax.jit(export_lib.serving_fn(self.model, beam_size, normalize, stage=self.second_stage))
     from oxyjax.sid.embeddings import QueryEmbedder
 
     self.embed = QueryEmbedder()  # a typed instruction or a search query -> I_r (MiniLM, loaded on first use)

@@ -291,11 +291,14 @@ class SecondStage:
       return jnp.where(weight == 0, policy, policy + weight * sasrec)
     return policy if self.weight == 0 else policy + self.weight * sasrec
 
-  def candidates(self, model, params, stage_params, batch, trie, sid_codes, items, scores, context=None):
+  def candidates(self, model, params, stage_params, batch, trie, sid_codes, items, scores, context=None,
+                 normalize: str = "vocab"):
     """Traceable: ``(candidates [B, W + union], policy log-probs, SASRec log-probs)``, -1 / -inf
     for an empty candidate. ``stage_params``: the scorer's parameters; ``sid_codes [num_items +
     1, L]``: the SID table (to score and pool-check SASRec's items); ``context``: the policy's
-    `RecModel.encode` of ``batch`` where the caller has it (the beam search's), else recomputed."""
+    `RecModel.encode` of ``batch`` where the caller has it (the beam search's), else recomputed;
+    ``normalize``: the beam search's ('vocab' or 'last_valid'), so the extra items' policy scores
+    are computed as the beams' were."""
     lp = self.log_softmax(stage_params, batch)  # [B, num_items + 1]
     cand, policy = items, scores
     if self.union:
@@ -308,7 +311,7 @@ class SecondStage:
       first = jnp.argsort(~ok, axis=1, stable=True)[:, :self.union]  # the first `union` ok, in SASRec's order
       extra, new = jnp.take_along_axis(top, first, axis=1), jnp.take_along_axis(ok, first, axis=1)
       codes = jnp.asarray(sid_codes)[extra]  # [B, k, L]
-      extra_policy = model.path_log_probs(params, batch, codes, context)
+      extra_policy = model.path_log_probs(params, batch, codes, context, normalize=normalize, trie=trie)
       cand = jnp.concatenate([items, jnp.where(new, extra, -1)], axis=1)
       policy = jnp.concatenate([scores, jnp.where(new, extra_policy, -jnp.inf)], axis=1)
     live = (cand > 0) & jnp.isfinite(policy)
@@ -325,10 +328,11 @@ class SecondStage:
     fused = jnp.take_along_axis(fused, order, axis=1)
     return jnp.where(jnp.isfinite(fused), jnp.take_along_axis(cand, order, axis=1), -1), fused
 
-  def apply(self, model, params, stage_params, batch, trie, sid_codes, items, scores, context=None):
+  def apply(self, model, params, stage_params, batch, trie, sid_codes, items, scores, context=None,
+            normalize: str = "vocab"):
     """Traceable: `candidates`, then `fuse` (see the class docstring)."""
-    return self.fuse(*self.candidates(model, params, stage_params, batch, trie, sid_codes, items, scores, context),
-                     batch.get("scenario"))
+    return self.fuse(*self.candidates(model, params, stage_params, batch, trie, sid_codes, items, scores, context,
+                                      normalize), batch.get("scenario"))
 
   def save(self, directory: str) -> None:
     """The scorer's Orbax checkpoint (`SASRecScorer.save`) with the weights and union."""
@@ -375,15 +379,16 @@ class Rescorer:
   (each call may name another: a multi-scenario model's evaluation decodes each scenario over its
   own pool, and its stage must add only items of that pool)."""
 
-  def __init__(self, model, stage: SecondStage, sid_codes: np.ndarray, trie, partitioner):
+  def __init__(self, model, stage: SecondStage, sid_codes: np.ndarray, trie, partitioner, normalize: str = "vocab"):
     self.stage, self.partitioner = stage, partitioner
     # Replicated on the policy's mesh: one jit call reads them beside the policy's sharded params.
     self.stage_params, self.sid_codes = jax.device_put(
         (stage.params, np.asarray(sid_codes, np.int32)), partitioner.replicated())
     self._tries: dict[int, tuple[Any, Any]] = {}
     self.trie = self._placed(trie)
-    self._apply = jax.jit(functools.partial(stage.apply, model))
-    self._candidates = jax.jit(functools.partial(stage.candidates, model))
+    # `normalize`: how the beams it gets were scored ('vocab' or 'last_valid'; `SecondStage.candidates`)
+    self._apply = jax.jit(functools.partial(stage.apply, model, normalize=normalize))
+    self._candidates = jax.jit(functools.partial(stage.candidates, model, normalize=normalize))
 
   def _placed(self, trie):
     """``trie`` replicated on the mesh, placed once per trie object."""

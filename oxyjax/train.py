@@ -110,9 +110,9 @@ def check_second_stage(score_normalization: str, level_weights, *, field: str) -
   fuses); `field` names the setting that asked for it."""
   if jax.process_count() != 1:
     raise ValueError(f"{field}: re-scoring runs in one process (not with several processes)")
-  if score_normalization != "vocab" or level_weights is not None:
+  if score_normalization not in ("vocab", "last_valid") or level_weights is not None:
     raise ValueError(f"{field}: re-scoring fuses the beams' joint log-probabilities; it needs "
-                     "eval_score_normalization 'vocab' and no eval_level_weights")
+                     "eval_score_normalization 'vocab' (or 'last_valid') and no eval_level_weights")
 
 
 def final_results(exp: experiment_lib.Experiment, evaluator: Evaluator, params, splits: Sequence[str],
@@ -140,7 +140,8 @@ def stage_results(exp: experiment_lib.Experiment, evaluator: Evaluator, params, 
   stage.check_scenarios(len(exp.scenarios), field)
   if model_dir is not None and jax.process_index() == 0:
     stage.save(os.path.join(model_dir, rescoring_lib.RUN_STAGE_DIR))  # what `oxyjax.export` serves with the model
-  rescorer = rescoring_lib.Rescorer(exp.model, stage, exp.artifact.sid_table.codes, evaluator.trie, partitioner)
+  rescorer = rescoring_lib.Rescorer(exp.model, stage, exp.artifact.sid_table.codes, evaluator.trie, partitioner,
+                                    evaluator.score_normalization)
   rescored = Evaluator(exp.model, partitioner, evaluator.trie, beam_size=evaluator.beam_size,
                        batch_size=evaluator.batch_size, ks=evaluator.ks, second_stage=rescorer)
   log(f"[oxyjax] re-scoring the beams ({stage.describe()}); "
@@ -288,7 +289,7 @@ def train(
   the scenarios' mean) (Orbax, `<model_dir>/best`); the final evaluation uses those weights.
   `final_eval_max_examples` evaluates a fixed random subset of each final split (quick runs and
   tests; default None: every example).
-  `eval_score_normalization` ('vocab' or 'valid') is the beam search's per-level
+  `eval_score_normalization` ('vocab', 'valid' or 'last_valid') is the beam search's per-level
   normalisation and `eval_level_weights` (one weight per SID level, default all 1) its per-level
   calibration of the log-probabilities (`decoding.beam_search`).
   `rescoring` (off unless its weight is non-zero): the final evaluation also reorders the beams

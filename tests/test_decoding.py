@@ -338,3 +338,103 @@ def test_reorder_cache_broadcasts_and_gathers():
   np.testing.assert_array_equal(out["b"][1], [[8.0, 9.0], [8.0, 9.0]])
   one = reorder_cache({"x": jnp.array([[5], [7]])}, jnp.zeros((2, 3), jnp.int32))
   np.testing.assert_array_equal(one["x"], [[5, 5, 5], [7, 7, 7]])
+
+
+def collision_trie(rng, num_prefixes, num_shared, prefix_vocab=(8, 8), max_group=4):
+  """A SID-table-like trie: distinct (L-1)-code prefixes, each with collision index 0, and
+  `num_shared` of them with 2..max_group items (collision indices 0..n-1), as when the last
+  level tells apart the items whose first codes collide."""
+  space = int(np.prod(prefix_vocab))
+  flat = rng.choice(space, size=num_prefixes, replace=False)
+  prefixes = np.stack(np.unravel_index(flat, prefix_vocab), axis=1)
+  sizes = np.ones(num_prefixes, int)
+  sizes[rng.choice(num_prefixes, size=num_shared, replace=False)] = rng.integers(2, max_group + 1, num_shared)
+  codes = np.concatenate([np.concatenate([np.repeat(p[None], n, 0), np.arange(n)[:, None]], 1)
+                          for p, n in zip(prefixes, sizes)])
+  items = rng.permutation(3 * len(codes))[:len(codes)] + 1
+  return PrefixTrie.from_codes(codes, items, tuple(prefix_vocab) + (max_group,)), sizes
+
+
+def widest_prefix_level(trie):
+  trie_codes, _ = trie.paths()
+  return max(len({tuple(r) for r in trie_codes[:, :d].tolist()}) for d in range(trie.num_levels))
+
+
+@pytest.mark.parametrize("shared", [3, 40], ids=["few_siblings", "many_siblings"])
+@pytest.mark.parametrize("beam", [16, 64])
+def test_last_valid_normalization_matches_the_reference(shared, beam):
+  """normalize='last_valid': the vocabulary's log-softmax at every level but the last, the
+  prefix's children's at the last. The step depends on the cached prefix (PrefixHashLogits),
+  so a wrong gather of the beams the last step runs on gives wrong scores. With few beams that
+  have siblings the last step runs on a gathered quarter of the beams, with many on all of them
+  (`_last_level_logits`); both must give every beam its reference score, and a beam wide enough
+  the exhaustive top set."""
+  rng = np.random.default_rng(11)
+  trie, _ = collision_trie(rng, 50, shared)
+  fn, out = run_search(PrefixHashLogits, trie, rng, 2, beam, normalize="last_valid")
+  check_valid(out, trie, 2, beam)
+  for b in range(2):
+    ref = fn.reference(b)
+    live = out.items[b] >= 0
+    codes = out.codes[b][live]
+    want = np.zeros(codes.shape[0])
+    for level in range(trie.num_levels):
+      logits = ref(level, codes[:, :level]).astype(np.float64)
+      if level == trie.num_levels - 1:  # over the prefix's children only
+        siblings = [trie.paths()[0][np.all(trie.paths()[0][:, :level] == c[:level], axis=1), level] for c in codes]
+        allowed = np.zeros(logits.shape, bool)
+        for i, sib in enumerate(siblings):
+          allowed[i, sib] = True
+        logits = np.where(allowed, logits, -np.inf)
+      want += _np_log_softmax(logits)[np.arange(len(codes)), codes[:, level]]
+    np.testing.assert_allclose(out.scores[b][live], want, rtol=1e-5, atol=1e-4)
+  if beam >= widest_prefix_level(trie):
+    check_exact(fn, out, trie, 2, beam, normalize="last_valid")
+  # the same search returning its cache runs the last step on every beam: the same answer
+  full = jax.tree_util.tree_map(np.asarray, jax.jit(lambda t, c: beam_search(
+      fn.step, c, t, batch_size=2, beam_size=beam, return_cache=True, normalize="last_valid"))(
+          trie, fn.init_cache(2, trie.num_levels)))
+  np.testing.assert_array_equal(full.items, out.items)
+  np.testing.assert_allclose(full.scores, out.scores, rtol=1e-6, atol=1e-6)
+
+
+def _np_log_softmax(x):
+  m = np.max(np.where(np.isfinite(x), x, -1e30), axis=-1, keepdims=True)
+  return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
+
+
+@pytest.mark.parametrize("normalize", ["valid", "last_valid"])
+def test_the_last_step_runs_on_the_beams_with_siblings_only_when_few_have_them(normalize):
+  """The last level's step gets ceil(w / 4) rows when no batch row has more beams with
+  siblings than that, ceil(w / 2) when none has more than that, and all w rows otherwise; the
+  step records the rows it ran on (a host callback, so only the branch that ran records). With as
+  many prefixes as beams every prefix is a beam at the last level, so a row has exactly `shared`
+  beams with siblings. A 'vocab' search runs every beam."""
+  beam = 32
+  for shared, want_rows in [(2, 8), (8, 8), (9, 16), (16, 16), (17, 32)]:
+    trie, _ = collision_trie(np.random.default_rng(shared), beam, shared)
+    seen = []
+
+    def step(level, prev, cache, seen=seen, trie=trie):
+      if level == trie.num_levels - 1:
+        jax.debug.callback(lambda n: seen.append(int(n)), prev.shape[1])
+      return jnp.zeros(prev.shape + (trie.vocab_sizes[level],)) + prev[..., None] * 0.1, cache
+
+    out = jax.jit(lambda t: beam_search(step, (), t, batch_size=2, beam_size=beam, normalize=normalize))(trie)
+    jax.block_until_ready(out.items)
+    jax.effects_barrier()
+    assert seen == [want_rows], (shared, seen)
+    out = jax.tree_util.tree_map(np.asarray, out)
+    check_valid(out, trie, 2, beam)
+  seen.clear()
+  out = jax.jit(lambda t: beam_search(step, (), t, batch_size=2, beam_size=beam))(trie)
+  jax.block_until_ready(out.items)
+  jax.effects_barrier()
+  assert seen == [beam]
+
+
+def test_normalize_is_checked():
+  trie, _, _ = random_trie(np.random.default_rng(0), 10, (4, 4))
+  step = lambda level, prev, cache: (jnp.zeros(prev.shape + (4,)), cache)
+  with pytest.raises(ValueError, match="normalize"):
+    beam_search(step, (), trie, batch_size=1, beam_size=4, normalize="last")

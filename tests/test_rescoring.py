@@ -127,23 +127,32 @@ def test_the_digest_keys_the_training_sequences_only():
   assert rescoring.sequences_digest([list(s) for s in sa]) == rescoring.sequences_digest(sa)
 
 
-def test_path_log_probs_are_the_beam_search_scores():
+@pytest.mark.parametrize("normalize", ["vocab", "last_valid"])
+def test_path_log_probs_are_the_beam_search_scores(normalize):
   """The union scores SASRec's extra items by teacher forcing (`RecModel.path_log_probs`); for
-  the beams themselves that must be the score beam search gave them (normalize="vocab"): the same
-  joint log-probability computed two ways (incremental decoding with a cache, one teacher-forced
-  pass). Float32 rounding of the two attention orders is ~1e-5 of |logit| (the tiny model's
-  logits are scaled up to ~10), summed over 3 levels: we allow 1e-4 relative and absolute."""
+  the beams themselves that must be the score beam search gave them, under the search's
+  normalisation: the same log-probability computed two ways (incremental decoding with a cache,
+  one teacher-forced pass; under 'last_valid' the last level over the prefix's children, found in
+  the row's pool of the forest). Float32 rounding of the two attention orders is ~1e-5 of |logit|
+  (the tiny model's logits are scaled up to ~10), summed over 3 levels: we allow 1e-4 relative
+  and absolute."""
   import jax
   from tests.rl.conftest import Tiny
 
   tiny = Tiny()
   batch, _ = tiny.batch(4, seed=1)
-  pred = jax.jit(lambda p, b, t: tiny.model.predict(p, b, t, beam_size=8))(tiny.params, batch, tiny.forest)
+  pred = jax.jit(lambda p, b, t: tiny.model.predict(p, b, t, beam_size=8, normalize=normalize))(
+      tiny.params, batch, tiny.forest)
   items, scores = np.asarray(pred.items), np.asarray(pred.scores)
   live = items > 0
   assert live.sum() >= 16
-  joint = np.asarray(jax.jit(tiny.model.path_log_probs)(tiny.params, batch, tiny.sid_codes[np.maximum(items, 0)]))
+  codes = tiny.sid_codes[np.maximum(items, 0)]
+  joint = np.asarray(jax.jit(lambda p, b, c, t: tiny.model.path_log_probs(p, b, c, normalize=normalize, trie=t))(
+      tiny.params, batch, codes, tiny.forest))
   np.testing.assert_allclose(joint[live], scores[live], rtol=1e-4, atol=1e-4)
+  if normalize == "last_valid":  # the option changes the scores: not the joint log-probability
+    vocab = np.asarray(jax.jit(tiny.model.path_log_probs)(tiny.params, batch, codes))
+    assert (vocab[live] < joint[live] - 1e-3).any()
 
 
 def _tiny_eval_setup(b=10):

@@ -567,14 +567,42 @@ def test_a_bfloat16_export_takes_its_weight_kernels_in_bfloat16_and_answers_like
 
   bf16 = predict_lib.Predictor(run_dir, beam_size=BEAM, matmul_dtype="bfloat16")
   bf16.embed = predictor.embed
+  assert _answers_like(sm, bf16, predictor) > 2 * REL_TOL
+
+
+def _answers_like(sm, same_option, predictor) -> float:
+  """Each of `_requests` served alone by `sm` ranks like the in-process `same_option` (a
+  `Predictor` with the export's inference option); returns how far, at most, its scores moved
+  from `predictor`'s (the default options), relative to 1 + |score|."""
   rec = serve.Recommender(sm, encoder=HashEncoder())
   moved = 0.0
   for body in _requests(predictor):
     got = rec.recommend([body])[0]
     items = np.asarray(predictor.artifact.item_indices([x["item_id"] for x in got.items]))
     scores = np.asarray([x["score"] for x in got.items])
-    want_items, want_scores = _in_process(bf16, body)
+    want_items, want_scores = _in_process(same_option, body)
     _assert_same_ranking(items, scores, predictor.artifact.item_indices(want_items), want_scores, body["scenario"])
-    f32_items, f32_scores = _in_process(predictor, body)
-    moved = max(moved, float(np.max(np.abs(np.sort(want_scores) - np.sort(f32_scores)) / (1 + np.abs(f32_scores)))))
-  assert moved > 2 * REL_TOL, moved
+    _, base_scores = _in_process(predictor, body)
+    moved = max(moved, float(np.max(np.abs(np.sort(want_scores) - np.sort(base_scores)) / (1 + np.abs(base_scores)))))
+  return moved
+
+
+def test_a_last_valid_export_answers_like_the_model_with_that_normalisation(exported, tmp_path):
+  """`--normalize=last_valid` (`decoding.beam_search`: the last SID level, the collision index, scored
+  over the prefix's items only, and that step run only on the beams whose prefix has siblings):
+  each request answers like the in-process `Predictor` with the same option, within the float
+  tolerance of tests/models/test_batch_independence.py, and the manifest records it. The option
+  takes effect: at least one request's scores differ from the default export's by more than that
+  tolerance (an item alone under its prefix loses its last level's log-probability, which the
+  default counts)."""
+  from tests.models.test_batch_independence import REL_TOL
+
+  out, predictor = exported
+  run_dir = os.path.join(os.path.dirname(out), "run")
+  ldir = export_lib.export_run(run_dir, str(tmp_path / "serving_lv"), batch_sizes=(1, 8), beam_sizes=(BEAM,),
+                               normalize="last_valid", log=lambda *a: None)
+  sm = serve.ServingModel(ldir, log=lambda *a: None)
+  assert sm.manifest["normalize"] == "last_valid"
+  lv = predict_lib.Predictor(run_dir, beam_size=BEAM, normalize="last_valid")
+  lv.embed = predictor.embed
+  assert _answers_like(sm, lv, predictor) > 2 * REL_TOL

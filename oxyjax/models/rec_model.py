@@ -189,16 +189,23 @@ class RecModel:
     return decoding.beam_search(step_fn, None, trie, batch_size=batch["scenario"].shape[0], beam_size=beam_size,
                                 normalize=normalize, root=batch.get("pool_root"), level_weights=level_weights)
 
-  def path_log_probs(self, params, batch: Mapping[str, jax.Array], codes: jax.Array, context=None) -> jax.Array:
+  def path_log_probs(self, params, batch: Mapping[str, jax.Array], codes: jax.Array, context=None, *,
+                     normalize: str = "vocab", trie=None) -> jax.Array:
     """The joint log-probability ``[B, G]`` of given SID paths ``codes [B, G, L]``: the score
     `predict` gives a beam with ``normalize="vocab"`` and no level weights, for items beam search
-    did not return (`oxyjax.rescoring`'s union). The encoder and the [BOS, INSTR] prefix run once
+    did not return (`oxyjax.rescoring`'s union). ``normalize="last_valid"`` (with the ``trie`` the
+    search ran over, each row from its ``pool_root``) gives `predict`'s score under that option:
+    the last level's log-softmax over the children of the path's prefix. The encoder and the [BOS, INSTR] prefix run once
     per row (beam search's level-0 step), then the G paths' levels 1..L-1 in one teacher-forced
     pass over that cached prefix (`EncoderDecoder.decode_paths`: the same attention as L-1 cached
     steps, one decoder pass; a pass of the whole group from scratch would run the prefix G
     times). `context`: `encode`'s output for `batch`, computed here if None."""
+    if normalize not in ("vocab", "last_valid") or (normalize == "last_valid" and trie is None):
+      raise ValueError(f"path_log_probs takes normalize 'vocab', or 'last_valid' with a trie; got {normalize!r}")
     safe = jnp.maximum(codes, 0)  # padding candidates (-1): any path; the caller masks them
     b, g, levels = safe.shape
+    if normalize == "last_valid" and levels < 2:
+      raise ValueError("normalize 'last_valid' needs paths of two or more levels")
     context = self.encode(params, batch) if context is None else context
     logits, cache = self.network.apply({"params": params}, 0, jnp.zeros((b, 1), jnp.int32), None, context,
                                        method=EncoderDecoder.decode_step)  # [B, 1, V]
@@ -207,8 +214,15 @@ class RecModel:
       cache = decoding.reorder_cache(cache, jnp.zeros((b, g), jnp.int32))  # the prefix's cache for every path
       logits = self.network.apply({"params": params}, safe[..., :-1], cache, context,
                                   method=EncoderDecoder.decode_paths)  # [B, G, L-1, V]
-      lp = jax.nn.log_softmax(logits.astype(jnp.float32))
+      logits = logits.astype(jnp.float32)
+      lp = jax.nn.log_softmax(logits)
       picked = jnp.take_along_axis(lp, safe[..., 1:, None], axis=-1)[..., 0]  # [B, G, L-1]
+      if normalize == "last_valid":  # as `decoding.beam_search` scores the last level
+        child, is_child = trie.last_level_children(safe[..., :-1], batch.get("pool_root"))
+        last = logits[..., -1, :]
+        lse = jax.nn.logsumexp(jnp.where(is_child, jnp.take_along_axis(last, child, axis=-1), -jnp.inf), axis=-1)
+        own = jnp.take_along_axis(last, safe[..., -1:], axis=-1)[..., 0] - lse
+        picked = picked.at[..., -1].set(jnp.where(is_child.sum(-1) == 1, 0.0, own))
       for level in range(1, levels):  # summed level by level, as beam search sums a beam's score
         total = total + picked[..., level - 1]
     return total

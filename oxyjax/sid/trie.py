@@ -254,19 +254,16 @@ class PrefixTrie:
 
   # ------------------------------------------------------------------ under jit
 
-  def find(self, codes: jax.Array, root: Optional[jax.Array] = None) -> jax.Array:
-    """Traceable `lookup`: the item at each full path ``codes [B, G, L]`` starting from each
-    row's ``root [B]`` (default node 0; a pool's root in a forest), ``-1`` where the path is
-    not in the trie (or not under that root). Each level gathers the node's
-    ``max_children[level]`` edges, as the decoder does."""
-    B, G, L = codes.shape
-    if L != self.num_levels:
-      raise ValueError(f"codes must be [B, G, {self.num_levels}], got {codes.shape}")
+  def _walk(self, codes: jax.Array, root: Optional[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Traceable: ``(node, ok)`` [B, G] after following ``codes [B, G, d]`` (d <= L) from each
+    row's ``root [B]`` (default node 0); ``ok`` is False (and the node 0) where a code is not a
+    child. Each level gathers the node's ``max_children[level]`` edges, as the decoder does."""
+    B, G, d = codes.shape
     num_edges = self.child_code.shape[0]
     node = jnp.zeros((B, G), jnp.int32) if root is None else jnp.broadcast_to(
         jnp.asarray(root, jnp.int32).reshape(B, 1), (B, G))
     ok = jnp.ones((B, G), bool)
-    for level in range(L):
+    for level in range(d):
       k = self.max_children[level]
       start = self.child_start[node]
       offs = jnp.arange(k, dtype=jnp.int32)
@@ -274,7 +271,30 @@ class PrefixTrie:
       hit = (offs < (self.child_start[node + 1] - start)[..., None]) & (self.child_code[edge] == codes[..., level:level + 1])
       ok &= hit.any(axis=-1)
       node = jnp.where(ok, self.child_node[jnp.take_along_axis(edge, jnp.argmax(hit, axis=-1)[..., None], -1)[..., 0]], 0)
+    return node, ok
+
+  def find(self, codes: jax.Array, root: Optional[jax.Array] = None) -> jax.Array:
+    """Traceable `lookup`: the item at each full path ``codes [B, G, L]`` starting from each
+    row's ``root [B]`` (default node 0; a pool's root in a forest), ``-1`` where the path is
+    not in the trie (or not under that root)."""
+    if codes.shape[-1] != self.num_levels:
+      raise ValueError(f"codes must be [B, G, {self.num_levels}], got {codes.shape}")
+    node, ok = self._walk(codes, root)
     return jnp.where(ok, self.leaf_item[node], -1).astype(jnp.int32)
+
+  def last_level_children(self, prefixes: jax.Array, root: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+    """Traceable: the codes that may follow each prefix ``prefixes [B, G, L-1]`` at the last
+    level, ``(codes [B, G, k], is_child [B, G, k])`` with ``k = max_children[L-1]`` (no child
+    where the prefix is not in the trie)."""
+    if prefixes.shape[-1] != self.num_levels - 1:
+      raise ValueError(f"prefixes must be [B, G, {self.num_levels - 1}], got {prefixes.shape}")
+    node, ok = self._walk(prefixes, root)
+    k = self.max_children[-1]
+    start = self.child_start[node]
+    offs = jnp.arange(k, dtype=jnp.int32)
+    edge = jnp.minimum(start[..., None] + offs, self.child_code.shape[0] - 1)
+    is_child = ok[..., None] & (offs < (self.child_start[node + 1] - start)[..., None])
+    return self.child_code[edge], is_child
 
   # ------------------------------------------------------------------ host-side queries
 
