@@ -24,7 +24,8 @@ items only and runs that step only on the beams whose prefix has siblings), inte
 with both options every (dtype, normalisation) pair is a variant, and the speed-ups are over the
 first (float32, vocab):
 
-  python benchmarks/decode_latency.py --cases=1x256,32x256 --matmul_dtypes=float32,bfloat16 --normalizations=vocab,last_valid
+  python benchmarks/decode_latency.py --cases=1x256,32x256 --matmul_dtypes=float32,bfloat16 \
+      --normalizations=vocab,last_valid
 
 --floor also times, in the same process, only the dense matrix products that any exact float32
 implementation of the same search has to do (per decoder level: the W beams' self-attention Q/K/V/O,

@@ -3,7 +3,8 @@ the beams (`decoding._last_level_logits`) for a trained model on real rows: per 
 of one row whose prefix has siblings at the last level, against the caps ceil(beam / 4) and
 ceil(beam / 2).
 
-  python benchmarks/last_level_siblings.py runs/beauty_default_s0 --split=validation --rows=512 --cases=1x20,1x256,32x256
+  python benchmarks/last_level_siblings.py runs/beauty_default_s0 --split=validation --rows=512 \
+      --cases=1x20,1x256,32x256
 
 Each batch is also decoded with `normalize="vocab"`, the two calls interleaved (the other first
 every second batch), and both p50s are printed: the trained model's own speed-up from the option
@@ -76,7 +77,8 @@ def main():
         per_row.append(seen[-1])
     # 2. the time of each normalisation, without the callback (it costs about a millisecond)
     decoding._last_level_logits = inner
-    fns = {n: jax.jit(functools.partial(exp.model.predict, beam_size=w, normalize=n)) for n in ("last_valid", "vocab")}
+    fns = {n: jax.jit(functools.partial(exp.model.predict, beam_size=w, normalize=n))
+           for n in ("last_valid", "vocab")}
     for fn in fns.values():  # compile
       jax.block_until_ready(fn(params, batches[0], trie).items)
     times = {n: [] for n in fns}

@@ -31,10 +31,10 @@ codes). Under ``"valid"`` and ``"last_valid"`` the last level needs logits only 
 prefix has two or more children, so the search runs the last step on those beams alone,
 gathered into ``ceil(w / 4)`` or ``ceil(w / 2)`` rows when every row of the batch has that few
 (else on all of them; `_last_level_logits`): each beam's score is the same either way, and much
-of the last step, a third of a 4-level search's decoder work at a wide beam, goes. (So at that level a
-step function cannot forbid an only child by its logit; forbid it in the trie, e.g.
-`PrefixTrie.subset`. Without ``return_cache`` only: a returned cache needs every beam's step.) ``level_weights`` (optional, one
-non-negative float per level) calibrates the levels: a path scores ``sum_l w_l log p_l``, so a
+of the last step, a third of a 4-level search's decoder work at a wide beam, goes. (So at that
+level a step function cannot forbid an only child by its logit; forbid it in the trie, e.g.
+`PrefixTrie.subset`. Without ``return_cache`` only: a returned cache needs every beam's step.)
+``level_weights`` (optional, one non-negative float per level) calibrates the levels: a path scores ``sum_l w_l log p_l``, so a
 level whose probabilities are over- or under-confident for ranking counts less or more; the
 beams are pruned on the weighted partial sums. ``None`` (all 1) is the joint log-probability.
 A path whose score is ``-inf`` is

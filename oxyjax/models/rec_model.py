@@ -195,8 +195,8 @@ class RecModel:
     `predict` gives a beam with ``normalize="vocab"`` and no level weights, for items beam search
     did not return (`oxyjax.rescoring`'s union). ``normalize="last_valid"`` (with the ``trie`` the
     search ran over, each row from its ``pool_root``) gives `predict`'s score under that option:
-    the last level's log-softmax over the children of the path's prefix. The encoder and the [BOS, INSTR] prefix run once
-    per row (beam search's level-0 step), then the G paths' levels 1..L-1 in one teacher-forced
+    the last level's log-softmax over the children of the path's prefix. The encoder and the
+    [BOS, INSTR] prefix run once per row (beam search's level-0 step), then the G paths' levels 1..L-1 in one teacher-forced
     pass over that cached prefix (`EncoderDecoder.decode_paths`: the same attention as L-1 cached
     steps, one decoder pass; a pass of the whole group from scratch would run the prefix G
     times). `context`: `encode`'s output for `batch`, computed here if None."""
