@@ -2,6 +2,7 @@
 
     sa_gcpo  soft gate f(r) = sigmoid(tau (r - 1)) * 4 / tau (tau_pos / tau_neg by the sign of
              the advantage) and the group clip Gamma(A_i) = 0 if A_i > 0 and R_i < R*
+             (optionally balanced: `group_clip`'s ``balance``)
     sapo     the same soft gate, no group clip (Qwen's SAPO)
     gspo     sequence-level ratio (geometric mean of the token ratios), hard clip
     grpo     token-level ratio, hard clip 1 +/- eps, optional KL (k3) to a frozen reference
@@ -47,6 +48,10 @@ class PolicyLossConfig:
   dpo_nll_weight: S-DPO only, a weight on the real target's negative log-likelihood (mean over its
     tokens) added to each row's loss, as RPO (Pang et al., 2024) adds to DPO: DPO alone can widen
     the margins by lowering the rejected paths while the preferred one falls too.
+  group_clip_balance: SA-GCPO only. False (the paper's Gamma): the clipped positive advantages are
+    zeroed and nothing else changes, so a group that had any clipped is left with advantages
+    that sum to less than zero. True: in such a group the negative advantages are scaled by the
+    same factor so that the group's advantages sum to zero again (`group_clip`).
   """
 
   name: str = "sa_gcpo"
@@ -59,6 +64,7 @@ class PolicyLossConfig:
   kl_beta: float = 0.0
   dpo_beta: float = 1.0
   dpo_nll_weight: float = 0.0
+  group_clip_balance: bool = False
 
 
 # Losses that also score the real target's path (teacher-forced, `PolicyLossInputs.target_logp`)
@@ -187,12 +193,29 @@ def group_advantages(rewards: jax.Array, weights: jax.Array, *, ddof: int = 1, e
   return adv * w, flat[:, 0]
 
 
-def group_clip(advantages: jax.Array, rewards: jax.Array, r_star: jax.Array) -> tuple[jax.Array, jax.Array]:
+def group_clip(advantages: jax.Array, rewards: jax.Array, r_star: jax.Array, *,
+               balance: bool = False) -> tuple[jax.Array, jax.Array]:
   """SA-GCPO's Gamma: a positive advantage is zeroed when the candidate's reward is below the real
   target's (``A_i > 0 and R_i < R*``): "best of a bad group" gets no push. Returns (Gamma(A), the
-  clipped entries as a bool ``[B, G]``)."""
+  clipped entries as a bool ``[B, G]``).
+
+  The paper's Gamma leaves a group that had a clipped entry with advantages summing to less than
+  zero (they summed to zero before, `group_advantages`), so that group's update lowers the
+  probability of its candidates as a whole and moves mass to the rest of the catalogue; under a
+  dense reward, where many groups have clipped entries, the policy's entropy rises (docs/rl.md,
+  sessions 38 and 40). ``balance=True`` scales such a group's negative advantages by
+  ``sum(remaining positive) / sum(|negative|)``: the group sums to zero again, the ranking inside
+  it is kept, and a group whose positives were all clipped makes no update. Groups with nothing
+  clipped are unchanged.
+  """
   clipped = (advantages > 0) & (rewards < r_star[:, None])
-  return jnp.where(clipped, 0.0, advantages), clipped
+  out = jnp.where(clipped, 0.0, advantages)
+  if balance:
+    pos = jnp.sum(jnp.maximum(out, 0.0), axis=-1, keepdims=True)
+    neg = jnp.sum(jnp.maximum(-out, 0.0), axis=-1, keepdims=True)
+    scale = jnp.where(jnp.any(clipped, axis=-1, keepdims=True), pos / jnp.maximum(neg, 1e-30), 1.0)
+    out = jnp.where(out < 0, out * jnp.minimum(scale, 1.0), out)
+  return out, clipped
 
 
 # ---------------------------------------------------------------------- helpers
@@ -245,10 +268,13 @@ def _gated(inp: PolicyLossInputs, cfg: PolicyLossConfig, advantages: jax.Array):
 @register("sa_gcpo")
 def sa_gcpo(inp: PolicyLossInputs, cfg: PolicyLossConfig) -> PolicyLossOutput:
   """J = E[(1/G) sum_i (1/|y_i|) sum_t f(r_it) Gamma(A_i)] (PAPER.md section 7)."""
-  adv, clipped = group_clip(inp.advantages, inp.rewards, inp.r_star)
+  adv, clipped = group_clip(inp.advantages, inp.rewards, inp.r_star, balance=cfg.group_clip_balance)
   loss_sum, denom, stats = _gated(inp, cfg, adv)
   w = (inp.seq_weight > 0).astype(jnp.float32)
   stats["group_clip_fraction"] = (jnp.sum(clipped * w), jnp.sum(w))
+  # The share of the negative advantages' mass the update keeps (1 without balancing).
+  stats["negative_advantage_kept"] = (jnp.sum(jnp.maximum(-adv, 0.0) * w),
+                                      jnp.sum(jnp.maximum(-inp.advantages, 0.0) * w))
   return PolicyLossOutput(loss_sum, denom, stats)
 
 

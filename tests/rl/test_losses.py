@@ -50,8 +50,20 @@ def _np_gated(d, cfg, adv):
   return -(per_seq * d["seq_weight"]).sum(), d["seq_weight"].sum()
 
 
+def np_group_clip(adv, rewards, r_star, balance=False):
+  clipped = (adv > 0) & (rewards < r_star[:, None])
+  out = np.where(clipped, 0.0, adv)
+  if balance:
+    for b in range(out.shape[0]):
+      if clipped[b].any():
+        pos, neg = out[b][out[b] > 0].sum(), -out[b][out[b] < 0].sum()
+        scale = min(pos / neg, 1.0) if neg > 0 else 1.0
+        out[b] = np.where(out[b] < 0, out[b] * scale, out[b])
+  return out
+
+
 def np_sa_gcpo(d, cfg):
-  adv = np.where((d["advantages"] > 0) & (d["rewards"] < d["r_star"][:, None]), 0.0, d["advantages"])
+  adv = np_group_clip(d["advantages"], d["rewards"], d["r_star"], cfg.group_clip_balance)
   return _np_gated(d, cfg, adv)
 
 
@@ -103,6 +115,7 @@ def test_every_registered_loss_has_a_reference():
 
 @pytest.mark.parametrize("name,extra", [("sa_gcpo", {}), ("sapo", {}), ("gspo", {}), ("grpo", {}),
                                         ("grpo", {"kl_beta": 0.05}), ("sa_gcpo", {"tau_pos": 2.0, "tau_neg": 0.5}),
+                                        ("sa_gcpo", {"group_clip_balance": True}),
                                         ("sdpo", {}), ("sdpo", {"dpo_beta": 0.3, "dpo_nll_weight": 0.5})])
 def test_loss_matches_numpy_reference(name, extra):
   """Float32 against float64 on the same inputs: a few dozen float32 operations per term and a
@@ -129,14 +142,14 @@ def test_clips_are_active_in_the_reference_inputs():
   assert 0.05 < frac < 0.95
 
 
-@pytest.mark.parametrize("name", ["sa_gcpo", "sapo"])
-def test_gradient_at_ratio_one_is_the_advantage_weighted_logprob_gradient(name):
+@pytest.mark.parametrize("name,balance", [("sa_gcpo", False), ("sa_gcpo", True), ("sapo", False)])
+def test_gradient_at_ratio_one_is_the_advantage_weighted_logprob_gradient(name, balance):
   """At r = 1 the gate's slope is 4 p (1 - p) = 1, so d J / d logp_it = Gamma(A_i) / |y_i| per real
   sequence (J as a sum; the loss is -J)."""
   d = _inputs(1)
   d["logp"] = d["logp_old"].copy()
   inp = _jax_inputs(d)
-  cfg = losses.PolicyLossConfig(name=name, tau_pos=1.3, tau_neg=0.7)
+  cfg = losses.PolicyLossConfig(name=name, tau_pos=1.3, tau_neg=0.7, group_clip_balance=balance)
 
   def f(logp):
     return losses.compute(inp._replace(logp=logp), cfg).loss_sum
@@ -144,7 +157,7 @@ def test_gradient_at_ratio_one_is_the_advantage_weighted_logprob_gradient(name):
   grad = np.asarray(jax.grad(f)(inp.logp))
   adv = d["advantages"]
   if name == "sa_gcpo":
-    adv = np.where((adv > 0) & (d["rewards"] < d["r_star"][:, None]), 0.0, adv)
+    adv = np_group_clip(adv, d["rewards"], d["r_star"], balance)
   expect = -(adv * d["seq_weight"])[..., None] / d["logp"].shape[-1] * np.ones_like(d["logp"])
   np.testing.assert_allclose(grad, expect, rtol=4 * EPS32, atol=4 * EPS32)
 
@@ -165,6 +178,37 @@ def test_group_clip_zeroes_exactly_the_positive_advantages_below_the_target():
   so = losses.compute(_jax_inputs(d), losses.PolicyLossConfig(name="sapo"))
   assert float(sa.loss_sum) == float(so.loss_sum)
   assert float(sa.stats["group_clip_fraction"][0]) == 2.0
+
+
+def test_balanced_group_clip_restores_each_clipped_group_to_zero_sum():
+  """Zero-sum advantages (as `group_advantages` makes them): after the paper's clip a group with a
+  clipped entry sums below zero; balancing scales its negatives so it sums to zero, keeps the
+  order of the surviving advantages, zeroes a group whose positives were all clipped, and leaves
+  a group with nothing clipped exactly as it was."""
+  rew = jnp.asarray([[0.2, 0.1, 0.9, 1.5, -1.0], [3.0, 1.0, 0.0, 0.5, 0.4], [0.9, 0.1, 0.2, 0.3, 0.5]])
+  w = jnp.ones_like(rew)
+  adv, _ = losses.group_advantages(rew, w)
+  r_star = jnp.asarray([1.0, -5.0, 2.0])  # row 0: some positives clipped; row 1: none; row 2: all
+  plain, clipped = losses.group_clip(adv, rew, r_star)
+  bal, clipped_b = losses.group_clip(adv, rew, r_star, balance=True)
+  np.testing.assert_array_equal(np.asarray(clipped), np.asarray(clipped_b))
+  assert np.asarray(clipped).sum(axis=1).tolist() == [1, 0, 2]
+  sums_plain, sums_bal = np.asarray(plain).sum(1), np.asarray(bal).sum(1)
+  assert sums_plain[0] < -0.1 and sums_plain[2] < -0.1
+  # Each row sums to zero up to the rounding of five float32 terms of order 1.
+  np.testing.assert_allclose(sums_bal, 0.0, atol=8 * EPS32)
+  np.testing.assert_array_equal(np.asarray(bal)[1], np.asarray(adv)[1])
+  np.testing.assert_array_equal(np.asarray(bal)[2], 0.0)
+  b0, p0 = np.asarray(bal)[0], np.asarray(plain)[0]
+  np.testing.assert_array_equal(b0[p0 >= 0], p0[p0 >= 0])  # positives (and zeros) untouched
+  np.testing.assert_array_equal(np.argsort(b0[p0 < 0]), np.argsort(p0[p0 < 0]))
+  np.testing.assert_allclose(b0, np_group_clip(np.asarray(adv, np.float64), np.asarray(rew), np.asarray(r_star),
+                                               True)[0], rtol=4 * EPS32, atol=4 * EPS32)
+  d = _inputs(2, b=3, g=5)
+  d.update(advantages=np.asarray(adv), rewards=np.asarray(rew), r_star=np.asarray(r_star), seq_weight=np.ones((3, 5)))
+  out = losses.compute(_jax_inputs(d), losses.PolicyLossConfig(name="sa_gcpo", group_clip_balance=True))
+  kept = float(out.stats["negative_advantage_kept"][0] / out.stats["negative_advantage_kept"][1])
+  assert 0.0 < kept < 1.0
 
 
 def test_group_advantages():
