@@ -111,7 +111,7 @@ def _last_level_logits(step_fn: StepFn, level: int, prev_codes: jax.Array, cache
     return step_fn(level, prev_codes, cache)[0].astype(jnp.float32)
 
   most = jnp.max(need.sum(axis=1))
-  branch = sum((most > c).astype(jnp.int32) for c in caps) if caps else jnp.int32(0)
+  branch = sum((most > c).astype(jnp.int32) for c in caps)  # caps is not empty: w > 1 here
   return jax.lax.switch(branch, [gathered(c) for c in caps] + [every], None)
 
 
@@ -199,12 +199,11 @@ def beam_search(
     # vocabulary, or over the valid children (a dead beam's -inf gives NaN, dropped below).
     if not over_valid:
       lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [B, w, 1]
-      lp = child_logits - lse
     else:
       lse = jax.nn.logsumexp(jnp.where(is_child, child_logits, neg_inf), axis=-1, keepdims=True)
-      lp = child_logits - lse  # an only child: 0
-      if skip_only_children:  # 0 also where the step did not run for its beam (logits of 0)
-        lp = jnp.where(count[..., None] == 1, 0.0, lp)
+    lp = child_logits - lse  # over the valid children, an only child gets 0
+    if skip_only_children:  # 0 also where the step did not run for its beam (logits of 0)
+      lp = jnp.where(count[..., None] == 1, 0.0, lp)
     if level_weights is not None and level_weights[level] != 1.0:
       lp = lp * level_weights[level]
     # NaN (a broken step function) must not take a beam: treat it as -inf.
