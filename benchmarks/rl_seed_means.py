@@ -1,9 +1,10 @@
-r"""Post-training runs' paired differences from their start, averaged over seeds.
+r"""Post-training runs' paired differences from their start, pooled over seeds.
 
-Reads `benchmarks/paired_eval.py` outputs (each with the starting checkpoint as its baseline) and
-groups the models by their directory name with the seed taken out (``..._seed<s>_...``), so the
-seeds of one set-up form one row: the mean over seeds of each metric's difference from the start,
-the standard deviation over seeds, and the mean of the per-seed paired SEs.
+Reads `benchmarks/paired_eval.py` outputs (each with the starting checkpoint as its baseline, any
+number of post-trained models in each) and groups the models by their directory name with the seed
+taken out (``..._seed<s>_...``), so the seeds of one set-up form one row. Each row is pooled by
+`benchmarks/pool_seeds.py` (the mean difference over seeds with its standard error
+sqrt(sum SE_i^2) / k, and the spread between the seeds):
 
   python benchmarks/rl_seed_means.py docs/bench/rl_bd39_scorer_only_stage_validation.json \
       docs/bench/rl_bd39_scorer_only_grpo_seed1_stage_validation.json ...
@@ -14,50 +15,46 @@ A model that appears in more than one file is counted once (the first file's fig
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import re
 
-import numpy as np
+_spec = importlib.util.spec_from_file_location("pool_seeds", os.path.join(os.path.dirname(__file__), "pool_seeds.py"))
+pool_seeds = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(pool_seeds)
 
 METRICS = ("hr@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
 
 
-def collect(paths: list[str], subset: str = "all") -> dict[str, dict[str, list[tuple[float, float]]]]:
-  """``{set-up: {metric: [(difference, paired SE) per seed]}}`` over the files' models."""
+def by_setup(paths: list[str], subset: str = "all") -> dict[str, list[dict]]:
+  """``{set-up: [one paired_eval-shaped report per seed, with that seed's model alone]}``."""
   seen: set[str] = set()
-  out: dict[str, dict[str, list[tuple[float, float]]]] = {}
+  out: dict[str, list[dict]] = {}
   for p in paths:
-    data = json.load(open(p))
-    for model, rec in data["sets"][subset]["models"].items():
-      if not rec["difference"] or model in seen:
-        continue  # the baseline itself, or a model already read from another file
+    st = json.load(open(p))["sets"][subset]
+    base = st["baseline"]
+    for model, rec in st["models"].items():
+      if model == base or model in seen:
+        continue
       seen.add(model)
       setup = re.sub(r"_seed\d+", "_seed*", model.rstrip("/"))
-      for m in METRICS:
-        out.setdefault(setup, {}).setdefault(m, []).append(tuple(rec["difference"][m]))
+      one = {"baseline": base, "models": {base: st["models"][base], model: rec}}
+      out.setdefault(setup, []).append({"sets": {setup: one}})
   return out
-
-
-def table(groups: dict[str, dict[str, list[tuple[float, float]]]]) -> str:
-  lines = ["| set-up (seeds) | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
-  for setup, per_metric in groups.items():
-    n = len(per_metric[METRICS[0]])
-    cells = []
-    for m in METRICS:
-      d = np.array([x[0] for x in per_metric[m]])
-      se = np.mean([x[1] for x in per_metric[m]])
-      sd = f", sd {d.std(ddof=1):.4f}" if n > 1 else ""
-      cells.append(f"{d.mean():+.4f} (SE {se:.4f}{sd})")
-    lines.append(f"| {setup} ({n}) | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
 
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("paired", nargs="+", help="paired_eval.py JSON outputs")
   ap.add_argument("--set", default="all", help="the paired_eval row set (default all)")
+  ap.add_argument("--metrics", default=",".join(METRICS))
   args = ap.parse_args()
-  print(table(collect(args.paired, args.set)))
+  metrics = [m for m in args.metrics.split(",") if m]
+  pooled = {}
+  for reports in by_setup(args.paired, args.set).values():
+    pooled.update(pool_seeds.pool(reports, metrics))
+  print(pool_seeds.table(pooled, metrics))
 
 
 if __name__ == "__main__":

@@ -41,3 +41,29 @@ def test_pool_keeps_only_scenarios_every_seed_compares():
   reports = [_report(0, {"a": (0.1, 0.1, (0.0, 0.001)), "b": (0.1, 0.1, (0.0, 0.001))}),
              _report(1, {"a": (0.1, 0.1, (0.0, 0.001))})]
   assert list(ps.pool(reports, ["recall@10"])) == ["a"]
+
+
+def test_rl_seed_means_groups_a_set_up_s_seeds_across_files(tmp_path):
+  """benchmarks/rl_seed_means.py: models named ..._seed<s>_... in any file form one set-up, pooled
+  as pool_seeds pools one-model reports; a model listed twice counts once."""
+  spec = importlib.util.spec_from_file_location("rl_seed_means", os.path.join(REPO, "benchmarks", "rl_seed_means.py"))
+  rsm = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(rsm)
+
+  def model(v, d):
+    return {"metrics": {"ndcg@10": v}, "difference": {"ndcg@10": list(d)} if d else {}}
+
+  files = []
+  for i, models in enumerate([{"a_seed0_x": (0.52, (0.02, 0.004)), "b_seed0_x": (0.49, (-0.01, 0.003))},
+                              {"a_seed1_x": (0.54, (0.04, 0.003)), "a_seed0_x": (0.9, (0.4, 0.1))}]):
+    rep = {"sets": {"all": {"baseline": "start", "models": {"start": model(0.5, None)}}}}
+    rep["sets"]["all"]["models"].update({k: model(v, d) for k, (v, d) in models.items()})
+    p = tmp_path / f"r{i}.json"
+    p.write_text(__import__("json").dumps(rep))
+    files.append(str(p))
+  groups = rsm.by_setup(files)
+  assert sorted(groups) == ["a_seed*_x", "b_seed*_x"]
+  assert len(groups["a_seed*_x"]) == 2 and len(groups["b_seed*_x"]) == 1
+  pooled = ps.pool(groups["a_seed*_x"], ["ndcg@10"])["a_seed*_x"]["ndcg@10"]
+  assert pooled["difference"] == pytest.approx(0.03)  # (0.02 + 0.04) / 2: the repeated a_seed0_x is not counted
+  assert pooled["se"] == pytest.approx(0.0025)  # sqrt(0.004^2 + 0.003^2) / 2
