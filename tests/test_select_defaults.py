@@ -63,3 +63,26 @@ def test_equally_cheap_tied_candidates_go_to_the_higher_score(tmp_path):
   cands = {"first": {"a": _summary(tmp_path, "f", 0.0990, 0.0495, 1000)},
            "second": {"a": _summary(tmp_path, "s", 0.1000, 0.0500, 1000)}}
   assert sd.select(cands, datasets=ds)["winner"] == "second"  # not the first listed
+
+
+def test_cli_datasets_subset_ranks_on_those_only_and_says_it_is_interim(tmp_path, capsys):
+  """`--datasets=` (an interim reading while a candidate lacks its long runs): the candidate that
+  is complete on the named datasets is ranked, and the output never calls it the default."""
+  spec = tmp_path / "cands.json"
+  spec.write_text(json.dumps({
+      "full": {d: _summary(tmp_path, f"full_{d}", 0.10, 0.05, 100) for d in sd.DATASETS},
+      "two": {"office": _summary(tmp_path, "two_o", 0.12, 0.06, 100),
+              "industrial": _summary(tmp_path, "two_i", 0.11, 0.055, 100)}}))
+  sd.main([str(spec)])
+  out = capsys.readouterr().out
+  assert "winner: full" in out and "| two |" in out and "not eligible" in out
+  sd.main(["--datasets=office,industrial", str(spec)])
+  out = capsys.readouterr().out
+  assert "winner:" not in out and "interim, on office, industrial only" in out and out.rstrip().endswith("picks two")
+  assert "beauty" not in out.split("\n")[0]
+  try:
+    sd.main(["--datasets=office,bogus", str(spec)])
+  except SystemExit as e:
+    assert "bogus" in str(e)
+  else:
+    raise AssertionError("an unknown dataset must be refused")
