@@ -9,7 +9,11 @@ sqrt(sum SE_i^2) / k, and the spread between the seeds):
   python benchmarks/rl_seed_means.py docs/bench/rl_bd39_scorer_only_stage_validation.json \
       docs/bench/rl_bd39_scorer_only_grpo_seed1_stage_validation.json ...
 
-A model that appears in more than one file is counted once (the first file's figures).
+A comparison that appears in more than one file (the same model against the same baseline) is
+counted once (the first file's figures). The baseline may itself be seeded (in each seed's file,
+that seed's run of another set-up, e.g. SA-GCPO on the default reward): its seed is taken out too,
+the row is named ``<model> minus <baseline>``, and a model compared with each seed's baseline (the
+shared start) forms one row over those seeds.
 """
 
 from __future__ import annotations
@@ -29,16 +33,17 @@ METRICS = ("hr@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
 
 def by_setup(paths: list[str], subset: str = "all") -> dict[str, list[dict]]:
   """``{set-up: [one paired_eval-shaped report per seed, with that seed's model alone]}``."""
-  seen: set[str] = set()
+  seen: set[tuple[str, str]] = set()
   out: dict[str, list[dict]] = {}
+  strip = lambda name: re.sub(r"_seed\d+", "_seed*", name.rstrip("/"))
   for p in paths:
     st = json.load(open(p))["sets"][subset]
     base = st["baseline"]
     for model, rec in st["models"].items():
-      if model == base or model in seen:
+      if model == base or (base, model) in seen:
         continue
-      seen.add(model)
-      setup = re.sub(r"_seed\d+", "_seed*", model.rstrip("/"))
+      seen.add((base, model))
+      setup = strip(model) if strip(base) == base.rstrip("/") else f"{strip(model)} minus {strip(base)}"
       one = {"baseline": base, "models": {base: st["models"][base], model: rec}}
       out.setdefault(setup, []).append({"sets": {setup: one}})
   return out

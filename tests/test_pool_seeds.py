@@ -67,3 +67,33 @@ def test_rl_seed_means_groups_a_set_up_s_seeds_across_files(tmp_path):
   pooled = ps.pool(groups["a_seed*_x"], ["ndcg@10"])["a_seed*_x"]["ndcg@10"]
   assert pooled["difference"] == pytest.approx(0.03)  # (0.02 + 0.04) / 2: the repeated a_seed0_x is not counted
   assert pooled["se"] == pytest.approx(0.0025)  # sqrt(0.004^2 + 0.003^2) / 2
+
+
+def test_rl_seed_means_pools_over_seeded_baselines(tmp_path):
+  """Each seed's file has that seed's run of another set-up as its baseline: the rows are named
+  '<model> minus <baseline>' with both seeds taken out, and the start, compared with each seed's
+  baseline, pools over both files rather than being counted once."""
+  spec = importlib.util.spec_from_file_location("rl_seed_means", os.path.join(REPO, "benchmarks", "rl_seed_means.py"))
+  rsm = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(rsm)
+
+  def model(v, d):
+    return {"metrics": {"ndcg@10": v}, "difference": {"ndcg@10": list(d)} if d else {}}
+
+  files = []
+  for s, (b, start_d) in enumerate([(0.56, (-0.004, 0.002)), (0.57, (-0.006, 0.002))]):
+    base = f"runs/d_seed{s}_800"
+    rep = {"sets": {"all": {"baseline": base, "models": {
+        base: model(b, None), f"runs/g_seed{s}_800": model(b + 0.001, (0.001, 0.001)),
+        "runs/start": model(b + start_d[0], start_d)}}}}
+    p = tmp_path / f"s{s}.json"
+    p.write_text(__import__("json").dumps(rep))
+    files.append(str(p))
+  groups = rsm.by_setup(files)
+  assert sorted(groups) == ["runs/g_seed*_800 minus runs/d_seed*_800", "runs/start minus runs/d_seed*_800"]
+  start = ps.pool(groups["runs/start minus runs/d_seed*_800"], ["ndcg@10"])
+  (row,) = start.values()
+  assert row["ndcg@10"]["difference"] == pytest.approx(-0.005)  # both seeds' start rows, not the first alone
+  assert row["ndcg@10"]["se"] == pytest.approx(math.sqrt(2) * 0.002 / 2)
+  # the same comparison listed twice (same model, same baseline) still counts once
+  assert [len(v) for v in rsm.by_setup([files[0], files[0]]).values()] == [1, 1]
