@@ -10,6 +10,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("pool_seeds", os.path.join(REPO, "benchmarks", "pool_seeds.py"))
 ps = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ps)
+_spec = importlib.util.spec_from_file_location("rl_seed_means", os.path.join(REPO, "benchmarks", "rl_seed_means.py"))
+rsm = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(rsm)
 
 
 def _report(seed, sets):
@@ -20,6 +23,11 @@ def _report(seed, sets):
         f"u{seed}": {"metrics": {"recall@10": b}, "difference": {}},
         f"s{seed}_{name}": {"metrics": {"recall@10": o}, "difference": {"recall@10": list(diff)}}}}
   return out
+
+
+def model(v, d):
+  """One model's record in a paired_eval report (NDCG@10 only); `d` = (difference, paired SE) or None."""
+  return {"metrics": {"ndcg@10": v}, "difference": {"ndcg@10": list(d)} if d else {}}
 
 
 def test_pool_means_and_standard_errors():
@@ -46,13 +54,6 @@ def test_pool_keeps_only_scenarios_every_seed_compares():
 def test_rl_seed_means_groups_a_set_up_s_seeds_across_files(tmp_path):
   """benchmarks/rl_seed_means.py: models named ..._seed<s>_... in any file form one set-up, pooled
   as pool_seeds pools one-model reports; a model listed twice counts once."""
-  spec = importlib.util.spec_from_file_location("rl_seed_means", os.path.join(REPO, "benchmarks", "rl_seed_means.py"))
-  rsm = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(rsm)
-
-  def model(v, d):
-    return {"metrics": {"ndcg@10": v}, "difference": {"ndcg@10": list(d)} if d else {}}
-
   files = []
   for i, models in enumerate([{"a_seed0_x": (0.52, (0.02, 0.004)), "b_seed0_x": (0.49, (-0.01, 0.003))},
                               {"a_seed1_x": (0.54, (0.04, 0.003)), "a_seed0_x": (0.9, (0.4, 0.1))}]):
@@ -73,13 +74,6 @@ def test_rl_seed_means_pools_over_seeded_baselines(tmp_path):
   """Each seed's file has that seed's run of another set-up as its baseline: the rows are named
   '<model> minus <baseline>' with both seeds taken out, and the start, compared with each seed's
   baseline, pools over both files rather than being counted once."""
-  spec = importlib.util.spec_from_file_location("rl_seed_means", os.path.join(REPO, "benchmarks", "rl_seed_means.py"))
-  rsm = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(rsm)
-
-  def model(v, d):
-    return {"metrics": {"ndcg@10": v}, "difference": {"ndcg@10": list(d)} if d else {}}
-
   files = []
   for s, (b, start_d) in enumerate([(0.56, (-0.004, 0.002)), (0.57, (-0.006, 0.002))]):
     base = f"runs/d_seed{s}_800"
