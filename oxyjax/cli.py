@@ -81,6 +81,8 @@ def run(main: Callable[[Sequence[str]], object], prog: str) -> None:
   from absl import logging
 
   def quiet_main(argv):
+    if len(argv) > 1:  # every oxyjax command takes flags only
+      raise SystemExit(f"{prog}: unexpected arguments {argv[1:]} (see --help)")
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
     return main(argv)
@@ -95,6 +97,15 @@ def run(main: Callable[[Sequence[str]], object], prog: str) -> None:
   app.run(quiet_main, flags_parser=lambda argv: parse_flags(argv, prog))
 
 
+def require_dir(prog: str, flag: str, path: str | None, what: str) -> str:
+  """A required directory flag: exits with one line naming the flag when it is empty or not a directory."""
+  if not path:
+    raise SystemExit(f"{prog}: --{flag} is required ({what})")
+  if not os.path.isdir(path):
+    raise SystemExit(f"{prog}: --{flag}={path}: no such directory ({what})")
+  return path
+
+
 def run_gin_entry(fn: Callable[..., object], default_file: str, prog: str) -> None:
   """An entry point whose flags are gin files and bindings: `python -m <module>` calls `fn` with its
   gin-bound arguments, after the multi-host runtime is up (no-op for one process)."""
@@ -105,8 +116,6 @@ def run_gin_entry(fn: Callable[..., object], default_file: str, prog: str) -> No
 
     from oxyjax import distributed
 
-    if len(argv) > 1:
-      raise SystemExit(f"{prog}: unexpected arguments {argv[1:]} (see --help)")
     # Multi-host runtime first, before anything touches a JAX device.
     distributed.initialize()
     parse_gin(flags.FLAGS, default_file=default_file)

@@ -294,15 +294,11 @@ def _define_flags():
 def main(argv: Sequence[str]) -> None:
   from absl import flags
 
+  from oxyjax import cli
   from oxyjax.artifact import ArtifactError
 
   fl = flags.FLAGS
-  if len(argv) > 1:
-    raise SystemExit(f"{PROG}: unexpected arguments {argv[1:]} (see --help)")
-  if not fl.model_dir:
-    raise SystemExit(f"{PROG}: --model_dir is required (a run directory or an artifact directory)")
-  if not os.path.isdir(fl.model_dir):
-    raise SystemExit(f"{PROG}: no model at {fl.model_dir} (no such directory)")
+  cli.require_dir(PROG, "model_dir", fl.model_dir, "a run directory or an artifact directory")
   try:
     out = export_run(fl.model_dir, fl.out, batch_sizes=[int(b) for b in fl.batch_sizes],
                      beam_sizes=[int(w) for w in fl.beam_sizes], normalize=fl.normalize,

@@ -227,14 +227,11 @@ def _define_flags():
 def main(argv: Sequence[str]) -> None:
   from absl import flags
 
-  fl = flags.FLAGS
-  if len(argv) > 1:
-    raise SystemExit(f"{PROG}: unexpected arguments {argv[1:]} (see --help)")
-  if not fl.model_dir:
-    raise SystemExit(f"{PROG}: --model_dir is required (a run directory or an artifact directory)")
-  if not os.path.isdir(fl.model_dir):
-    raise SystemExit(f"{PROG}: no model artifact at {fl.model_dir} (no such directory)")
+  from oxyjax import cli
   from oxyjax.artifact import ArtifactError
+
+  fl = flags.FLAGS
+  cli.require_dir(PROG, "model_dir", fl.model_dir, "a run directory or an artifact directory")
 
   try:
     predictor = Predictor(fl.model_dir, beam_size=fl.beam_size, pool=fl.pool, second_stage=fl.second_stage)

@@ -763,13 +763,11 @@ def _define_flags():
 def main(argv: Sequence[str]) -> None:
   from absl import flags
 
+  from oxyjax import cli
   from oxyjax.artifact import ArtifactError
 
   fl = flags.FLAGS
-  if len(argv) > 1:
-    raise SystemExit(f"{PROG}: unexpected arguments {argv[1:]} (see --help)")
-  if not fl.serving_dir:
-    raise SystemExit(f"{PROG}: --serving_dir is required (write one with `python -m oxyjax.export`)")
+  cli.require_dir(PROG, "serving_dir", fl.serving_dir, "write one with `python -m oxyjax.export`")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   try:
     server = Server(fl.serving_dir, host=fl.host, port=fl.port, store=fl.store,

@@ -4,6 +4,7 @@ point answers --help and reports a bad flag in one line."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -157,7 +158,7 @@ def test_predict_command_prints_top_k_and_one_line_errors(run, tmp_path):
 @pytest.mark.parametrize("module", ["oxyjax.train", "oxyjax.predict", "oxyjax.instructions.generate",
                                     "oxyjax.rl.train", "oxyjax.export", "oxyjax.serve",
                                     "oxyjax.instructions.beam_job"])
-def test_entry_points_answer_help_and_reject_an_unknown_flag_in_one_line(module):
+def test_entry_points_answer_help_and_reject_an_unknown_flag_or_a_stray_word_in_one_line(module):
   out = _cli(module, "--help", timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   flags_shown = {"oxyjax.train": "--gin_file", "oxyjax.predict": "--history", "oxyjax.instructions.generate": "--dataset",
@@ -169,6 +170,11 @@ def test_entry_points_answer_help_and_reject_an_unknown_flag_in_one_line(module)
   bad = _cli(module, "--no_such_flag=1", timeout=120)
   assert bad.returncode == 2
   assert bad.stderr.strip().splitlines() == [f"python -m {module}: Unknown command line flag 'no_such_flag' (see --help)"]
+  # Every command takes flags only (cli.run): a stray word is refused before anything runs.
+  required = ["--dataset=office"] if module.startswith("oxyjax.instructions") else []  # flags parsed first
+  stray = _cli(module, *required, "stray_word", timeout=120)
+  assert stray.returncode == 1
+  assert stray.stderr.strip().splitlines()[-1] == f"python -m {module}: unexpected arguments ['stray_word'] (see --help)"
 
 
 def test_per_example_ranks_give_the_evaluators_metrics(run):
@@ -258,3 +264,17 @@ def test_evaluate_run_rescores_with_a_cached_sasrec_scorer(run, tmp_path, monkey
   with pytest.raises(ValueError, match="eval_score_normalization"):
     train_lib.evaluate_run(str(model_dir), partitioner=_part(), splits=("test",), data_source="readers",
                            rescoring=cfg, eval_score_normalization="valid", eval_batch_size=64)
+
+
+def test_a_required_directory_flag_is_named_when_missing_or_not_a_directory(tmp_path):
+  from oxyjax import cli
+
+  with pytest.raises(SystemExit, match=r"^prog: --model_dir is required \(a run directory\)$"):
+    cli.require_dir("prog", "model_dir", "", "a run directory")
+  missing = tmp_path / "nope"
+  with pytest.raises(SystemExit, match="^" + re.escape(f"prog: --model_dir={missing}: no such directory (a run directory)") + "$"):
+    cli.require_dir("prog", "model_dir", str(missing), "a run directory")
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(SystemExit, match="no such directory"):
+    cli.require_dir("prog", "model_dir", str(tmp_path / "file"), "a run directory")
+  assert cli.require_dir("prog", "model_dir", str(tmp_path), "a run directory") == str(tmp_path)

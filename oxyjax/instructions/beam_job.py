@@ -196,8 +196,7 @@ def main(argv: Sequence[str]) -> JobStats:
   from oxyjax.instructions.llm import make_backend
   from oxyjax.sid.embeddings import SentenceEncoder
 
-  if len(argv) > 1:
-    raise SystemExit(f"{PROG}: unexpected arguments {argv[1:]} (see --help)")
+  del argv  # flags only: cli.run refuses positional arguments
   args = flags.FLAGS
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   cli.parse_gin(args)
