@@ -55,6 +55,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from oxyjax import fileio
+
 PROG = "python -m oxyjax.export"
 SERVING_FORMAT = "oxyjax.serving_export"
 SERVING_VERSION = 2  # 2: the optional second stage (a version-1 directory reads as one without it)
@@ -237,22 +239,20 @@ def write_user_histories(artifact, path: str, max_items: int | None = None) -> i
     raise ValueError(f"the data of {domains} (fingerprint {got}) is not the data the artifact was built from "
                      f"({artifact.data_fingerprint}): user histories would name other items")
   max_items = max_items or artifact.model_config.max_history
-  multi, n = len(domains) > 1, 0
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    for d in domains:
-      ds = readers.load_dataset(d)
-      latest = {}
-      for ex in ds.test:  # a user's later test example (longer history) replaces an earlier one
-        if ex.user not in latest or len(ex.history) >= len(latest[ex.user].history):
-          latest[ex.user] = ex
-      for u, ex in sorted(latest.items()):
-        seq = [ds.raw_item_ids[i] for i in tuple(ex.history) + (ex.target,)][-max_items:]
-        f.write(json.dumps({"domain": d, "user": ds.raw_user_ids[u],
-                            "history": [f"{d}/{x}" for x in seq] if multi else seq}) + "\n")
-        n += 1
-  os.replace(tmp, path)
-  return n
+  multi = len(domains) > 1
+  lines = []
+  for d in domains:
+    ds = readers.load_dataset(d)
+    latest = {}
+    for ex in ds.test:  # a user's later test example (longer history) replaces an earlier one
+      if ex.user not in latest or len(ex.history) >= len(latest[ex.user].history):
+        latest[ex.user] = ex
+    for u, ex in sorted(latest.items()):
+      seq = [ds.raw_item_ids[i] for i in tuple(ex.history) + (ex.target,)][-max_items:]
+      lines.append(json.dumps({"domain": d, "user": ds.raw_user_ids[u],
+                               "history": [f"{d}/{x}" for x in seq] if multi else seq}) + "\n")
+  fileio.write_text(path, "".join(lines))
+  return len(lines)
 
 
 def export_run(model_dir: str, out_dir: str | None = None, *, user_histories: bool = False,

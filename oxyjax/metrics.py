@@ -18,6 +18,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from oxyjax import fileio
+
 DEFAULT_KS = (1, 5, 10, 20)
 
 
@@ -178,9 +180,7 @@ def write_metrics(metrics_by_dataset: Mapping[str, Mapping[str, float]],
   os.makedirs(out_dir, exist_ok=True)
   data = {str(ds): {str(k): float(v) for k, v in m.items()} for ds, m in metrics_by_dataset.items()}
   json_path = os.path.join(out_dir, "metrics.json")
-  with open(json_path, "w") as f:
-    json.dump(data, f, indent=2, sort_keys=True)
-    f.write("\n")
+  fileio.write_text(json_path, json.dumps(data, indent=2, sort_keys=True) + "\n")
   names = _metric_order(sorted({k for m in data.values() for k in m}))
   lines = ["| dataset | " + " | ".join(names) + " |",
            "|---|" + "---|" * len(names)]
@@ -196,6 +196,5 @@ def write_metrics(metrics_by_dataset: Mapping[str, Mapping[str, float]],
         cells.append(f"{v:.4f}")
     lines.append(f"| {ds} | " + " | ".join(cells) + " |")
   md_path = os.path.join(out_dir, "metrics.md")
-  with open(md_path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  fileio.write_text(md_path, "\n".join(lines) + "\n")
   return json_path, md_path

@@ -30,6 +30,7 @@ import numpy as np
 from oxyjax import checkpoints
 from oxyjax import cli
 from oxyjax import experiment as experiment_lib
+from oxyjax import fileio
 from oxyjax import flops as flops_lib
 from oxyjax import losses
 from oxyjax import metrics as metrics_lib
@@ -207,10 +208,7 @@ def write_summary(model_dir: str, dataset: str, summary: dict[str, Any], merge: 
     summary = {**old, "results": {**old.get("results", {}), **summary["results"]}}
   metrics_lib.write_metrics({f"{dataset}/{s}": r for s, r in summary["results"].items()},
                             os.path.join(model_dir, "metrics"))
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(summary, f, indent=1)
-  os.replace(tmp, path)
+  fileio.write_json(path, summary, indent=1)
 
 
 def save_artifact(exp: experiment_lib.Experiment, model_dir: str, resuming: bool, log=print) -> None:

@@ -8,8 +8,6 @@ int arrays with static shapes.
 
 from __future__ import annotations
 
-from typing import Mapping
-
 import numpy as np
 
 MODEL_FEATURES = ("history_items", "history_codes", "history_mask", "scenario", "target_codes",

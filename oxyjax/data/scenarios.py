@@ -44,12 +44,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from oxyjax import fileio
 from oxyjax.data import pipeline
 from oxyjax.data import readers
 from oxyjax.data.catalogue import Catalogue
@@ -157,14 +157,6 @@ def normalise_query(text: str) -> str:
   return " ".join(w for w in _words(text) if w not in _STOPWORDS)
 
 
-def _atomic_save(path: Path, array: np.ndarray) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npy")
-  with os.fdopen(fd, "wb") as f:
-    np.save(f, array)
-  os.replace(tmp, path)
-
-
 def query_embeddings(catalogue: Catalogue, domain: str, *, cache_dir: str | os.PathLike | None = None,
                      encoder=None) -> tuple[np.ndarray, list[str]]:
   """([n_d + 1, 384] query embedding per item of `domain`, the queries); row 0 and items with
@@ -192,7 +184,7 @@ def query_embeddings(catalogue: Catalogue, domain: str, *, cache_dir: str | os.P
   rows = [i for i, q in enumerate(queries) if q]
   if rows:
     out[rows] = encoder.encode([queries[i] for i in rows])
-  _atomic_save(path, out)
+  fileio.save_npy(path, out)
   return out, queries
 
 

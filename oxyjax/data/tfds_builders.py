@@ -26,8 +26,6 @@ This module imports TensorFlow / TFDS; import it only where they are needed.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import time
@@ -40,6 +38,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
+from oxyjax import fileio  # noqa: E402
 from oxyjax.data import readers  # noqa: E402
 
 __all__ = [
@@ -187,17 +186,6 @@ def prepared_dir(
     return root / f"{key}-{readers.dataset_fingerprint(key, data_dir)}"
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def prepare(
     name: str,
     data_dir: Optional[os.PathLike | str] = None,
@@ -215,7 +203,7 @@ def prepare(
     builder = cls(raw_data_dir=data_dir, data_dir=str(root))
     if builder.is_prepared():
         return _check_fingerprint(builder, root)
-    with _file_lock(root.parent / f".{root.name}.lock"):
+    with fileio.file_lock(root.parent / f".{root.name}.lock"):
         builder = cls(raw_data_dir=data_dir, data_dir=str(root),
                       expected_fingerprint=root.name.rsplit("-", 1)[-1])
         if not builder.is_prepared():  # nobody prepared it while we waited

@@ -19,8 +19,8 @@ Key: ``(dataset, user raw id, cutoff = len(history), scenario, history_key)``. `
 amazon2018 data two examples of one user can have the same history *length* (histories are
 windows of at most 10 items): 569 such pairs in industrial.
 
-Writes (``put``) are atomic: the shard is written to ``<name>.<pid>.tmp`` in the store
-directory, flushed and fsync'ed, ``os.replace``d to its final name; then the manifest, which
+Writes (``put``) are atomic (``oxyjax.fileio``): the shard is written to a ``.<name>.*.tmp`` file in
+the store directory, flushed and fsync'ed, ``os.replace``d to its final name; then the manifest, which
 lists the shard, is written the same way (and the directory fsync'ed). A crash anywhere before
 the manifest's ``os.replace`` leaves the previous manifest -- and so exactly the previously
 stored records -- in place (an unlisted shard is ignored and overwritten later). Later shards
@@ -54,6 +54,8 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
+
+from oxyjax import fileio
 
 __all__ = ["InstructionRecord", "InstructionStore", "needs_refresh", "record_key", "STATUSES"]
 
@@ -111,37 +113,6 @@ def needs_refresh(record: Optional[InstructionRecord], ctx_key: str, now: float,
   return max_age_s is not None and now - record.created_at > max_age_s
 
 
-def _fsync_dir(path: Path) -> None:
-  try:
-    fd = os.open(path, os.O_RDONLY)
-  except OSError:  # not supported on every platform / filesystem
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-  """``write(fileobj)`` into ``<path>.<pid>.tmp``, fsync, then ``os.replace`` onto ``path``."""
-  tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-  try:
-    with open(tmp, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      tmp.unlink()
-    except OSError:
-      pass
-    raise
-  _fsync_dir(path.parent)
-
-
 def write_shard_file(path: str | os.PathLike, records: Sequence[InstructionRecord], dim: int = 384) -> None:
   """Writes ``records`` as one shard file at ``path``, atomically (a batch job's workers write
   shards outside the store; ``InstructionStore.publish`` moves them in)."""
@@ -159,7 +130,7 @@ def write_shard_file(path: str | os.PathLike, records: Sequence[InstructionRecor
       raise ValueError(f"record {r.key}: embedding has shape {e.shape}, expected ({dim},)")
     emb[i] = e
   arrays["embedding"] = emb
-  _atomic_write(Path(path), lambda f: np.savez(f, **arrays))
+  fileio.save_npz(path, **arrays)
 
 
 class InstructionStore:
@@ -322,9 +293,8 @@ class InstructionStore:
     write_shard_file(self.path / name, records, self.dim)
 
   def _write_manifest(self, shards: list[str]) -> None:
-    body = json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "dim": self.dim,
-                       "shards": shards}, indent=1).encode("utf-8")
-    _atomic_write(self.manifest_path, lambda f: f.write(body))
+    fileio.write_json(self.manifest_path, {"format": FORMAT, "version": FORMAT_VERSION, "dim": self.dim,
+                                           "shards": shards}, indent=1)
 
   def put(self, records: Iterable[InstructionRecord]) -> int:
     """Publishes ``records`` as one new shard, atomically. Returns the number written."""

@@ -13,7 +13,7 @@ Shapes: B batch, S history length, L SID levels, W beams, D emb_dim.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp

@@ -45,7 +45,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from typing import Any, Mapping
 
@@ -57,6 +56,7 @@ import flax.linen as nn
 from oxyjax import checkpoints
 from oxyjax import cli
 from oxyjax import experiment as experiment_lib
+from oxyjax import fileio
 from oxyjax import partitioning
 from oxyjax import trainer as trainer_lib
 from oxyjax.artifact import ALL_ITEMS_POOL, ModelArtifact, artifact_dir
@@ -509,14 +509,7 @@ def train_ranker(
 def write_ranker_json(model_dir: str, summary: Mapping[str, Any]) -> None:
   """`ranker.json` of a ranking-model directory, written atomically (`load` reads it)."""
   os.makedirs(model_dir, exist_ok=True)
-  _write_json_atomic(os.path.join(model_dir, RANKER_JSON), summary)
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
+  fileio.write_json(os.path.join(model_dir, RANKER_JSON), summary, indent=1)
 
 
 def load(model_dir: str, art: ModelArtifact, partitioner: partitioning.Partitioner):

@@ -49,9 +49,7 @@ collision level (``table.add_collision_level``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -63,12 +61,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from oxyjax import fileio
 from oxyjax.sid import embeddings as emb_lib
 from oxyjax.sid import rq_kmeans
 from oxyjax.sid import rq_vae
 from oxyjax.sid import sasrec as sasrec_lib
 from oxyjax.sid import tree_kmeans
-from oxyjax.sid import table as table_lib
 from oxyjax.sid.table import SIDTable, SIDTableError, format_report, quality_report
 
 logger = logging.getLogger(__name__)
@@ -106,11 +104,6 @@ def balanced_levels(balance: str, num_levels: int) -> tuple[bool, ...]:
 def default_out_dir(dataset_name: str) -> Path:
   """``<repo>/.cache/sid/<dataset>``: the CLI's output and the text-embedding cache."""
   return _REPO_ROOT / ".cache" / "sid" / dataset_name
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-  """Writes ``text`` to a temporary file next to ``path``, then ``os.replace``s it into place."""
-  table_lib._atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def fused_embeddings(*parts: np.ndarray) -> np.ndarray:
@@ -199,11 +192,8 @@ def _text_embeddings(ds, cache_dir: Path | None, batch_size: int) -> tuple[np.nd
   if cache_dir is not None:
     # Array first, record last (both atomic): a crash in between leaves the old record next to
     # the new array, which no longer match (shape or texts hash) or describe the same texts.
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".item_embeddings.{os.getpid()}.npy"
-    np.save(tmp, x)
-    os.replace(tmp, npy)
-    _write_text_atomic(meta_path, json.dumps(info, indent=2) + "\n")
+    fileio.save_npy(npy, x)
+    fileio.write_text(meta_path, json.dumps(info, indent=2) + "\n")
   return x, dict(info, cached=False)
 
 
@@ -408,8 +398,8 @@ def build_with_report(dataset_name: str, *, num_levels: int = 3, codebook_size: 
 
 
 def _write_report(out: Path, dataset_name: str, report: dict[str, Any]) -> None:
-  _write_text_atomic(out / "sid_report.json", json.dumps(report, indent=2) + "\n")
-  _write_text_atomic(out / "sid_report.md", report_markdown(dataset_name, report))
+  fileio.write_text(out / "sid_report.json", json.dumps(report, indent=2) + "\n")
+  fileio.write_text(out / "sid_report.md", report_markdown(dataset_name, report))
 
 
 # --------------------------------------------------------------------------- cached tables
@@ -510,17 +500,6 @@ def check_sid_table(table: SIDTable, source: str | os.PathLike, *, dataset_name:
                            + "; ".join(problems) + (f". {hint}" if hint else ""))
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with open(path, "a+") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def load_or_build_sid_table(dataset: str, *, path: str | os.PathLike | None = None, num_levels: int,
                             codebook_size: int | Sequence[int], embedding: str, balance: str, seed: int,
                             quantizer: str = "residual", cache_dir: str | os.PathLike | None = None,
@@ -584,7 +563,7 @@ def load_or_build_sid_table(dataset: str, *, path: str | os.PathLike | None = No
   table = cached()
   if table is not None:
     return table
-  with _file_lock(out.parent / f".{out.name}.lock"):
+  with fileio.file_lock(out.parent / f".{out.name}.lock"):
     table = cached()  # somebody else may have built it while we waited
     if table is not None:
       return table

@@ -20,12 +20,13 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
+
+from oxyjax import fileio
 
 FORMAT_VERSION = 1
 
@@ -63,21 +64,6 @@ def _digest(codes: np.ndarray) -> str:
 def _stem(path: str | os.PathLike) -> Path:
   p = Path(path)
   return p.with_suffix("") if p.suffix in (".npz", ".json") else p
-
-
-def _atomic_write(path: Path, write_fn) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write_fn(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -144,7 +130,7 @@ class SIDTable:
     """Writes ``<stem>.npz`` and ``<stem>.json`` atomically; ``path`` may end in .npz/.json or be the stem."""
     stem = _stem(path)
     npz_path, json_path = stem.with_suffix(".npz"), stem.with_suffix(".json")
-    _atomic_write(npz_path, lambda f: np.savez(f, codes=self.codes))
+    fileio.save_npz(npz_path, codes=self.codes)
     header = {
         "format": "oxyjax.sid_table",
         "version": FORMAT_VERSION,
@@ -155,7 +141,7 @@ class SIDTable:
         "meta": self.meta,
     }
     text = json.dumps(header, indent=2, sort_keys=True) + "\n"
-    _atomic_write(json_path, lambda f: f.write(text.encode()))
+    fileio.write_text(json_path, text)
     return npz_path, json_path
 
   @classmethod
